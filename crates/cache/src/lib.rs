@@ -1,0 +1,570 @@
+//! relora-cache: a content-addressed store of stage results.
+//!
+//! An entry is a pure function of its key: a blake3 hash over the length-prefixed key
+//! components (schema version, stage kind and version, parameters, input content hashes).
+//! An entry is built in a staging folder and renamed into `entries/<key>` only once complete,
+//! so a killed process never leaves anything that looks finished. Output files are hashed
+//! once, at commit; the hash of all outputs is what downstream keys use (early cutoff).
+//! A per-key file lock (flock) makes concurrent runs compute each entry once; the kernel
+//! drops a dead process's lock, so a stale lock clears itself.
+//!
+//! This crate knows nothing of ML or of pipelines: only keys, folders and bytes.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Bumped when the meaning of keys changes; every old entry then misses.
+pub const KEY_SCHEMA: &str = "relora-pipe/key/v1";
+
+/// The ordered, named parts of a key. Kept separately so `plan` can say which one changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyComponents(pub BTreeMap<String, String>);
+
+impl KeyComponents {
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    /// blake3 over a length-prefixed encoding, so no two component lists can collide by
+    /// shifting bytes between neighbours.
+    pub fn key(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        put(&mut h, KEY_SCHEMA.as_bytes());
+        h.update(&(self.0.len() as u64).to_le_bytes());
+        for (k, v) in &self.0 {
+            put(&mut h, k.as_bytes());
+            put(&mut h, v.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+}
+
+fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// One output file of an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub path: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// What an entry's `manifest.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub key: String,
+    pub stage: String,
+    pub kind: String,
+    pub components: KeyComponents,
+    pub outputs: Vec<OutputFile>,
+    /// Hash over all outputs' paths and hashes: what downstream keys are built from.
+    pub output_hash: String,
+    pub started_unix: f64,
+    pub seconds: f64,
+    pub metrics: Value,
+    pub tool_version: String,
+}
+
+impl Manifest {
+    pub fn total_bytes(&self) -> u64 {
+        self.outputs.iter().map(|o| o.size).sum()
+    }
+}
+
+/// The cache folder.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// Held while an entry is being computed; dropping it releases the lock.
+pub struct EntryLock {
+    file: File,
+    /// The pid written by a previous holder that died without releasing cleanly.
+    pub stale_pid: Option<u32>,
+}
+
+impl Drop for EntryLock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
+    }
+}
+
+/// A folder in which one attempt at an entry is assembled.
+pub struct Staging {
+    pub key: String,
+    pub dir: PathBuf,
+}
+
+impl Staging {
+    pub fn outputs(&self) -> PathBuf {
+        self.dir.join("outputs")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log.txt")
+    }
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn is_hex_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Write `bytes` to `path` so a reader sees the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent folder")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// blake3 of a file's bytes, as hex.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Every file below `dir`, as sorted paths relative to it with `/` separators.
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let abs = dir.join(&rel);
+        for e in fs::read_dir(&abs).with_context(|| format!("listing {}", abs.display()))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                todo.push(r);
+            } else if ty.is_file() {
+                out.push(r.to_string_lossy().replace('\\', "/"));
+            } else {
+                bail!(
+                    "{}: outputs must be plain files and folders",
+                    abs.join(e.file_name()).display()
+                );
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn hash_outputs(dir: &Path) -> Result<(Vec<OutputFile>, String)> {
+    let mut files = Vec::new();
+    let mut h = blake3::Hasher::new();
+    for rel in list_files(dir)? {
+        let p = dir.join(&rel);
+        let size = fs::metadata(&p)?.len();
+        let hash = hash_file(&p)?;
+        put(&mut h, rel.as_bytes());
+        put(&mut h, hash.as_bytes());
+        files.push(OutputFile {
+            path: rel,
+            size,
+            blake3: hash,
+        });
+    }
+    Ok((files, h.finalize().to_hex().to_string()))
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Cache {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Cache> {
+        let root = root.into();
+        for sub in ["entries", "staging", "scratch", "locks", "refs"] {
+            let d = root.join(sub);
+            fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create cache folder {}", d.display()))?;
+        }
+        Ok(Cache { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn checked(key: &str) -> Result<&str> {
+        if !is_hex_key(key) {
+            bail!("`{key}` is not a cache key (64 hex digits)");
+        }
+        Ok(key)
+    }
+
+    pub fn entry_dir(&self, key: &str) -> PathBuf {
+        self.root.join("entries").join(key)
+    }
+
+    /// The manifest of a committed entry, if there is one.
+    pub fn lookup(&self, key: &str) -> Result<Option<Manifest>> {
+        let key = Self::checked(key)?;
+        let path = self.entry_dir(key).join("manifest.json");
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let m: Manifest = serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is corrupt; run `relora-pipe verify`, or delete that entry",
+                        path.display()
+                    )
+                })?;
+                Ok(Some(m))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Take the key's lock, waiting for another process that holds it.
+    pub fn lock(&self, key: &str, on_wait: impl FnOnce(Option<u32>)) -> Result<EntryLock> {
+        let key = Self::checked(key)?;
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut s = String::new();
+                let _ = file.read_to_string(&mut s);
+                on_wait(s.trim().parse().ok());
+                file.lock()
+                    .with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        let mut prev = String::new();
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.read_to_string(&mut prev)?;
+        let stale_pid = prev
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|p| *p != std::process::id() || !pid_alive(*p));
+        // Only the holder of this lock builds this key, so any staging folder left for it
+        // belongs to a dead attempt.
+        for e in fs::read_dir(self.root.join("staging"))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(key) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        write!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(EntryLock { file, stale_pid })
+    }
+
+    /// A fresh staging folder for `key`. Call with the key's lock held.
+    pub fn staging(&self, key: &str) -> Result<Staging> {
+        let key = Self::checked(key)?;
+        let dir = self
+            .root
+            .join("staging")
+            .join(format!("{key}-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(dir.join("outputs"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Staging {
+            key: key.to_string(),
+            dir,
+        })
+    }
+
+    /// Scratch space that survives a failed attempt (checkpoints); removed at commit.
+    pub fn scratch(&self, key: &str) -> Result<PathBuf> {
+        let key = Self::checked(key)?;
+        let dir = self.root.join("scratch").join(key);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Hash the staged outputs, write the manifest and move the entry into place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit(
+        &self,
+        staging: Staging,
+        stage: &str,
+        kind: &str,
+        components: &KeyComponents,
+        started_unix: f64,
+        metrics: Value,
+        tool_version: &str,
+    ) -> Result<Manifest> {
+        let (outputs, output_hash) = hash_outputs(&staging.outputs())?;
+        let manifest = Manifest {
+            key: staging.key.clone(),
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            components: components.clone(),
+            outputs,
+            output_hash,
+            started_unix,
+            seconds: now_unix() - started_unix,
+            metrics,
+            tool_version: tool_version.to_string(),
+        };
+        write_atomic(
+            &staging.dir.join("manifest.json"),
+            &serde_json::to_vec_pretty(&manifest)?,
+        )?;
+        let dest = self.entry_dir(&staging.key);
+        if dest.exists() {
+            // Same key, same inputs: the existing entry is as good as ours.
+            fs::remove_dir_all(&staging.dir)?;
+        } else {
+            fs::rename(&staging.dir, &dest)
+                .with_context(|| format!("moving entry into {}", dest.display()))?;
+            if let Ok(d) = File::open(self.root.join("entries")) {
+                let _ = d.sync_all();
+            }
+        }
+        let _ = fs::remove_dir_all(self.root.join("scratch").join(&staging.key));
+        Ok(manifest)
+    }
+
+    /// Drop a failed attempt's staging folder (the scratch folder stays for resume).
+    pub fn discard(&self, staging: Staging) {
+        let _ = fs::remove_dir_all(staging.dir);
+    }
+
+    fn ref_path(&self, pipeline: &str, stage: &str) -> PathBuf {
+        let safe = |s: &str| {
+            if !s.is_empty()
+                && !s.starts_with('.')
+                && s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                s.to_string()
+            } else {
+                blake3::hash(s.as_bytes()).to_hex().to_string()
+            }
+        };
+        self.root
+            .join("refs")
+            .join(safe(pipeline))
+            .join(format!("{}.json", safe(stage)))
+    }
+
+    /// Remember which key a pipeline's stage last resolved to, for `plan` and `gc`.
+    pub fn record_ref(&self, pipeline: &str, stage: &str, components: &KeyComponents) -> Result<()> {
+        write_atomic(
+            &self.ref_path(pipeline, stage),
+            &serde_json::to_vec_pretty(components)?,
+        )
+    }
+
+    pub fn read_ref(&self, pipeline: &str, stage: &str) -> Option<KeyComponents> {
+        let bytes = fs::read(self.ref_path(pipeline, stage)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Every committed entry's key.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = fs::read_dir(self.root.join("entries"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|k| is_hex_key(k))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Remove every entry (and scratch folder) whose key is not in `keep`; returns bytes freed.
+    pub fn gc(&self, keep: &HashSet<String>) -> Result<(usize, u64)> {
+        let mut removed = 0;
+        let mut freed = 0;
+        for sub in ["entries", "scratch"] {
+            for e in fs::read_dir(self.root.join(sub))?.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if keep.contains(&name) {
+                    continue;
+                }
+                freed += dir_size(&e.path());
+                fs::remove_dir_all(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+                if sub == "entries" {
+                    removed += 1;
+                }
+            }
+        }
+        for e in fs::read_dir(self.root.join("staging"))?.flatten() {
+            let pid = e
+                .file_name()
+                .to_string_lossy()
+                .rsplit('-')
+                .next()
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !pid_alive(p)) {
+                freed += dir_size(&e.path());
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok((removed, freed))
+    }
+
+    /// Re-hash every entry's outputs; returns (key, problem) for each mismatch.
+    pub fn verify(&self) -> Result<Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        for key in self.keys()? {
+            let m = match self.lookup(&key) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    problems.push((key, "no manifest.json".into()));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push((key, format!("{e:#}")));
+                    continue;
+                }
+            };
+            match hash_outputs(&self.entry_dir(&key).join("outputs")) {
+                Ok((files, hash)) => {
+                    if hash != m.output_hash {
+                        let bad: Vec<String> = files
+                            .iter()
+                            .filter(|f| !m.outputs.contains(f))
+                            .map(|f| f.path.clone())
+                            .chain(
+                                m.outputs
+                                    .iter()
+                                    .filter(|o| !files.iter().any(|f| f.path == o.path))
+                                    .map(|o| format!("{} (missing)", o.path)),
+                            )
+                            .collect();
+                        problems.push((
+                            key,
+                            format!("stage `{}`: changed outputs: {}", m.stage, bad.join(", ")),
+                        ));
+                    }
+                }
+                Err(e) => problems.push((key, format!("{e:#}"))),
+            }
+        }
+        Ok(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "relora-cache-{}-{}",
+            std::process::id(),
+            now_unix().to_bits()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn key_depends_on_every_component_and_is_unambiguous() {
+        let mut a = KeyComponents::default();
+        a.insert("params", "ab");
+        a.insert("q", "c");
+        let mut b = KeyComponents::default();
+        b.insert("params", "a");
+        b.insert("q", "bc");
+        assert_ne!(a.key(), b.key());
+        assert_eq!(a.key(), a.clone().key());
+        assert_eq!(a.key().len(), 64);
+    }
+
+    #[test]
+    fn commit_is_atomic_and_verify_finds_corruption() {
+        let cache = Cache::open(tmp()).unwrap();
+        let mut c = KeyComponents::default();
+        c.insert("params", "{}");
+        let key = c.key();
+        assert!(cache.lookup(&key).unwrap().is_none());
+        let lock = cache.lock(&key, |_| {}).unwrap();
+        assert!(lock.stale_pid.is_none());
+        let st = cache.staging(&key).unwrap();
+        fs::create_dir_all(st.outputs().join("sub")).unwrap();
+        fs::write(st.outputs().join("sub/a.txt"), b"hello").unwrap();
+        // Not visible until committed.
+        assert!(cache.lookup(&key).unwrap().is_none());
+        let m = cache
+            .commit(st, "s", "command", &c, now_unix(), Value::Null, "t")
+            .unwrap();
+        drop(lock);
+        assert_eq!(m.outputs[0].path, "sub/a.txt");
+        assert_eq!(cache.lookup(&key).unwrap().unwrap().output_hash, m.output_hash);
+        assert!(cache.verify().unwrap().is_empty());
+        fs::write(cache.entry_dir(&key).join("outputs/sub/a.txt"), b"HELLO").unwrap();
+        let v = cache.verify().unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].1.contains("sub/a.txt"), "{:?}", v);
+        let (n, freed) = cache.gc(&HashSet::new()).unwrap();
+        assert_eq!(n, 1);
+        assert!(freed >= 5);
+        assert!(cache.keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_that_are_not_hex_are_refused() {
+        let cache = Cache::open(tmp()).unwrap();
+        assert!(cache.lookup("../../etc").is_err());
+        assert!(cache.staging("../x").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! One live line per running stage on a terminal; plain, rate-limited lines otherwise.
+
+use crate::{Outcome, Progress};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+pub struct Display {
+    multi: Option<MultiProgress>,
+    bars: HashMap<String, ProgressBar>,
+    last_plain: HashMap<String, Instant>,
+}
+
+fn describe(p: &Progress) -> String {
+    let mut s = String::new();
+    if let Some(l) = p.loss {
+        s.push_str(&format!("loss {l:.4}  "));
+    }
+    if let Some(t) = p.tokens_per_s {
+        s.push_str(&format!("{t:.0} tok/s  "));
+    }
+    if let Some(n) = &p.note {
+        s.push_str(n);
+    }
+    s
+}
+
+impl Display {
+    pub fn new() -> Display {
+        let multi = std::io::stderr()
+            .is_terminal()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Display {
+            multi,
+            bars: HashMap::new(),
+            last_plain: HashMap::new(),
+        }
+    }
+
+    pub fn started(&mut self, stage: &str) {
+        match &self.multi {
+            Some(m) => {
+                let bar = m.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:.bold} [{bar:30}] {pos}/{len} {msg} (ETA {eta})",
+                    )
+                    .expect("static template")
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(stage.to_string());
+                bar.enable_steady_tick(Duration::from_millis(250));
+                self.bars.insert(stage.to_string(), bar);
+            }
+            None => eprintln!("[{stage}] running"),
+        }
+    }
+
+    pub fn waiting(&mut self, stage: &str, pid: Option<u32>) {
+        let who = pid.map(|p| format!("process {p}")).unwrap_or("another run".into());
+        self.line(&format!("[{stage}] waiting: {who} is computing this entry"));
+    }
+
+    pub fn progress(&mut self, stage: &str, p: &Progress) {
+        if let Some(bar) = self.bars.get(stage) {
+            bar.set_length(p.total);
+            bar.set_position(p.step);
+            bar.set_message(describe(p));
+            return;
+        }
+        let now = Instant::now();
+        let due = self
+            .last_plain
+            .get(stage)
+            .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
+        if due || p.step == p.total {
+            self.last_plain.insert(stage.to_string(), now);
+            eprintln!("[{stage}] {}/{} {}", p.step, p.total, describe(p));
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
+    pub fn finished(&mut self, stage: &str, o: &Outcome) {
+        if let Some(bar) = self.bars.remove(stage) {
+            bar.finish_and_clear();
+        }
+        match o {
+            Outcome::Cached => self.line(&format!("[{stage}] cached")),
+            Outcome::Computed { seconds } => {
+                self.line(&format!("[{stage}] done in {seconds:.1}s"))
+            }
+            _ => {}
+        }
+    }
+
+    pub fn failed(&mut self, stage: &str, message: &str) {
+        if let Some(bar) = self.bars.remove(stage) {
+            bar.abandon();
+        }
+        self.line(&format!("[{stage}] FAILED: {message}"));
+    }
+
+    pub fn clear(&mut self) {
+        for (_, bar) in self.bars.drain() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The `relora-pipe` command line: a thin shell over relora-exec and relora-stages.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use relora_exec::{plan, Dag, Outcome, Registry, RunOptions, State};
+use relora_stages::registry;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "relora-pipe",
+    version,
+    about = "Declarative, cached pipelines for ReLoRA pre-training",
+    after_help = "Example:\n  relora-pipe run pipelines/quickstart.yaml\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=3e-3"
+)]
+struct Cli {
+    /// Cache folder (default: $RELORA_CACHE, else ./cache).
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline YAML file.
+    file: PathBuf,
+    /// Override a parameter: STAGE.PARAM=VALUE (VALUE is read as YAML); repeatable.
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every stage that is not cached.
+    #[command(after_help = "Example:\n  relora-pipe run pipelines/quickstart.yaml --jobs 2\n  relora-pipe run pipelines/quickstart.yaml --until warm --set warm.steps=50")]
+    Run {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Stages to run at once.
+        #[arg(long, short, default_value_t = 1)]
+        jobs: usize,
+        /// Recompute this stage even if cached; repeatable.
+        #[arg(long)]
+        force: Vec<String>,
+        /// Run only this stage and what it depends on.
+        #[arg(long)]
+        until: Option<String>,
+        /// After a failure, let independent stages finish.
+        #[arg(long)]
+        keep_going: bool,
+    },
+    /// Say, for each stage, whether it is cached or will run, and why.
+    #[command(after_help = "Example:\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=1e-3\n  relora-pipe plan pipelines/quickstart.yaml --json")]
+    Plan {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph as a text tree, or as Graphviz DOT.
+    #[command(after_help = "Example:\n  relora-pipe dag pipelines/quickstart.yaml --dot | dot -Tpng > dag.png")]
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        dot: bool,
+    },
+    /// One line per stage: cached, stale or not run, with its key.
+    #[command(after_help = "Example:\n  relora-pipe status pipelines/quickstart.yaml --json")]
+    Status {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A stage's entry: paths, metrics and manifest, and any table it produced.
+    #[command(after_help = "Example:\n  relora-pipe show pipelines/quickstart.yaml report")]
+    Show {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove cache entries that none of the given pipelines reference.
+    #[command(after_help = "Example:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml")]
+    Gc {
+        /// Pipelines whose entries to keep; repeatable.
+        #[arg(long)]
+        keep: Vec<PathBuf>,
+        /// With no --keep: empty the cache.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Re-hash every cache entry and report any whose files changed.
+    #[command(after_help = "Example:\n  relora-pipe verify")]
+    Verify,
+    /// Internal: run one stage in this process (the executor's child).
+    #[command(name = "__stage", hide = true)]
+    Stage { job: PathBuf },
+}
+
+fn cache_dir(cli: &Option<PathBuf>) -> PathBuf {
+    cli.clone()
+        .or_else(|| std::env::var_os("RELORA_CACHE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("cache"))
+}
+
+fn load(p: &PipelineArgs, reg: &Registry) -> Result<Dag> {
+    let overrides = p
+        .set
+        .iter()
+        .map(|s| relora_spec::Override::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let pipeline = relora_spec::load(&p.file, &overrides)?;
+    Ok(Dag::build(pipeline, reg)?)
+}
+
+fn state_word(s: State) -> &'static str {
+    match s {
+        State::Cached => "cached",
+        State::Stale => "stale",
+        State::Run => "run",
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let reg = registry();
+    if let Cmd::Stage { job } = &cli.command {
+        relora_exec::child_main(&reg, job)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cache = relora_cache::Cache::open(cache_dir(&cli.cache_dir))?;
+    match cli.command {
+        Cmd::Run { p, jobs, force, until, keep_going } => {
+            let dag = load(&p, &reg)?;
+            let opts = RunOptions {
+                jobs,
+                force,
+                until,
+                keep_going,
+                gpus: relora_exec::visible_gpus(),
+                exe: std::env::current_exe().context("locating this binary")?,
+            };
+            let report = relora_exec::run(&dag, &reg, &cache, &opts)?;
+            let (mut ran, mut cached) = (0, 0);
+            for (name, o) in &report.outcomes {
+                match o {
+                    Outcome::Computed { .. } => ran += 1,
+                    Outcome::Cached => cached += 1,
+                    Outcome::Failed { .. } => eprintln!("failed: {name}"),
+                    Outcome::Skipped { because } => {
+                        eprintln!("skipped: {name} (because `{because}` did not finish)")
+                    }
+                    Outcome::NotSelected => {}
+                }
+            }
+            eprintln!("{ran} stage(s) ran, {cached} cached");
+            Ok(if report.failed() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Cmd::Plan { p, json } | Cmd::Status { p, json } => {
+            let dag = load(&p, &reg)?;
+            let plans = plan(&dag, &reg, &cache)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plans)?);
+            } else {
+                for s in &plans {
+                    let key = s.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
+                    println!("{:<7} {:<32} {:<9} {key}", state_word(s.state), s.name, s.kind);
+                    for r in &s.reasons {
+                        println!("          - {r}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dag { p, dot } => {
+            let dag = load(&p, &reg)?;
+            print!("{}", if dot { dag.dot() } else { dag.text() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Show { p, stage, json } => show(&load(&p, &reg)?, &reg, &cache, &stage, json),
+        Cmd::Gc { keep, all } => {
+            if keep.is_empty() && !all {
+                bail!("name the pipelines whose entries to keep with --keep FILE, or pass --all to empty the cache");
+            }
+            let dags = keep
+                .iter()
+                .map(|f| load(&PipelineArgs { file: f.clone(), set: vec![] }, &reg))
+                .collect::<Result<Vec<_>>>()?;
+            let live = relora_exec::live_keys(&dags, &reg, &cache)?;
+            let (n, bytes) = cache.gc(&live)?;
+            println!("removed {n} entries, freed {bytes} bytes ({:.1} MiB)", bytes as f64 / 1048576.0);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify => {
+            let problems = cache.verify()?;
+            let n = cache.keys()?.len();
+            for (key, why) in &problems {
+                println!("CORRUPT {key}: {why}");
+            }
+            println!("{n} entries checked, {} corrupt", problems.len());
+            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Stage { .. } => unreachable!("handled above"),
+    }
+}
+
+fn show(dag: &Dag, reg: &Registry, cache: &relora_cache::Cache, stage: &str, json: bool) -> Result<ExitCode> {
+    let plans = plan(dag, reg, cache)?;
+    let Some(p) = plans.iter().find(|p| p.name == stage) else {
+        bail!(
+            "this pipeline has no stage `{stage}`{}",
+            relora_spec::did_you_mean(stage, plans.iter().map(|p| p.name.as_str()))
+        );
+    };
+    let manifest = match &p.key {
+        Some(k) => cache.lookup(k)?,
+        None => None,
+    };
+    let dir = p.key.as_ref().map(|k| cache.entry_dir(k));
+    if json {
+        let v = serde_json::json!({
+            "name": p.name, "kind": p.kind, "key": p.key, "state": p.state,
+            "reasons": p.reasons, "path": dir, "manifest": manifest,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("stage:  {} ({})", p.name, p.kind);
+    println!("state:  {}", state_word(p.state));
+    for r in &p.reasons {
+        println!("        - {r}");
+    }
+    let Some(m) = manifest else { return Ok(ExitCode::SUCCESS) };
+    let dir = dir.expect("a manifest implies a key");
+    println!("key:    {}", m.key);
+    println!("path:   {}", dir.display());
+    println!("log:    {}", dir.join("log.txt").display());
+    println!("ran:    {:.1}s", m.seconds);
+    println!("outputs ({} bytes):", m.total_bytes());
+    for o in &m.outputs {
+        println!("  {:<40} {:>12}", o.path, o.size);
+    }
+    if !m.metrics.is_null() {
+        println!("metrics:\n{}", serde_json::to_string_pretty(&m.metrics)?);
+    }
+    for o in m.outputs.iter().filter(|o| o.path.ends_with(".md")) {
+        println!("\n{}:\n{}", o.path, std::fs::read_to_string(dir.join("outputs").join(&o.path))?);
+    }
+    let _ = Path::new("");
+    Ok(ExitCode::SUCCESS)
+}
