@@ -1,0 +1,440 @@
+//! Corpus → tokenizer → parquet shards, with a manifest of what was made from what.
+
+use crate::corpus::{detect_format, for_each_doc, Format, OnBadRecord, ReadStats};
+use crate::shards::ShardWriter;
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// Where the tokenizer comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TokenizerSource {
+    /// A Hugging Face `tokenizer.json`.
+    File { path: PathBuf },
+    /// Byte-level BPE trained on the training split.
+    Bpe { vocab_size: usize },
+    /// Unigram trained on the training split.
+    Unigram { vocab_size: usize },
+}
+
+pub const SPECIAL_TOKENS: [&str; 3] = ["<pad>", "</s>", "<unk>"];
+
+#[derive(Debug, Clone)]
+pub struct TokenizeConfig {
+    pub train_files: Vec<PathBuf>,
+    pub valid_files: Vec<PathBuf>,
+    /// With no valid files: hold out this many documents from the end of the training ones.
+    pub valid_docs: usize,
+    pub limit_docs: Option<usize>,
+    pub format: Option<Format>,
+    pub text_field: String,
+    pub on_bad_record: OnBadRecord,
+    pub tokenizer: TokenizerSource,
+    pub threads: usize,
+    pub shard_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub documents: u64,
+    pub tokens: u64,
+    pub shards: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub path: String,
+    pub blake3: String,
+}
+
+/// `dataset.json`: what a tokenize stage produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetManifest {
+    pub train: SplitInfo,
+    pub valid: SplitInfo,
+    pub vocab_size: usize,
+    pub eos_id: u32,
+    pub pad_id: u32,
+    pub tokenizer_blake3: String,
+    pub sources: Vec<SourceFile>,
+    pub skipped_records: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+impl DatasetManifest {
+    pub fn read(dir: &Path) -> Result<DatasetManifest> {
+        let p = dir.join("dataset.json");
+        let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a dataset manifest", p.display()))
+    }
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut t = Tokenizer::from_file(path).map_err(|e| {
+        anyhow::anyhow!("{} is not a Hugging Face tokenizer.json: {e}", path.display())
+    })?;
+    t.with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    t.with_padding(None);
+    Ok(t)
+}
+
+fn special_tokens() -> Vec<AddedToken> {
+    SPECIAL_TOKENS
+        .iter()
+        .map(|s| AddedToken::from(s.to_string(), true))
+        .collect()
+}
+
+fn train_tokenizer(source: &TokenizerSource, texts: &[String]) -> Result<Tokenizer> {
+    let (mut tok, mut trainer) = match source {
+        TokenizerSource::Bpe { vocab_size } => {
+            let mut t = Tokenizer::new(BPE::default());
+            t.with_pre_tokenizer(Some(ByteLevel::default()));
+            t.with_decoder(Some(ByteLevel::default()));
+            let trainer = BpeTrainerBuilder::new()
+                .vocab_size(*vocab_size)
+                .min_frequency(2)
+                .show_progress(false)
+                .special_tokens(special_tokens())
+                .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+                .build();
+            (t, TrainerWrapper::BpeTrainer(trainer))
+        }
+        TokenizerSource::Unigram { vocab_size } => {
+            let mut t = Tokenizer::new(Unigram::default());
+            t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::metaspace::Metaspace::default()));
+            t.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::default()));
+            let trainer = UnigramTrainerBuilder::default()
+                .vocab_size(*vocab_size as u32)
+                .show_progress(false)
+                .special_tokens(special_tokens())
+                .unk_token(Some("<unk>".into()))
+                .build()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (t, TrainerWrapper::UnigramTrainer(trainer))
+        }
+        TokenizerSource::File { .. } => unreachable!("files are loaded, not trained"),
+    };
+    tok.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
+    Ok(tok)
+}
+
+/// Ids of one document, ending in exactly one end-of-sequence id (a post-processor such as
+/// T5's may have appended it already).
+pub fn encode_doc(tok: &Tokenizer, text: &str, eos: u32) -> Result<Vec<u32>> {
+    let enc = tok
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let mut ids = enc.get_ids().to_vec();
+    if ids.last() != Some(&eos) {
+        ids.push(eos);
+    }
+    Ok(ids)
+}
+
+fn count_docs(cfg: &TokenizeConfig, files: &[PathBuf]) -> Result<u64> {
+    let mut n = 0;
+    for f in files {
+        let fmt = cfg.format.unwrap_or_else(|| detect_format(f));
+        n += for_each_doc(f, fmt, &cfg.text_field, cfg.on_bad_record, |_| Ok(()))?.documents;
+    }
+    Ok(n)
+}
+
+/// Streams documents from `files` in batches, calling `f` with (first doc index, texts).
+fn for_each_batch(
+    cfg: &TokenizeConfig,
+    files: &[PathBuf],
+    limit: u64,
+    mut f: impl FnMut(u64, Vec<String>) -> Result<()>,
+) -> Result<ReadStats> {
+    let mut total = ReadStats::default();
+    let mut batch = Vec::with_capacity(512);
+    let mut first = 0u64;
+    let mut seen = 0u64;
+    for file in files {
+        let fmt = cfg.format.unwrap_or_else(|| detect_format(file));
+        let r = for_each_doc(file, fmt, &cfg.text_field, cfg.on_bad_record, |doc| {
+            if seen >= limit {
+                return Ok(());
+            }
+            seen += 1;
+            batch.push(doc.text);
+            if batch.len() == 512 {
+                f(first, std::mem::take(&mut batch))?;
+                first = seen;
+            }
+            Ok(())
+        })?;
+        total.documents += r.documents;
+        total.skipped += r.skipped;
+    }
+    if !batch.is_empty() {
+        f(first, batch)?;
+    }
+    Ok(total)
+}
+
+/// Tokenize the corpus into `out/{train,valid}/shard-*.parquet`, `out/tokenizer.json` and
+/// `out/dataset.json`. `progress(docs_done, docs_total)` is called as batches finish.
+pub fn tokenize(
+    cfg: &TokenizeConfig,
+    out: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<DatasetManifest> {
+    let start = std::time::Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads.max(1))
+        .build()?;
+    let train_total = count_docs(cfg, &cfg.train_files)?;
+    let train_total = cfg.limit_docs.map_or(train_total, |l| train_total.min(l as u64));
+    let (n_train, hold_out) = if cfg.valid_files.is_empty() {
+        if cfg.valid_docs as u64 >= train_total {
+            bail!(
+                "valid_docs = {} but the training files hold only {train_total} documents",
+                cfg.valid_docs
+            );
+        }
+        (train_total - cfg.valid_docs as u64, true)
+    } else {
+        (train_total, false)
+    };
+
+    let tok = match &cfg.tokenizer {
+        TokenizerSource::File { path } => load_tokenizer(path)?,
+        src => {
+            let mut texts = Vec::new();
+            for_each_batch(cfg, &cfg.train_files, n_train, |_, b| {
+                texts.extend(b);
+                Ok(())
+            })?;
+            train_tokenizer(src, &texts)?
+        }
+    };
+    let eos = tok
+        .token_to_id("</s>")
+        .context("the tokenizer has no `</s>` token to end documents with")?;
+    let pad = tok.token_to_id("<pad>").unwrap_or(eos);
+    let vocab_size = tok.get_vocab_size(true);
+    let tok_path = out.join("tokenizer.json");
+    tok.save(&tok_path, false)
+        .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
+
+    let mut train_w = ShardWriter::new(&out.join("train"), cfg.shard_tokens)?;
+    let mut valid_w = ShardWriter::new(&out.join("valid"), cfg.shard_tokens)?;
+    let grand_total = if hold_out { train_total } else { train_total + count_docs(cfg, &cfg.valid_files)? };
+    let mut done = 0u64;
+    let encode = |texts: Vec<String>| -> Result<Vec<Vec<u32>>> {
+        pool.install(|| texts.par_iter().map(|t| encode_doc(&tok, t, eos)).collect())
+    };
+    let stats = for_each_batch(cfg, &cfg.train_files, train_total, |first, texts| {
+        let n = texts.len() as u64;
+        for (k, ids) in encode(texts)?.iter().enumerate() {
+            if first + (k as u64) < n_train {
+                train_w.push(ids)?;
+            } else {
+                valid_w.push(ids)?;
+            }
+        }
+        done += n;
+        progress(done, grand_total);
+        Ok(())
+    })?;
+    let mut skipped = stats.skipped;
+    if !hold_out {
+        let s = for_each_batch(cfg, &cfg.valid_files, u64::MAX, |_, texts| {
+            let n = texts.len() as u64;
+            for ids in encode(texts)? {
+                valid_w.push(&ids)?;
+            }
+            done += n;
+            progress(done, grand_total);
+            Ok(())
+        })?;
+        skipped += s.skipped;
+    }
+    let train_w = train_w.finish()?;
+    let valid_w = valid_w.finish()?;
+    if valid_w.documents == 0 {
+        bail!("the validation split is empty: set `valid_docs` or `valid_files`");
+    }
+    let rel = |paths: &[PathBuf]| -> Vec<String> {
+        paths
+            .iter()
+            .map(|p| p.strip_prefix(out).unwrap_or(p).to_string_lossy().to_string())
+            .collect()
+    };
+    let mut sources = Vec::new();
+    for f in cfg.train_files.iter().chain(&cfg.valid_files) {
+        sources.push(SourceFile {
+            path: f.file_name().unwrap_or_default().to_string_lossy().to_string(),
+            blake3: hash_file(f)?,
+        });
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let manifest = DatasetManifest {
+        train: SplitInfo {
+            documents: train_w.documents,
+            tokens: train_w.tokens,
+            shards: rel(&train_w.shards),
+        },
+        valid: SplitInfo {
+            documents: valid_w.documents,
+            tokens: valid_w.tokens,
+            shards: rel(&valid_w.shards),
+        },
+        vocab_size,
+        eos_id: eos,
+        pad_id: pad,
+        tokenizer_blake3: hash_file(&tok_path)?,
+        sources,
+        skipped_records: skipped,
+        seconds,
+        tokens_per_s: (train_w.tokens + valid_w.tokens) as f64 / seconds.max(1e-9),
+    };
+    std::fs::write(out.join("dataset.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(manifest)
+}
+
+fn hash_file(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shards::read_split;
+    use std::io::{BufRead, Write};
+
+    fn data_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data")
+    }
+
+    fn config(train: Vec<PathBuf>, tokenizer: TokenizerSource) -> TokenizeConfig {
+        TokenizeConfig {
+            train_files: train,
+            valid_files: vec![],
+            valid_docs: 100,
+            limit_docs: None,
+            format: None,
+            text_field: "text".into(),
+            on_bad_record: OnBadRecord::Error,
+            tokenizer,
+            threads: 2,
+            shard_tokens: 200_000,
+        }
+    }
+
+    #[test]
+    fn t5_ids_equal_the_reference_for_all_1000_documents() {
+        let dir = data_dir();
+        let out = tempfile::tempdir().unwrap();
+        let cfg = config(
+            vec![dir.join("c4-train.00000-of-01024.first1000.json.gz")],
+            TokenizerSource::File {
+                path: dir.join("t5-base/tokenizer.json"),
+            },
+        );
+        let m = tokenize(&cfg, out.path(), |_, _| {}).unwrap();
+        assert_eq!((m.train.documents, m.valid.documents), (900, 100));
+        assert_eq!(m.train.tokens + m.valid.tokens, 513_612);
+        assert_eq!((m.vocab_size, m.eos_id), (32100, 1));
+        assert!(m.train.shards.len() >= 2, "shard_tokens splits the train split");
+        let mut got = read_split(&out.path().join("train")).unwrap();
+        let valid = read_split(&out.path().join("valid")).unwrap();
+        let base = got.tokens.len();
+        got.tokens.extend_from_slice(&valid.tokens);
+        got.offsets.extend(valid.offsets[1..].iter().map(|o| o + base));
+        let f = std::fs::File::open(dir.join("c4-train.00000-of-01024.first1000.t5-ids.jsonl.gz")).unwrap();
+        let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+        let mut n = 0;
+        for (i, line) in r.lines().enumerate() {
+            let want: Vec<u32> = serde_json::from_str(&line.unwrap()).unwrap();
+            assert_eq!(got.doc(i), &want[..], "document {i}");
+            n += 1;
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[test]
+    fn trained_bpe_has_requested_vocab_and_one_eos_per_doc() {
+        let dir = data_dir();
+        let out = tempfile::tempdir().unwrap();
+        let mut cfg = config(
+            vec![dir.join("c4-train.00000-of-01024.first1000.json.gz")],
+            TokenizerSource::Bpe { vocab_size: 1000 },
+        );
+        cfg.limit_docs = Some(300);
+        cfg.valid_docs = 30;
+        let m = tokenize(&cfg, out.path(), |_, _| {}).unwrap();
+        assert_eq!(m.vocab_size, 1000);
+        let docs = read_split(&out.path().join("train")).unwrap();
+        assert_eq!(docs.len(), 270);
+        for i in 0..docs.len() {
+            let d = docs.doc(i);
+            assert_eq!(*d.last().unwrap(), m.eos_id);
+            assert!(!d[..d.len() - 1].contains(&m.eos_id));
+            assert!(d.iter().all(|&t| (t as usize) < m.vocab_size));
+        }
+    }
+
+    fn bad_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn bad_records_name_file_and_line_or_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = TokenizerSource::File {
+            path: data_dir().join("t5-base/tokenizer.json"),
+        };
+        let good = "{\"text\":\"hello world\"}\n";
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("json.jsonl", format!("{good}{good}{{oops\n{good}").into_bytes(), "json.jsonl:3: invalid JSON"),
+            ("notext.jsonl", format!("{good}{{\"url\":\"x\"}}\n{good}").into_bytes(), "notext.jsonl:2: record has no `text`"),
+            ("utf8.jsonl", [good.as_bytes(), b"{\"text\":\"\xff\xfe\"}\n", good.as_bytes()].concat(), "utf8.jsonl:2: not valid UTF-8"),
+            ("empty.jsonl", vec![], "holds no documents"),
+        ];
+        for (name, bytes, want) in cases {
+            let p = bad_file(dir.path(), name, &bytes);
+            let mut cfg = config(vec![p], tok.clone());
+            cfg.valid_docs = 1;
+            let e = format!("{:#}", tokenize(&cfg, &dir.path().join("o"), |_, _| {}).unwrap_err());
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        // Truncated gzip.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        for _ in 0..2000 {
+            gz.write_all(good.as_bytes()).unwrap();
+        }
+        let full = gz.finish().unwrap();
+        let p = bad_file(dir.path(), "cut.jsonl.gz", &full[..full.len() / 2]);
+        let e = format!("{:#}", tokenize(&config(vec![p], tok.clone()), &dir.path().join("o"), |_, _| {}).unwrap_err());
+        assert!(e.contains("cut.jsonl.gz:") && e.contains("truncated"), "{e}");
+        // Skip mode counts instead.
+        let p = bad_file(dir.path(), "mixed.jsonl", format!("{good}{{oops\n{good}{good}").as_bytes());
+        let mut cfg = config(vec![p], tok);
+        cfg.valid_docs = 1;
+        cfg.on_bad_record = OnBadRecord::Skip;
+        let m = tokenize(&cfg, &dir.path().join("ok"), |_, _| {}).unwrap();
+        assert_eq!((m.skipped_records, m.train.documents, m.valid.documents), (1, 2, 1));
+        // A tokenizer file that is not a tokenizer.
+        let p = bad_file(dir.path(), "tok.json", b"{\"not\": \"a tokenizer\"}");
+        let e = format!("{:#}", load_tokenizer(&p).unwrap_err());
+        assert!(e.contains("tok.json is not a Hugging Face tokenizer.json"), "{e}");
+    }
+}
