@@ -1,0 +1,165 @@
+//! The projection layer of every block: full-rank, or frozen W plus a LoRA branch, or a pure
+//! low-rank factorisation. The model calls `forward` and never asks which.
+
+use crate::frozen::frozen_matmul;
+use crate::rng::Rng;
+use candle_core::{Device, Result, Tensor, Var};
+
+/// How a low-rank layer is initialised (§2 of the method reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    /// A ~ Kaiming-uniform(a=√5), B = 0: the wrapped layer computes exactly what W did.
+    KaimingAZeroB,
+    /// A and B both Kaiming-uniform: for training from scratch (no gradient symmetry).
+    KaimingBoth,
+}
+
+pub struct Lora {
+    /// [rank, in]
+    pub a: Var,
+    /// [out, rank]
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+pub struct Linear {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// [out, in]. None for a pure factorised layer.
+    pub weight: Option<Var>,
+    /// Whether W is trained (full-rank) or frozen (LoRA).
+    pub weight_trainable: bool,
+    pub lora: Option<Lora>,
+}
+
+/// U(-1/√in, 1/√in): Kaiming-uniform with a = √5, as PyTorch's Linear and LoRA's A use.
+pub fn kaiming_uniform(rng: &mut Rng, rows: usize, cols: usize, dev: &Device) -> Result<Tensor> {
+    let bound = 1.0 / (cols as f32).sqrt();
+    Tensor::from_vec(rng.uniform_vec(rows * cols, -bound, bound), (rows, cols), dev)
+}
+
+impl Linear {
+    pub fn full(weight: Tensor) -> Result<Linear> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        Ok(Linear {
+            in_dim,
+            out_dim,
+            weight: Some(Var::from_tensor(&weight)?),
+            weight_trainable: true,
+            lora: None,
+        })
+    }
+
+    /// Freeze W and add a rank-`rank` branch.
+    pub fn add_lora(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        dropout: f32,
+        init: LoraInit,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let dev = self.device();
+        let dtype = self.weight.as_ref().map_or(candle_core::DType::F32, |w| w.dtype());
+        let a = kaiming_uniform(rng, rank, self.in_dim, &dev)?.to_dtype(dtype)?;
+        let b = match init {
+            LoraInit::KaimingAZeroB => Tensor::zeros((self.out_dim, rank), dtype, &dev)?,
+            LoraInit::KaimingBoth => kaiming_uniform(rng, self.out_dim, rank, &dev)?.to_dtype(dtype)?,
+        };
+        self.weight_trainable = false;
+        self.lora = Some(Lora {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: alpha / rank as f64,
+            dropout,
+        });
+        Ok(())
+    }
+
+    fn device(&self) -> Device {
+        match (&self.weight, &self.lora) {
+            (Some(w), _) => w.device().clone(),
+            (None, Some(l)) => l.a.device().clone(),
+            (None, None) => Device::Cpu,
+        }
+    }
+
+    /// `x [.., in] → [.., out]`. `dropout_rng` is Some in training mode.
+    pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((m, self.in_dim))?;
+        let mut y = match &self.weight {
+            Some(w) if self.weight_trainable => Some(x2.matmul(&w.as_tensor().t()?)?),
+            Some(w) => Some(frozen_matmul(&x2, w.as_tensor())?),
+            None => None,
+        };
+        if let Some(l) = &self.lora {
+            let xd = match dropout_rng {
+                Some(rng) if l.dropout > 0.0 => {
+                    let keep = 1.0 - l.dropout;
+                    let mask: Vec<f32> = (0..m * self.in_dim)
+                        .map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (m, self.in_dim), x.device())?.to_dtype(x.dtype())?;
+                    (&x2 * mask)?
+                }
+                _ => x2.clone(),
+            };
+            let low = xd
+                .matmul(&l.a.as_tensor().t()?)?
+                .matmul(&l.b.as_tensor().t()?)?
+                .affine(l.scale, 0.0)?;
+            y = Some(match y {
+                Some(y) => (y + low)?,
+                None => low,
+            });
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("input has a feature dimension") = self.out_dim;
+        y.expect("a layer has a weight or a LoRA branch").reshape(out_dims)
+    }
+
+    /// s·B·A, the low-rank update as a dense [out, in] matrix.
+    pub fn lora_delta(&self) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) => Ok(Some(
+                l.b.as_tensor()
+                    .matmul(l.a.as_tensor())?
+                    .affine(l.scale, 0.0)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// W + s·B·A, or s·B·A alone for a factorised layer: what this layer computes.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        let delta = self.lora_delta()?;
+        match (&self.weight, delta) {
+            (Some(w), Some(d)) => w.as_tensor() + d,
+            (Some(w), None) => Ok(w.as_tensor().clone()),
+            (None, Some(d)) => Ok(d),
+            (None, None) => candle_core::bail!("a layer with neither W nor LoRA"),
+        }
+    }
+
+    /// The ReLoRA restart: W ← W + s·B·A, then A re-drawn and B ← 0.
+    pub fn merge_and_reinit(&mut self, rng: &mut Rng) -> Result<()> {
+        let Some(delta) = self.lora_delta()? else {
+            return Ok(());
+        };
+        let w = self
+            .weight
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("cannot merge into a factorised layer".into()))?;
+        w.set(&(w.as_tensor() + delta)?)?;
+        let l = self.lora.as_ref().expect("delta implies LoRA");
+        let (rank, in_dim) = l.a.dims2()?;
+        let dev = w.device().clone();
+        l.a.set(&kaiming_uniform(rng, rank, in_dim, &dev)?.to_dtype(l.a.dtype())?)?;
+        l.b.set(&l.b.as_tensor().zeros_like()?)?;
+        Ok(())
+    }
+}

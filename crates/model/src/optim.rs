@@ -1,0 +1,194 @@
+//! AdamW with its moments in reach, so ReLoRA can prune them (§4), and gradient clipping.
+
+use crate::rng::Rng;
+use candle_core::{Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// What happens to the LoRA parameters' moments at a reset.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResetMode {
+    Zero,
+    /// Each element kept with probability 1 - fraction.
+    Random { fraction: f64 },
+    /// Per tensor, zero the elements at or below the `fraction`-quantile of |t|.
+    Magnitude { fraction: f64 },
+}
+
+pub struct ParamState {
+    pub name: String,
+    pub var: Var,
+    pub is_lora: bool,
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+pub struct AdamW {
+    pub cfg: AdamConfig,
+    pub params: Vec<ParamState>,
+    /// Optimizer steps taken; a reset does not change it.
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var, bool)>, cfg: AdamConfig) -> Result<AdamW> {
+        let params = params
+            .into_iter()
+            .map(|(name, var, is_lora)| {
+                let z = var.as_tensor().zeros_like()?;
+                Ok(ParamState {
+                    name,
+                    var,
+                    is_lora,
+                    m: z.clone(),
+                    v: z,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { cfg, params, step: 0 })
+    }
+
+    /// One update with gradients in parameter order.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((&p.v / bc2)?.sqrt()? + c.eps)?;
+            let mut update = ((&p.m / bc1)? / denom)?;
+            if c.weight_decay != 0.0 {
+                update = (update + (p.var.as_tensor() * c.weight_decay)?)?;
+            }
+            p.var.set(&(p.var.as_tensor() - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Reset the moments of the LoRA parameters only; everything else keeps its state.
+    pub fn reset_lora(&mut self, mode: ResetMode, rng: &mut Rng) -> Result<()> {
+        for p in self.params.iter_mut().filter(|p| p.is_lora) {
+            p.m = prune(&p.m, mode, rng)?;
+            p.v = prune(&p.v, mode, rng)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `q`-quantile of `values` with linear interpolation between order statistics.
+pub fn quantile(values: &mut [f32], q: f64) -> f32 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let pos = q * (values.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = (pos - lo as f64) as f32;
+    values[lo] + frac * (values[hi] - values[lo])
+}
+
+pub fn prune(t: &Tensor, mode: ResetMode, rng: &mut Rng) -> Result<Tensor> {
+    match mode {
+        ResetMode::Zero => t.zeros_like(),
+        ResetMode::Random { fraction } => {
+            let keep: Vec<f32> = (0..t.elem_count())
+                .map(|_| if (rng.uniform() as f64) < 1.0 - fraction { 1.0 } else { 0.0 })
+                .collect();
+            t * Tensor::from_vec(keep, t.shape(), t.device())?
+        }
+        ResetMode::Magnitude { fraction } => {
+            let abs = t.abs()?;
+            let mut vals = abs.flatten_all()?.to_vec1::<f32>()?;
+            if vals.is_empty() {
+                return Ok(t.clone());
+            }
+            let tau = quantile(&mut vals, fraction);
+            t * abs.gt(tau as f64)?.to_dtype(t.dtype())?
+        }
+    }
+}
+
+/// Scale gradients so their global L2 norm is at most `max`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Tensor], max: Option<f64>) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = max {
+        if norm > max && norm.is_finite() {
+            let s = max / (norm + 1e-6);
+            for g in grads.iter_mut() {
+                *g = (&*g * s)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn magnitude_pruning_zeroes_exactly_the_fraction_and_keeps_the_largest() {
+        let mut rng = Rng::new(3);
+        for (n, frac) in [(1000usize, 0.9), (1000, 0.99), (4000, 0.7)] {
+            let x = Tensor::from_vec(rng.normal_vec(n, 1.0), (n / 10, 10), &Device::Cpu).unwrap();
+            let y = prune(&x, ResetMode::Magnitude { fraction: frac }, &mut rng).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ys = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let zeros = ys.iter().filter(|v| **v == 0.0).count();
+            assert_eq!(zeros, (n as f64 * frac).round() as usize, "n={n} frac={frac}");
+            let mut sorted: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kept_min = ys.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::MAX, f32::min);
+            assert_eq!(kept_min, sorted[n - zeros - 1], "the kept ones are the largest");
+            for (a, b) in xs.iter().zip(&ys) {
+                assert!(*b == 0.0 || a == b);
+            }
+        }
+    }
+
+    #[test]
+    fn random_pruning_keeps_about_one_minus_p() {
+        let mut rng = Rng::new(5);
+        let x = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = prune(&x, ResetMode::Random { fraction: 0.9 }, &mut rng).unwrap();
+        let kept = y.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((kept - 1000.0).abs() < 100.0, "{kept}");
+    }
+
+    #[test]
+    fn adamw_first_step_moves_each_weight_by_lr() {
+        let v = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), v.clone(), false)], AdamConfig::default()).unwrap();
+        let g = Tensor::new(&[0.5f32, -0.1, 2.0], &Device::Cpu).unwrap();
+        opt.step(&[g], 0.01).unwrap();
+        let got = v.as_tensor().to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip([0.99f32, -1.99, 2.99]) {
+            assert!((a - b).abs() < 1e-5, "{got:?}");
+        }
+    }
+}

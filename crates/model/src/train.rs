@@ -1,0 +1,263 @@
+//! The training loop every method shares, read top to bottom: schedule, accumulate
+//! gradients, check they are finite, clip, step, then the ReLoRA restart and reset, logging,
+//! evaluation and checkpoints.
+
+use crate::checkpoint::{self, TrainState};
+use crate::llama::{cross_entropy, Llama};
+use crate::optim::{clip_grad_norm, AdamConfig, AdamW, ResetMode};
+use crate::rng::Rng;
+use crate::schedule::Schedule;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use relora_data::{Batch, Loader, Sequences};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// ReLoRA's restarts: merge every `merge_every` steps, reset LoRA moments every `reset_every`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Restarts {
+    /// None: no merges (the "no restarts" ablation).
+    pub merge_every: Option<u64>,
+    /// None: never reset the optimizer.
+    pub reset_every: Option<u64>,
+    pub reset: ResetMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps to take in this run.
+    pub steps: u64,
+    /// Sequences per forward pass.
+    pub micro_batch: usize,
+    /// Forward/backward passes per optimizer step.
+    pub accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub clip_grad: Option<f64>,
+    pub adam: AdamConfig,
+    pub restarts: Option<Restarts>,
+    pub checkpoint_every: u64,
+    pub eval_every: u64,
+    pub eval_sequences: usize,
+    pub log_every: u64,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+}
+
+pub struct Trainer {
+    pub model: Llama,
+    pub opt: AdamW,
+    pub state: TrainState,
+    pub cfg: TrainConfig,
+    pub device: Device,
+}
+
+pub fn batch_tensors(b: &Batch, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        Tensor::from_slice(&b.inputs, (b.batch_size, b.len), dev)?,
+        Tensor::from_slice(&b.targets, b.batch_size * b.len, dev)?,
+        Tensor::from_slice(&b.weights, b.batch_size * b.len, dev)?,
+    ))
+}
+
+/// Mean token loss of a batch, and its gradient graph.
+pub fn batch_loss(model: &Llama, b: &Batch, dev: &Device, dropout: Option<&mut Rng>) -> candle_core::Result<Tensor> {
+    let (ids, targets, weights) = batch_tensors(b, dev)?;
+    let logits = model.forward(&ids, dropout)?;
+    let logits = logits.reshape((b.batch_size * b.len, model.cfg.vocab_size))?;
+    cross_entropy(&logits, &targets, &weights)
+}
+
+/// exp(mean token cross-entropy) over the first `max_sequences` validation sequences,
+/// with dropout off. Returns (mean loss, tokens scored).
+pub fn evaluate(model: &Llama, seqs: &Sequences, max_sequences: usize, micro_batch: usize, dev: &Device) -> Result<(f64, f64)> {
+    let n = seqs.len().min(max_sequences);
+    let (mut sum, mut count) = (0f64, 0f64);
+    let mut i = 0;
+    while i < n {
+        let j = (i + micro_batch).min(n);
+        let b = Batch::from_rows((i..j).map(|k| seqs.row(k)));
+        let tokens = b.target_tokens();
+        let loss = batch_loss(model, &b, dev, None)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sum += loss * tokens;
+        count += tokens;
+        i = j;
+    }
+    if count == 0.0 {
+        bail!("the validation set has no tokens to score");
+    }
+    Ok((sum / count, count))
+}
+
+impl Trainer {
+    pub fn new(model: Llama, cfg: TrainConfig, seed: u64, device: Device) -> Result<Trainer> {
+        let opt = AdamW::new(model.trainable(), cfg.adam)?;
+        let state = TrainState {
+            step: 0,
+            opt_step: 0,
+            tokens: 0,
+            loader: Default::default(),
+            dropout_rng: Rng::derive(seed, "dropout"),
+            restart_rng: Rng::derive(seed, "lora-reinit"),
+            reset_rng: Rng::derive(seed, "optimizer-reset"),
+            metrics_len: 0,
+        };
+        Ok(Trainer { model, opt, state, cfg, device })
+    }
+
+    fn checkpoint(&mut self, dir: &Path, loader: &Loader, metrics: &Path) -> Result<PathBuf> {
+        self.state.loader = loader.state();
+        self.state.opt_step = self.opt.step;
+        self.state.metrics_len = std::fs::metadata(metrics).map(|m| m.len()).unwrap_or(0);
+        checkpoint::save(dir, &self.model, &self.opt, &self.state)
+    }
+
+    /// Resume from the newest checkpoint in `dir`, if there is one; returns its step.
+    pub fn resume(&mut self, dir: &Path, loader: &mut Loader, metrics: &Path) -> Result<Option<u64>> {
+        let Some(ckpt) = checkpoint::latest(dir) else { return Ok(None) };
+        self.state = checkpoint::load(&ckpt, &self.model, &mut self.opt, &self.device)?;
+        loader.restore(self.state.loader);
+        // Drop metrics lines written after the checkpoint; they will be written again.
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(metrics) {
+            f.set_len(self.state.metrics_len)?;
+        }
+        Ok(Some(self.state.step))
+    }
+
+    /// Train until `cfg.steps` more steps than `start_step` are done.
+    pub fn run(
+        &mut self,
+        loader: &mut Loader,
+        valid: Option<&Sequences>,
+        ckpt_dir: &Path,
+        metrics_path: &Path,
+        end_step: u64,
+        mut on_step: impl FnMut(&StepMetrics),
+    ) -> Result<Vec<StepMetrics>> {
+        let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(metrics_path)?;
+        let mut history = Vec::new();
+        let mut last_ckpt_step = self.state.step;
+        while self.state.step < end_step {
+            let started = Instant::now();
+            let step = self.state.step;
+            let lr = self.cfg.lr * self.cfg.schedule.lambda(step);
+
+            // Forward and backward over the micro-batches, summing gradients.
+            let params = self.model.trainable();
+            let mut grads: Vec<Tensor> = Vec::new();
+            let mut loss_sum = 0f64;
+            let mut tokens = 0u64;
+            for _ in 0..self.cfg.accum {
+                let b = loader.next_batch(self.cfg.micro_batch);
+                tokens += (b.batch_size * b.len) as u64;
+                let loss = batch_loss(&self.model, &b, &self.device, Some(&mut self.state.dropout_rng))?;
+                loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                let store = loss.backward()?;
+                for (k, (_, var, _)) in params.iter().enumerate() {
+                    let g = match store.get(var.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => var.as_tensor().zeros_like()?,
+                    };
+                    if grads.len() <= k {
+                        grads.push(g);
+                    } else {
+                        grads[k] = (&grads[k] + g)?;
+                    }
+                }
+            }
+            let scale = 1.0 / self.cfg.accum as f64;
+            for g in grads.iter_mut() {
+                *g = (&*g * scale)?;
+            }
+            let loss = loss_sum * scale;
+            let grad_norm = clip_grad_norm(&mut grads, self.cfg.clip_grad)?;
+            if !loss.is_finite() || !grad_norm.is_finite() {
+                bail!(
+                    "non-finite {} at step {step} (loss {loss}, gradient norm {grad_norm}); \
+                     stopping. The last good checkpoint (step {last_ckpt_step}) is kept in {}; \
+                     lower the learning rate or enable clip_grad",
+                    if loss.is_finite() { "gradient" } else { "loss" },
+                    ckpt_dir.display()
+                );
+            }
+            self.opt.step(&grads, lr)?;
+            drop(grads);
+            self.state.step += 1;
+            self.state.tokens += tokens;
+
+            // ReLoRA: merge the low-rank factors into W and start them afresh.
+            let mut event = Vec::new();
+            if let Some(r) = self.cfg.restarts {
+                let s = self.state.step;
+                if r.merge_every.is_some_and(|k| s % k == 0) {
+                    for (_, p) in self.model.projections_mut() {
+                        p.merge_and_reinit(&mut self.state.restart_rng)?;
+                    }
+                    event.push("merge");
+                }
+                if r.reset_every.is_some_and(|k| s % k == 0) {
+                    self.opt.reset_lora(r.reset, &mut self.state.reset_rng)?;
+                    event.push("optimizer_reset");
+                }
+            }
+
+            let secs = started.elapsed().as_secs_f64();
+            let mut m = StepMetrics {
+                step: self.state.step,
+                loss,
+                lr,
+                grad_norm,
+                tokens: self.state.tokens,
+                tokens_per_s: tokens as f64 / secs.max(1e-9),
+                eval_loss: None,
+                perplexity: None,
+                event: (!event.is_empty()).then(|| event.join("+")),
+            };
+            let is_last = self.state.step == end_step;
+            if let Some(v) = valid {
+                if (self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || is_last {
+                    let (l, _) = evaluate(&self.model, v, self.cfg.eval_sequences, self.cfg.micro_batch, &self.device)?;
+                    m.eval_loss = Some(l);
+                    m.perplexity = Some(l.exp());
+                }
+            }
+            writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+            metrics.flush()?;
+            on_step(&m);
+            history.push(m);
+            if self.cfg.checkpoint_every > 0 && self.state.step % self.cfg.checkpoint_every == 0 && !is_last {
+                self.checkpoint(ckpt_dir, loader, metrics_path)?;
+                last_ckpt_step = self.state.step;
+            }
+        }
+        self.state.loader = loader.state();
+        self.state.opt_step = self.opt.step;
+        Ok(history)
+    }
+}
+
+/// A JSON summary of parameter counts, for stage reports.
+pub fn param_report(model: &Llama) -> Value {
+    json!({
+        "trainable_params": model.trainable_count(),
+        "frozen_params": model.frozen_count(),
+    })
+}
