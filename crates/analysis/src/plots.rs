@@ -49,7 +49,7 @@ fn e<E: std::fmt::Debug>(err: E) -> anyhow::Error {
 /// One line per run: (label, points).
 pub type Series = (String, Vec<(f64, f64)>);
 
-fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
+fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
     let pts = series.iter().flat_map(|s| s.1.iter());
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::MAX, f64::MIN);
@@ -73,12 +73,11 @@ fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, y_label:
         .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_label)
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(e)?;
-    let _ = log_y;
     for (i, (label, pts)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
@@ -98,13 +97,13 @@ fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, y_label:
     Ok(())
 }
 
-/// A line chart (e.g. training loss or learning rate against step), written as PNG and SVG.
-pub fn line_chart(path_stem: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+/// A line chart (e.g. training loss against tokens seen), written as PNG and SVG.
+pub fn line_chart(path_stem: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     both(
         path_stem,
         (900, 560),
-        |r| lines(r, title, y_label, series, false),
-        |r| lines(r, title, y_label, series, false),
+        |r| lines(r, title, x_label, y_label, series),
+        |r| lines(r, title, x_label, y_label, series),
     )
 }
 
@@ -120,7 +119,7 @@ fn histograms<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(Stri
     }
     let (title, body) = root.split_vertically(40);
     title
-        .draw_text("Singular values of ΔW per projection (normalised histograms)", &("sans-serif", 20).into_font().color(&BLACK), (12, 10))
+        .draw_text("Singular values of ΔW per projection (normalised histograms; values past the range fall in the last bin)", &("sans-serif", 20).into_font().color(&BLACK), (12, 10))
         .map_err(e)?;
     let cols = projections.len().clamp(1, 4);
     let rows = projections.len().div_ceil(cols).max(1);
@@ -262,7 +261,7 @@ mod tests {
             ("full".to_string(), (0..50).map(|i| (i as f64, 5.0 - i as f64 * 0.05)).collect()),
             ("relora".to_string(), (0..50).map(|i| (i as f64, 5.2 - i as f64 * 0.04)).collect()),
         ];
-        line_chart(&dir.path().join("loss"), "Training loss", "loss", &series).unwrap();
+        line_chart(&dir.path().join("loss"), "Training loss", "step", "loss", &series).unwrap();
         let m: Vec<f32> = (0..64).map(|i| ((i * 7) % 13) as f32 / 13.0).collect();
         let r = analyse(vec![("layers.0.q_proj".into(), 8, 8, m.clone()), ("layers.0.up_proj".into(), 8, 8, m)], 0.1, 50, (0.0, 2.0)).unwrap();
         let methods = vec![("relora".to_string(), r.clone()), ("full".to_string(), r)];

@@ -406,6 +406,9 @@ impl Cache {
 
     /// Remember which key a pipeline's stage last resolved to, for `plan` and `gc`.
     pub fn record_ref(&self, pipeline: &str, stage: &str, components: &KeyComponents) -> Result<()> {
+        if self.read_ref(pipeline, stage).as_ref() == Some(components) {
+            return Ok(());
+        }
         write_atomic(
             &self.ref_path(pipeline, stage),
             &serde_json::to_vec_pretty(components)?,

@@ -90,8 +90,15 @@ impl AdamW {
     /// Reset the moments of the LoRA parameters only; everything else keeps its state.
     pub fn reset_lora(&mut self, mode: ResetMode, rng: &mut Rng) -> Result<()> {
         for p in self.params.iter_mut().filter(|p| p.is_lora) {
-            p.m = prune(&p.m, mode, rng)?;
+            let m = prune(&p.m, mode, rng)?;
             p.v = prune(&p.v, mode, rng)?;
+            // Each moment gets its own mask (§4), but an element that keeps its first moment
+            // while its second is pruned takes a step of m / (0 + eps): right after a restart
+            // B = 0, so A's gradient is exactly 0 and v stays 0 while m decays slowly, and
+            // such elements of A jump by ~1e4·lr. So a first moment survives only where its
+            // second moment does. (A deviation from the reference code, which has this hazard.)
+            let keep_m = p.v.ne(0.0)?.to_dtype(m.dtype())?;
+            p.m = (m * keep_m)?;
         }
         Ok(())
     }
@@ -169,6 +176,29 @@ mod tests {
                 assert!(*b == 0.0 || a == b);
             }
         }
+    }
+
+    #[test]
+    fn after_a_reset_no_element_keeps_momentum_without_second_moment() {
+        let mut rng = Rng::new(9);
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let mut opt = AdamW::new(vec![("a".into(), var, true)], AdamConfig::default()).unwrap();
+        // Moments whose magnitudes are unrelated, so the two masks differ.
+        opt.params[0].m = Tensor::from_vec(rng.normal_vec(1000, 1.0), 1000, &dev).unwrap();
+        opt.params[0].v = Tensor::from_vec(rng.normal_vec(1000, 1.0), 1000, &dev).unwrap().sqr().unwrap();
+        opt.step = 100;
+        opt.reset_lora(ResetMode::Magnitude { fraction: 0.9 }, &mut rng).unwrap();
+        let m = opt.params[0].m.to_vec1::<f32>().unwrap();
+        let v = opt.params[0].v.to_vec1::<f32>().unwrap();
+        assert_eq!(v.iter().filter(|x| **x != 0.0).count(), 100);
+        assert!(m.iter().zip(&v).all(|(m, v)| *m == 0.0 || *v != 0.0));
+        // With a zero gradient (B = 0 right after a restart) the next step stays small.
+        let before = opt.params[0].var.as_tensor().to_vec1::<f32>().unwrap();
+        opt.step(&[Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()], 1e-3).unwrap();
+        let after = opt.params[0].var.as_tensor().to_vec1::<f32>().unwrap();
+        let max_step = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(max_step < 0.1, "an update of {max_step} after the reset");
     }
 
     #[test]

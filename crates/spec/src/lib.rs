@@ -318,7 +318,13 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
             errors.push(source.error(&["stages"], "stage names must be strings"));
             continue;
         };
-        let raw_stage: RawStage = match serde_norway::from_value(value.clone()) {
+        // YAML merge keys (`<<: *anchor`) let stages share parameter blocks.
+        let mut value = value.clone();
+        if let Err(e) = value.apply_merge() {
+            errors.push(source.error(&["stages", template], e.to_string()));
+            continue;
+        }
+        let raw_stage: RawStage = match serde_norway::from_value(value) {
             Ok(s) => s,
             Err(e) => {
                 errors.push(source.error(&["stages", template], e.to_string()));

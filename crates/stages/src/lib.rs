@@ -1,11 +1,25 @@
 //! relora-stages: the stage kinds relora-pipe ships, each adapting a library crate to the
 //! executor's [`StageKind`](relora_exec::StageKind) trait.
 //!
-//! This is the only crate that knows both the pipeline world (params as YAML-born JSON,
-//! cache folders) and the ML world (data, model, analysis); the libraries on either side
-//! stay ignorant of each other.
+//! This is the one crate that knows both sides: the pipeline world (parameters born in
+//! YAML, input folders from the cache) and the ML world (relora-data, relora-model,
+//! relora-analysis), which stay ignorant of each other's concerns.
+//!
+//! | kind | inputs | does |
+//! |---|---|---|
+//! | `command` | any | a shell command with declared files and outputs |
+//! | `tokenize` | – | corpus → tokenizer → parquet shards |
+//! | `train` | `data`, `init`? | full / relora / lora / control training |
+//! | `eval` | `model`, `data` | validation perplexity |
+//! | `svd` | `final`, `base`? | singular values of the weight updates |
+//! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |
 
 mod command;
+mod eval;
+mod report;
+mod svd;
+mod tokenize;
+pub mod train;
 
 pub use command::Command;
 
@@ -15,5 +29,10 @@ use relora_exec::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::default();
     r.register(Box::new(Command));
+    r.register(Box::new(tokenize::Tokenize));
+    r.register(Box::new(train::Train));
+    r.register(Box::new(eval::Eval));
+    r.register(Box::new(svd::Svd));
+    r.register(Box::new(report::Report));
     r
 }

@@ -1,0 +1,99 @@
+//! `eval`: perplexity of a trained model on a fixed validation token budget.
+
+use crate::train::TrainInfo;
+use anyhow::{Context, Result};
+use relora_data::{pack, read_split, DatasetManifest};
+use relora_exec::{parse_params, StageContext, StageKind};
+use relora_model::checkpoint::load_tensors;
+use relora_model::{evaluate, Llama};
+use relora_spec::{Resources, SpecError, StageSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalParams {
+    /// Validation tokens to score (rounded down to whole sequences).
+    #[serde(default = "d_tokens")]
+    pub tokens: usize,
+    /// Default: the sequence length the model was trained with.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    #[serde(default = "d_micro")]
+    pub micro_batch: usize,
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+fn d_tokens() -> usize {
+    65_536
+}
+fn d_micro() -> usize {
+    8
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+
+pub struct Eval;
+
+impl StageKind for Eval {
+    fn name(&self) -> &'static str {
+        "eval"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
+        Some(&[("model", true), ("data", true)])
+    }
+    fn resources(&self, params: &Value) -> Resources {
+        let dev = params.get("device").and_then(Value::as_str).unwrap_or("cpu");
+        Resources { gpus: u32::from(dev.starts_with("cuda")) }
+    }
+    fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
+        let _: EvalParams = parse_params(stage)?;
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: EvalParams = serde_json::from_value(ctx.params.clone())?;
+        let device = relora_model::device(&p.device)?;
+        let model_dir = ctx.input("model")?.to_path_buf();
+        let data_dir = ctx.input("data")?.to_path_buf();
+        let info = TrainInfo::read(&model_dir)?;
+        let data = DatasetManifest::read(&data_dir)?;
+        if info.tokenizer_blake3 != data.tokenizer_blake3 {
+            anyhow::bail!("the model was trained with another tokenizer than this evaluation data uses");
+        }
+        let weights = model_dir.join("model.safetensors");
+        let model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
+            .with_context(|| format!("loading {}", weights.display()))?;
+        let seq_len = p.seq_len.unwrap_or(info.seq_len);
+        let seqs = pack(&read_split(&data_dir.join("valid"))?, seq_len, info.packing, data.pad_id);
+        let n = (p.tokens / seq_len).max(1);
+        if seqs.len() < n {
+            println!("note: the validation split holds {} sequences of {seq_len}; scoring all of them", seqs.len());
+        }
+        let (loss, tokens) = evaluate(&model, &seqs, n, p.micro_batch, &device)?;
+        let result = json!({
+            "eval_loss": loss,
+            "perplexity": loss.exp(),
+            "tokens": tokens,
+            "sequences": seqs.len().min(n),
+            "seq_len": seq_len,
+            "method": info.method,
+            "model": info.model,
+            "trainable_params": info.trainable_params,
+            "frozen_params": info.frozen_params,
+            "train_tokens": info.tokens,
+        });
+        println!("perplexity {:.3} (loss {loss:.4}) over {tokens} tokens", loss.exp());
+        std::fs::write(ctx.out_dir.join("eval.json"), serde_json::to_vec_pretty(&result)?)?;
+        if let Value::Object(m) = result {
+            for (k, v) in m {
+                ctx.metric(&k, v);
+            }
+        }
+        Ok(())
+    }
+}

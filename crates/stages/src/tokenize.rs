@@ -1,0 +1,175 @@
+//! `tokenize`: corpus files → tokenizer → parquet shards of token ids.
+
+use anyhow::Result;
+use relora_data::corpus::{expand_globs, Format, OnBadRecord};
+use relora_data::{tokenize, TokenizeConfig, TokenizerSource};
+use relora_exec::{parse_params, Progress, StageContext, StageKind};
+use relora_spec::{SpecError, StageSpec};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Files {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Files {
+    fn list(&self) -> Vec<String> {
+        match self {
+            Files::One(s) => vec![s.clone()],
+            Files::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatParam {
+    Auto,
+    Jsonl,
+    Parquet,
+    Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeParams {
+    /// Glob(s) of training corpus files, relative to the pipeline file.
+    pub train_files: Files,
+    /// Glob(s) of validation files; without them `valid_docs` are held out.
+    #[serde(default)]
+    pub valid_files: Option<Files>,
+    #[serde(default = "default_valid_docs")]
+    pub valid_docs: usize,
+    #[serde(default)]
+    pub limit_docs: Option<usize>,
+    #[serde(default = "default_format")]
+    pub format: FormatParam,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
+    pub tokenizer: TokenizerSource,
+    /// Tokenizer threads (does not change the output).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    #[serde(default = "default_shard_tokens")]
+    pub shard_tokens: usize,
+}
+
+fn default_valid_docs() -> usize {
+    100
+}
+fn default_format() -> FormatParam {
+    FormatParam::Auto
+}
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+fn default_shard_tokens() -> usize {
+    50_000_000
+}
+
+pub struct Tokenize;
+
+fn files(p: &TokenizeParams, base: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let train = expand_globs(&p.train_files.list(), base)?;
+    let valid = match &p.valid_files {
+        Some(v) => expand_globs(&v.list(), base)?,
+        None => Vec::new(),
+    };
+    Ok((train, valid))
+}
+
+impl StageKind for Tokenize {
+    fn name(&self) -> &'static str {
+        "tokenize"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
+        Some(&[])
+    }
+    fn cosmetic_params(&self) -> &'static [&'static str] {
+        &["threads"]
+    }
+    fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
+        let p: TokenizeParams = parse_params(stage)?;
+        let mut errors = Vec::new();
+        if let Err(e) = files(&p, &stage.base_dir) {
+            errors.push(stage.error(&["params", "train_files"], format!("{e:#}")));
+        }
+        if let TokenizerSource::File { path } = &p.tokenizer {
+            if !stage.base_dir.join(path).is_file() {
+                errors.push(stage.error(
+                    &["params", "tokenizer", "path"],
+                    format!("tokenizer file `{}` does not exist (relative to {})", path.display(), stage.base_dir.display()),
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+    fn external_files(&self, params: &Value, base_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+        let p: TokenizeParams = serde_json::from_value(params.clone())?;
+        let (train, valid) = files(&p, base_dir)?;
+        let mut out: Vec<(String, PathBuf)> = train
+            .into_iter()
+            .map(|f| (format!("train:{}", f.file_name().unwrap_or_default().to_string_lossy()), f))
+            .chain(valid.into_iter().map(|f| (format!("valid:{}", f.file_name().unwrap_or_default().to_string_lossy()), f)))
+            .collect();
+        if let TokenizerSource::File { path } = &p.tokenizer {
+            out.push(("tokenizer".into(), base_dir.join(path)));
+        }
+        Ok(out)
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: TokenizeParams = serde_json::from_value(ctx.params.clone())?;
+        let (train_files, valid_files) = files(&p, &ctx.base_dir)?;
+        let tokenizer = match p.tokenizer {
+            TokenizerSource::File { path } => TokenizerSource::File { path: ctx.resolve(&path.to_string_lossy()) },
+            other => other,
+        };
+        let cfg = TokenizeConfig {
+            train_files,
+            valid_files,
+            valid_docs: p.valid_docs,
+            limit_docs: p.limit_docs,
+            format: match p.format {
+                FormatParam::Auto => None,
+                FormatParam::Jsonl => Some(Format::Jsonl),
+                FormatParam::Parquet => Some(Format::Parquet),
+                FormatParam::Text => Some(Format::Text),
+            },
+            text_field: p.text_field,
+            on_bad_record: p.on_bad_record,
+            tokenizer,
+            threads: p.threads,
+            shard_tokens: p.shard_tokens,
+        };
+        let m = tokenize(&cfg, &ctx.out_dir, |done, total| {
+            ctx.progress(&Progress { step: done, total, ..Default::default() })
+        })?;
+        println!(
+            "tokenized {} train + {} valid documents: {} + {} tokens, vocabulary {}, {:.0} tokens/s, {} bad records skipped",
+            m.train.documents, m.valid.documents, m.train.tokens, m.valid.tokens, m.vocab_size, m.tokens_per_s, m.skipped_records
+        );
+        ctx.metric("train_tokens", m.train.tokens);
+        ctx.metric("valid_tokens", m.valid.tokens);
+        ctx.metric("documents", m.train.documents + m.valid.documents);
+        ctx.metric("vocab_size", m.vocab_size);
+        ctx.metric("skipped_records", m.skipped_records);
+        ctx.metric("tokens_per_s", m.tokens_per_s);
+        Ok(())
+    }
+}
