@@ -25,7 +25,15 @@ fn arg(name: &str, default: usize) -> usize {
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0)))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
@@ -55,7 +63,12 @@ fn main() -> anyhow::Result<()> {
         heads: arg("--heads", 8),
         layers: arg("--layers", 4),
     };
-    let (seq, batch, steps, rank) = (arg("--seq", 256), arg("--batch", 8), arg("--steps", 20), arg("--lora-rank", 0));
+    let (seq, batch, steps, rank) = (
+        arg("--seq", 256),
+        arg("--batch", 8),
+        arg("--steps", 20),
+        arg("--lora-rank", 0),
+    );
     let dev = Device::Cpu;
     let peak = matmul_gflops(&dev);
     let mut rng = Rng::new(0);
@@ -66,9 +79,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
-    let toks: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.next_u32() % cfg.vocab_size as u32).collect();
+    let toks: Vec<u32> = (0..batch * (seq + 1))
+        .map(|_| rng.next_u32() % cfg.vocab_size as u32)
+        .collect();
     let mask = vec![1u8; seq + 1];
-    let b = Batch::from_rows((0..batch).map(|i| (&toks[i * (seq + 1)..(i + 1) * (seq + 1)], &mask[..])));
+    let b = Batch::from_rows(
+        (0..batch).map(|i| (&toks[i * (seq + 1)..(i + 1) * (seq + 1)], &mask[..])),
+    );
     let (mut fwd, mut bwd, mut opt_ms) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..steps + 2 {
         let t0 = Instant::now();
@@ -77,7 +94,15 @@ fn main() -> anyhow::Result<()> {
         let t1 = Instant::now();
         let store = loss.backward()?;
         let params = model.trainable();
-        let mut grads: Vec<Tensor> = params.iter().map(|(_, v, _)| store.get(v.as_tensor()).cloned().unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())).collect();
+        let mut grads: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v, _)| {
+                store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
+            })
+            .collect();
         let t2 = Instant::now();
         clip_grad_norm(&mut grads, Some(1.0))?;
         opt.step(&grads, 1e-3)?;

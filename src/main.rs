@@ -34,7 +34,9 @@ struct PipelineArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every stage that is not cached.
-    #[command(after_help = "Example:\n  relora-pipe run pipelines/quickstart.yaml --jobs 2\n  relora-pipe run pipelines/quickstart.yaml --until warm --set warm.steps=50")]
+    #[command(
+        after_help = "Example:\n  relora-pipe run pipelines/quickstart.yaml --jobs 2\n  relora-pipe run pipelines/quickstart.yaml --until warm --set warm.steps=50"
+    )]
     Run {
         #[command(flatten)]
         p: PipelineArgs,
@@ -52,7 +54,9 @@ enum Cmd {
         keep_going: bool,
     },
     /// Say, for each stage, whether it is cached or will run, and why.
-    #[command(after_help = "Example:\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=1e-3\n  relora-pipe plan pipelines/quickstart.yaml --json")]
+    #[command(
+        after_help = "Example:\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=1e-3\n  relora-pipe plan pipelines/quickstart.yaml --json"
+    )]
     Plan {
         #[command(flatten)]
         p: PipelineArgs,
@@ -60,7 +64,9 @@ enum Cmd {
         json: bool,
     },
     /// Print the stage graph as a text tree, or as Graphviz DOT.
-    #[command(after_help = "Example:\n  relora-pipe dag pipelines/quickstart.yaml --dot | dot -Tpng > dag.png")]
+    #[command(
+        after_help = "Example:\n  relora-pipe dag pipelines/quickstart.yaml --dot | dot -Tpng > dag.png"
+    )]
     Dag {
         #[command(flatten)]
         p: PipelineArgs,
@@ -85,7 +91,9 @@ enum Cmd {
         json: bool,
     },
     /// Remove cache entries that none of the given pipelines reference.
-    #[command(after_help = "Example:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml")]
+    #[command(
+        after_help = "Example:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml"
+    )]
     Gc {
         /// Pipelines whose entries to keep; repeatable.
         #[arg(long)]
@@ -146,7 +154,13 @@ fn real_main() -> Result<ExitCode> {
     }
     let cache = relora_cache::Cache::open(cache_dir(&cli.cache_dir))?;
     match cli.command {
-        Cmd::Run { p, jobs, force, until, keep_going } => {
+        Cmd::Run {
+            p,
+            jobs,
+            force,
+            until,
+            keep_going,
+        } => {
             let dag = load(&p, &reg)?;
             let opts = RunOptions {
                 jobs,
@@ -170,7 +184,11 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
             eprintln!("{ran} stage(s) ran, {cached} cached");
-            Ok(if report.failed() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if report.failed() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Plan { p, json } | Cmd::Status { p, json } => {
             let dag = load(&p, &reg)?;
@@ -180,7 +198,12 @@ fn real_main() -> Result<ExitCode> {
             } else {
                 for s in &plans {
                     let key = s.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
-                    println!("{:<7} {:<32} {:<9} {key}", state_word(s.state), s.name, s.kind);
+                    println!(
+                        "{:<7} {:<32} {:<9} {key}",
+                        state_word(s.state),
+                        s.name,
+                        s.kind
+                    );
                     for r in &s.reasons {
                         println!("          - {r}");
                     }
@@ -200,11 +223,22 @@ fn real_main() -> Result<ExitCode> {
             }
             let dags = keep
                 .iter()
-                .map(|f| load(&PipelineArgs { file: f.clone(), set: vec![] }, &reg))
+                .map(|f| {
+                    load(
+                        &PipelineArgs {
+                            file: f.clone(),
+                            set: vec![],
+                        },
+                        &reg,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let live = relora_exec::live_keys(&dags, &reg, &cache)?;
             let (n, bytes) = cache.gc(&live)?;
-            println!("removed {n} entries, freed {bytes} bytes ({:.1} MiB)", bytes as f64 / 1048576.0);
+            println!(
+                "removed {n} entries, freed {bytes} bytes ({:.1} MiB)",
+                bytes as f64 / 1048576.0
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify => {
@@ -214,13 +248,23 @@ fn real_main() -> Result<ExitCode> {
                 println!("CORRUPT {key}: {why}");
             }
             println!("{n} entries checked, {} corrupt", problems.len());
-            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Cmd::Stage { .. } => unreachable!("handled above"),
     }
 }
 
-fn show(dag: &Dag, reg: &Registry, cache: &relora_cache::Cache, stage: &str, json: bool) -> Result<ExitCode> {
+fn show(
+    dag: &Dag,
+    reg: &Registry,
+    cache: &relora_cache::Cache,
+    stage: &str,
+    json: bool,
+) -> Result<ExitCode> {
     let plans = plan(dag, reg, cache)?;
     let Some(p) = plans.iter().find(|p| p.name == stage) else {
         bail!(
@@ -246,7 +290,9 @@ fn show(dag: &Dag, reg: &Registry, cache: &relora_cache::Cache, stage: &str, jso
     for r in &p.reasons {
         println!("        - {r}");
     }
-    let Some(m) = manifest else { return Ok(ExitCode::SUCCESS) };
+    let Some(m) = manifest else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let dir = dir.expect("a manifest implies a key");
     println!("key:    {}", m.key);
     println!("path:   {}", dir.display());
@@ -260,7 +306,11 @@ fn show(dag: &Dag, reg: &Registry, cache: &relora_cache::Cache, stage: &str, jso
         println!("metrics:\n{}", serde_json::to_string_pretty(&m.metrics)?);
     }
     for o in m.outputs.iter().filter(|o| o.path.ends_with(".md")) {
-        println!("\n{}:\n{}", o.path, std::fs::read_to_string(dir.join("outputs").join(&o.path))?);
+        println!(
+            "\n{}:\n{}",
+            o.path,
+            std::fs::read_to_string(dir.join("outputs").join(&o.path))?
+        );
     }
     let _ = Path::new("");
     Ok(ExitCode::SUCCESS)

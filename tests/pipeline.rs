@@ -20,7 +20,9 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap() }
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
     fn path(&self) -> &Path {
         self.dir.path()
@@ -32,7 +34,9 @@ impl Env {
     }
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args).current_dir(self.path()).env("RELORA_CACHE", self.path().join("cache"));
+        c.args(args)
+            .current_dir(self.path())
+            .env("RELORA_CACHE", self.path().join("cache"));
         c
     }
     fn run(&self, args: &[&str]) -> Output {
@@ -40,7 +44,11 @@ impl Env {
     }
     fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(o.status.success(), "relora-pipe {args:?} failed:\n{text}");
         text
     }
@@ -88,18 +96,37 @@ fn editing_a_parameter_reruns_exactly_that_stage_and_its_dependents() {
     let env = Env::new();
     env.write("p.yaml", CHAIN);
     assert_eq!(ran(&env.ok(&["run", "p.yaml"])), ["a", "b", "c", "d"]);
-    assert!(ran(&env.ok(&["run", "p.yaml"])).is_empty(), "a second run does nothing");
+    assert!(
+        ran(&env.ok(&["run", "p.yaml"])).is_empty(),
+        "a second run does nothing"
+    );
     // Edit b: b and c re-run; plan says why.
     env.write("p.yaml", &CHAIN.replace("echo B", "echo BB"));
     let plan = env.plan("p.yaml", &[]);
     let b = plan.iter().find(|s| s["name"] == "b").unwrap();
     assert_eq!(b["state"], "stale");
-    assert!(b["reasons"][0].as_str().unwrap().contains("param `run` changed"), "{b}");
-    assert_eq!(plan.iter().find(|s| s["name"] == "a").unwrap()["state"], "cached");
+    assert!(
+        b["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("param `run` changed"),
+        "{b}"
+    );
+    assert_eq!(
+        plan.iter().find(|s| s["name"] == "a").unwrap()["state"],
+        "cached"
+    );
     assert_eq!(ran(&env.ok(&["run", "p.yaml"])), ["b", "c"]);
     // --set on the command line works the same way, and so does --force.
-    assert_eq!(ran(&env.ok(&["run", "p.yaml", "--set", "d.run=echo E > $OUT/d.txt"])), ["d"]);
-    assert_eq!(ran(&env.ok(&["run", "p.yaml", "--force", "a"])), ["a"], "same output: early cutoff");
+    assert_eq!(
+        ran(&env.ok(&["run", "p.yaml", "--set", "d.run=echo E > $OUT/d.txt"])),
+        ["d"]
+    );
+    assert_eq!(
+        ran(&env.ok(&["run", "p.yaml", "--force", "a"])),
+        ["a"],
+        "same output: early cutoff"
+    );
 }
 
 #[test]
@@ -108,7 +135,10 @@ fn early_cutoff_an_upstream_rerun_with_identical_output_reruns_nothing_after_it(
     env.write("p.yaml", CHAIN);
     env.ok(&["run", "p.yaml"]);
     // A different command that writes the same bytes.
-    env.write("p.yaml", &CHAIN.replace("echo A${x} > $OUT/a.txt", "printf 'A${x}\\n' > $OUT/a.txt"));
+    env.write(
+        "p.yaml",
+        &CHAIN.replace("echo A${x} > $OUT/a.txt", "printf 'A${x}\\n' > $OUT/a.txt"),
+    );
     assert_eq!(ran(&env.ok(&["run", "p.yaml"])), ["a"]);
 }
 
@@ -121,33 +151,65 @@ fn the_same_stage_reached_from_two_files_is_computed_once() {
         "pipeline: other\nimports:\n  - file: base.yaml\n    stages: [b]\nstages:\n  e:\n    kind: command\n    inputs: {src: b}\n    params: {run: \"cat $IN_SRC/b.txt > $OUT/e.txt\"}\n",
     );
     env.ok(&["run", "base.yaml"]);
-    assert_eq!(ran(&env.ok(&["run", "other.yaml"])), ["e"], "a and b come from the cache");
-    let k1 = env.plan("base.yaml", &[]).into_iter().find(|s| s["name"] == "b").unwrap()["key"].clone();
-    let k2 = env.plan("other.yaml", &[]).into_iter().find(|s| s["name"] == "b").unwrap()["key"].clone();
+    assert_eq!(
+        ran(&env.ok(&["run", "other.yaml"])),
+        ["e"],
+        "a and b come from the cache"
+    );
+    let k1 = env
+        .plan("base.yaml", &[])
+        .into_iter()
+        .find(|s| s["name"] == "b")
+        .unwrap()["key"]
+        .clone();
+    let k2 = env
+        .plan("other.yaml", &[])
+        .into_iter()
+        .find(|s| s["name"] == "b")
+        .unwrap()["key"]
+        .clone();
     assert_eq!(k1, k2);
 }
 
 #[test]
 fn bad_pipelines_get_errors_with_file_line_and_column() {
     let env = Env::new();
-    env.write("bad.yaml", "pipeline: x\nstages:\n  a:\n    kind: command\n    params: {run: [unclosed\n");
+    env.write(
+        "bad.yaml",
+        "pipeline: x\nstages:\n  a:\n    kind: command\n    params: {run: [unclosed\n",
+    );
     let o = env.run(&["plan", "bad.yaml"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2));
-    assert!(err.contains("bad.yaml:5:") || err.contains("bad.yaml:6:"), "{err}");
+    assert!(
+        err.contains("bad.yaml:5:") || err.contains("bad.yaml:6:"),
+        "{err}"
+    );
     env.write(
         "cycle.yaml",
         "pipeline: x\nstages:\n  a:\n    kind: command\n    inputs: {x: c}\n    params: {run: 'true'}\n  b:\n    kind: command\n    inputs: {x: a}\n    params: {run: 'true'}\n  c:\n    kind: command\n    inputs: {x: b}\n    params: {run: 'true'}\n",
     );
     let err = String::from_utf8_lossy(&env.run(&["run", "cycle.yaml"]).stderr).to_string();
-    assert!(err.contains("cycle") && (err.contains("a -> b -> c -> a") || err.contains("b -> c -> a -> b") || err.contains("c -> a -> b -> c")), "{err}");
+    assert!(
+        err.contains("cycle")
+            && (err.contains("a -> b -> c -> a")
+                || err.contains("b -> c -> a -> b")
+                || err.contains("c -> a -> b -> c")),
+        "{err}"
+    );
     env.write(
         "typo.yaml",
         "pipeline: x\nstages:\n  t:\n    kind: trian\n  u:\n    kind: train\n    inputs: {data: t}\n    params: {model: llama_9m, method: full, steps: 1, lr: 0.1, lrr: 2}\n",
     );
     let err = String::from_utf8_lossy(&env.run(&["plan", "typo.yaml"]).stderr).to_string();
-    assert!(err.contains("typo.yaml:4:5") && err.contains("did you mean `train`"), "{err}");
-    assert!(err.contains("typo.yaml:8:") && err.contains("unknown field `lrr`"), "{err}");
+    assert!(
+        err.contains("typo.yaml:4:5") && err.contains("did you mean `train`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("typo.yaml:8:") && err.contains("unknown field `lrr`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -157,23 +219,42 @@ fn a_killed_run_leaves_nothing_half_written_and_the_rerun_completes() {
         "slow.yaml",
         "pipeline: slow\nstages:\n  s:\n    kind: command\n    params: {run: \"echo partial > $OUT/x.txt; sleep 30; echo done >> $OUT/x.txt\"}\n",
     );
-    let mut child = env.cmd(&["run", "slow.yaml"]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = env
+        .cmd(&["run", "slow.yaml"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let staging = env.path().join("cache/staging");
     let t0 = Instant::now();
     while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "stage never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "stage never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert_eq!(std::fs::read_dir(env.path().join("cache/entries")).unwrap().count(), 0, "nothing committed");
+    assert_eq!(
+        std::fs::read_dir(env.path().join("cache/entries"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing committed"
+    );
     // The rerun does the work again, quickly this time.
-    env.write("slow.yaml", &std::fs::read_to_string(env.path().join("slow.yaml")).unwrap().replace("sleep 30", "sleep 0"));
+    env.write(
+        "slow.yaml",
+        &std::fs::read_to_string(env.path().join("slow.yaml"))
+            .unwrap()
+            .replace("sleep 30", "sleep 0"),
+    );
     assert_eq!(ran(&env.ok(&["run", "slow.yaml"])), ["s"]);
     let out = env.ok(&["show", "slow.yaml", "s", "--json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
-    let x = std::fs::read_to_string(Path::new(v["path"].as_str().unwrap()).join("outputs/x.txt")).unwrap();
+    let x = std::fs::read_to_string(Path::new(v["path"].as_str().unwrap()).join("outputs/x.txt"))
+        .unwrap();
     assert_eq!(x, "partial\ndone\n");
     assert!(env.ok(&["verify"]).contains("0 corrupt"));
 }
@@ -190,11 +271,23 @@ fn two_concurrent_runs_compute_each_stage_once() {
         ));
     }
     env.write("c.yaml", &yaml);
-    let a = env.cmd(&["run", "c.yaml", "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
-    let b = env.cmd(&["run", "c.yaml", "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
+    let a = env
+        .cmd(&["run", "c.yaml", "--jobs", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = env
+        .cmd(&["run", "c.yaml", "--jobs", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     assert!(a.wait_with_output().unwrap().status.success());
     assert!(b.wait_with_output().unwrap().status.success());
-    let mut lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     lines.sort();
     assert_eq!(lines, ["p", "q", "r"]);
 }
@@ -265,7 +358,10 @@ stages:
 
 fn tiny_ml(env: &Env) -> PathBuf {
     let data = repo().join("examples/data");
-    env.write("tiny.yaml", &TINY_ML.replace("DATA", data.to_str().unwrap()))
+    env.write(
+        "tiny.yaml",
+        &TINY_ML.replace("DATA", data.to_str().unwrap()),
+    )
 }
 
 fn metrics(env: &Env, file: &str, stage: &str, extra: &[&str]) -> (PathBuf, Vec<Value>) {
@@ -294,28 +390,58 @@ fn tiny_relora_pipeline_trains_merges_evaluates_and_reports() {
     // Restarts at 20 and 40: the learning rate is 0 right after, and once the restart warmup
     // is over the loss has not jumped: the mean of the 5 steps after it stays within 0.25 nats
     // of the mean of the 5 steps before the merge (each step is a noisy 128-token batch).
-    let mean = |r: std::ops::Range<usize>| r.clone().map(|i| m[i]["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let mean = |r: std::ops::Range<usize>| {
+        r.clone()
+            .map(|i| m[i]["loss"].as_f64().unwrap())
+            .sum::<f64>()
+            / r.len() as f64
+    };
     for merge in [20usize, 40] {
         assert_eq!(m[merge - 1]["event"], "merge+optimizer_reset");
         assert_eq!(m[merge]["lr"].as_f64().unwrap(), 0.0);
         let (before, after) = (mean(merge - 5..merge), mean(merge + 5..merge + 10));
-        assert!(after < before + 0.25, "loss spike after the restart at {merge}: {before} -> {after}");
+        assert!(
+            after < before + 0.25,
+            "loss spike after the restart at {merge}: {before} -> {after}"
+        );
     }
     let first = m[0]["loss"].as_f64().unwrap();
     let last = m[59]["loss"].as_f64().unwrap();
-    assert!(last < first - 0.3, "ReLoRA loss did not fall: {first} -> {last}");
+    assert!(
+        last < first - 0.3,
+        "ReLoRA loss did not fall: {first} -> {last}"
+    );
     assert!(m[59]["perplexity"].as_f64().is_some());
     // The report holds both rows; the svd found more than rank-4 structure after 3 restarts.
     let show = env.ok(&["show", "tiny.yaml", "report"]);
-    assert!(show.contains("Low-rank pre-training with ReLoRA") && show.contains("Low-rank pre-training with LoRA"), "{show}");
-    let svd: Value = serde_json::from_str(&env.ok(&["show", "tiny.yaml", "svd", "--json"])).unwrap();
+    assert!(
+        show.contains("Low-rank pre-training with ReLoRA")
+            && show.contains("Low-rank pre-training with LoRA"),
+        "{show}"
+    );
+    let svd: Value =
+        serde_json::from_str(&env.ok(&["show", "tiny.yaml", "svd", "--json"])).unwrap();
     let spectrum: Value = serde_json::from_slice(
-        &std::fs::read(Path::new(svd["path"].as_str().unwrap()).join("outputs/spectrum.json")).unwrap(),
+        &std::fs::read(Path::new(svd["path"].as_str().unwrap()).join("outputs/spectrum.json"))
+            .unwrap(),
     )
     .unwrap();
-    let q0 = &spectrum["matrices"].as_array().unwrap().iter().find(|x| x["name"] == "layers.0.q_proj").unwrap()["singular_values"];
-    let big = q0.as_array().unwrap().iter().filter(|s| s.as_f64().unwrap() > 1e-4).count();
-    assert!(big > 4, "ReLoRA's update should exceed rank 4 after 3 merges, got {big}");
+    let q0 = &spectrum["matrices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "layers.0.q_proj")
+        .unwrap()["singular_values"];
+    let big = q0
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.as_f64().unwrap() > 1e-4)
+        .count();
+    assert!(
+        big > 4,
+        "ReLoRA's update should exceed rank 4 after 3 merges, got {big}"
+    );
     // Nothing re-runs; a cosmetic change re-runs nothing either.
     assert!(ran(&env.ok(&["run", "tiny.yaml"])).is_empty());
     assert!(ran(&env.ok(&["run", "tiny.yaml", "--set", "relora.log_every=3"])).is_empty());
@@ -328,41 +454,84 @@ fn tiny_relora_pipeline_trains_merges_evaluates_and_reports() {
 fn a_training_stage_killed_mid_run_resumes_from_its_checkpoint_bit_identically() {
     let reference = Env::new();
     tiny_ml(&reference);
-    reference.ok(&["run", "tiny.yaml", "--until", "warm", "--set", "warm.steps=40"]);
-    let (ref_dir, ref_metrics) = metrics(&reference, "tiny.yaml", "warm", &["--set", "warm.steps=40"]);
+    reference.ok(&[
+        "run",
+        "tiny.yaml",
+        "--until",
+        "warm",
+        "--set",
+        "warm.steps=40",
+    ]);
+    let (ref_dir, ref_metrics) =
+        metrics(&reference, "tiny.yaml", "warm", &["--set", "warm.steps=40"]);
 
     let env = Env::new();
     tiny_ml(&env);
     env.ok(&["run", "tiny.yaml", "--until", "tokens"]);
-    let mut child = env.cmd(&["run", "tiny.yaml", "--until", "warm", "--set", "warm.steps=40"]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = env
+        .cmd(&[
+            "run",
+            "tiny.yaml",
+            "--until",
+            "warm",
+            "--set",
+            "warm.steps=40",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let scratch = env.path().join("cache/scratch");
     let t0 = Instant::now();
     // Wait for the checkpoint at step 10 or later, then kill the orchestrator.
     loop {
-        let found = std::fs::read_dir(&scratch).into_iter().flatten().flatten().any(|e| {
-            std::fs::read_to_string(e.path().join("checkpoints/latest")).is_ok_and(|l| l.trim() >= "ckpt-00000010")
-        });
+        let found = std::fs::read_dir(&scratch)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path().join("checkpoints/latest"))
+                    .is_ok_and(|l| l.trim() >= "ckpt-00000010")
+            });
         if found {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(800)); // the stage notices and exits
-    let out = env.ok(&["run", "tiny.yaml", "--until", "warm", "--set", "warm.steps=40"]);
+    let out = env.ok(&[
+        "run",
+        "tiny.yaml",
+        "--until",
+        "warm",
+        "--set",
+        "warm.steps=40",
+    ]);
     assert_eq!(ran(&out), ["warm"]);
     let (dir, m) = metrics(&env, "tiny.yaml", "warm", &["--set", "warm.steps=40"]);
     let log = std::fs::read_to_string(dir.parent().unwrap().join("log.txt")).unwrap();
-    assert!(log.contains("resuming from the checkpoint at step"), "{log}");
+    assert!(
+        log.contains("resuming from the checkpoint at step"),
+        "{log}"
+    );
     assert_eq!(
         std::fs::read(dir.join("model.safetensors")).unwrap(),
         std::fs::read(ref_dir.join("model.safetensors")).unwrap(),
         "resumed weights differ from an uninterrupted run"
     );
     let strip = |v: &[Value]| -> Vec<Value> {
-        v.iter().cloned().map(|mut x| { x.as_object_mut().unwrap().remove("tokens_per_s"); x }).collect()
+        v.iter()
+            .cloned()
+            .map(|mut x| {
+                x.as_object_mut().unwrap().remove("tokens_per_s");
+                x
+            })
+            .collect()
     };
     assert_eq!(strip(&m), strip(&ref_metrics));
 }
@@ -383,5 +552,8 @@ fn a_corrupt_warm_start_is_an_error_naming_the_file() {
     let o = env.run(&["run", "tiny.yaml", "--until", "relora"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("model.safetensors") && err.contains("not a readable safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a readable safetensors file"),
+        "{err}"
+    );
 }

@@ -27,7 +27,12 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-fn both(path_stem: &Path, size: (u32, u32), draw: impl Fn(DrawingArea<BitMapBackend, Shift>) -> Result<()>, draw_svg: impl Fn(DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Result<()> {
+fn both(
+    path_stem: &Path,
+    size: (u32, u32),
+    draw: impl Fn(DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+    draw_svg: impl Fn(DrawingArea<SVGBackend, Shift>) -> Result<()>,
+) -> Result<()> {
     register_font();
     let png = path_stem.with_extension("png");
     let svg = path_stem.with_extension("svg");
@@ -49,7 +54,13 @@ fn e<E: std::fmt::Debug>(err: E) -> anyhow::Error {
 /// One line per run: (label, points).
 pub type Series = (String, Vec<(f64, f64)>);
 
-fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+fn lines<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
     let pts = series.iter().flat_map(|s| s.1.iter());
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::MAX, f64::MIN);
@@ -84,7 +95,9 @@ fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, x_label:
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(e)?
             .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -98,7 +111,13 @@ fn lines<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, x_label:
 }
 
 /// A line chart (e.g. training loss against tokens seen), written as PNG and SVG.
-pub fn line_chart(path_stem: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+pub fn line_chart(
+    path_stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     both(
         path_stem,
         (900, 560),
@@ -107,7 +126,10 @@ pub fn line_chart(path_stem: &Path, title: &str, x_label: &str, y_label: &str, s
     )
 }
 
-fn histograms<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(String, SpectrumReport)]) -> Result<()> {
+fn histograms<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    methods: &[(String, SpectrumReport)],
+) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
     let mut projections: Vec<String> = Vec::new();
     for (_, r) in methods {
@@ -149,14 +171,20 @@ fn histograms<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(Stri
             .y_label_area_size(44)
             .build_cartesian_2d(range.0..range.1, 0f64..(ymax * 1.1).max(1e-6))
             .map_err(e)?;
-        chart.configure_mesh().label_style(("sans-serif", 11)).draw().map_err(e)?;
+        chart
+            .configure_mesh()
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(e)?;
         for (i, (label, pts, _)) in data.into_iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(e)?
                 .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -172,10 +200,18 @@ fn histograms<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(Stri
 
 /// Per-projection histograms of singular values, one line per method.
 pub fn svd_histograms(path_stem: &Path, methods: &[(String, SpectrumReport)]) -> Result<()> {
-    both(path_stem, (1200, 700), |r| histograms(r, methods), |r| histograms(r, methods))
+    both(
+        path_stem,
+        (1200, 700),
+        |r| histograms(r, methods),
+        |r| histograms(r, methods),
+    )
 }
 
-fn counts<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(String, SpectrumReport)]) -> Result<()> {
+fn counts<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    methods: &[(String, SpectrumReport)],
+) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
     let mut projections: Vec<String> = Vec::new();
     for (_, r) in methods {
@@ -193,7 +229,10 @@ fn counts<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(String, 
         .unwrap_or(1) as f64;
     let n = methods.len().max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("Singular values below {threshold} per projection"), ("sans-serif", 20))
+        .caption(
+            format!("Singular values below {threshold} per projection"),
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -224,7 +263,10 @@ fn counts<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(String, 
             .filter_map(|(i, p)| {
                 let c = r.projections.get(p)?.below_threshold as f64;
                 let x0 = i as f64 + 0.1 + 0.8 * k as f64 / n;
-                Some(Rectangle::new([(x0, 0.0), (x0 + 0.8 / n, c)], color.filled()))
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + 0.8 / n, c)],
+                    color.filled(),
+                ))
             })
             .collect();
         chart
@@ -246,7 +288,12 @@ fn counts<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, methods: &[(String, 
 
 /// Bar chart of the count of singular values below the threshold, per projection and method.
 pub fn svd_counts(path_stem: &Path, methods: &[(String, SpectrumReport)]) -> Result<()> {
-    both(path_stem, (1000, 560), |r| counts(r, methods), |r| counts(r, methods))
+    both(
+        path_stem,
+        (1000, 560),
+        |r| counts(r, methods),
+        |r| counts(r, methods),
+    )
 }
 
 #[cfg(test)]
@@ -258,12 +305,34 @@ mod tests {
     fn plots_are_valid_png_and_svg() {
         let dir = tempfile::tempdir().unwrap();
         let series = vec![
-            ("full".to_string(), (0..50).map(|i| (i as f64, 5.0 - i as f64 * 0.05)).collect()),
-            ("relora".to_string(), (0..50).map(|i| (i as f64, 5.2 - i as f64 * 0.04)).collect()),
+            (
+                "full".to_string(),
+                (0..50).map(|i| (i as f64, 5.0 - i as f64 * 0.05)).collect(),
+            ),
+            (
+                "relora".to_string(),
+                (0..50).map(|i| (i as f64, 5.2 - i as f64 * 0.04)).collect(),
+            ),
         ];
-        line_chart(&dir.path().join("loss"), "Training loss", "step", "loss", &series).unwrap();
+        line_chart(
+            &dir.path().join("loss"),
+            "Training loss",
+            "step",
+            "loss",
+            &series,
+        )
+        .unwrap();
         let m: Vec<f32> = (0..64).map(|i| ((i * 7) % 13) as f32 / 13.0).collect();
-        let r = analyse(vec![("layers.0.q_proj".into(), 8, 8, m.clone()), ("layers.0.up_proj".into(), 8, 8, m)], 0.1, 50, (0.0, 2.0)).unwrap();
+        let r = analyse(
+            vec![
+                ("layers.0.q_proj".into(), 8, 8, m.clone()),
+                ("layers.0.up_proj".into(), 8, 8, m),
+            ],
+            0.1,
+            50,
+            (0.0, 2.0),
+        )
+        .unwrap();
         let methods = vec![("relora".to_string(), r.clone()), ("full".to_string(), r)];
         svd_histograms(&dir.path().join("hist"), &methods).unwrap();
         svd_counts(&dir.path().join("counts"), &methods).unwrap();
@@ -271,7 +340,10 @@ mod tests {
             let png = std::fs::read(dir.path().join(format!("{stem}.png"))).unwrap();
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{stem}.png");
             let svg = std::fs::read_to_string(dir.path().join(format!("{stem}.svg"))).unwrap();
-            assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{stem}.svg");
+            assert!(
+                svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+                "{stem}.svg"
+            );
             assert!(svg.contains("<text"), "{stem}.svg has text");
         }
     }

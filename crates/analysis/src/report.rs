@@ -16,8 +16,16 @@ pub struct Cell {
 pub const PAPER_TABLE2: [(&str, &str, [f64; 4]); 4] = [
     ("full", "Full training", [33.81, 23.65, 22.39, 20.40]),
     ("control", "Control", [36.52, 27.30, 29.12, 23.65]),
-    ("lora", "Low-rank pre-training with LoRA", [47.44, 34.17, 36.60, 57.11]),
-    ("relora", "Low-rank pre-training with ReLoRA", [38.28, 25.04, 22.48, 22.48]),
+    (
+        "lora",
+        "Low-rank pre-training with LoRA",
+        [47.44, 34.17, 36.60, 57.11],
+    ),
+    (
+        "relora",
+        "Low-rank pre-training with ReLoRA",
+        [38.28, 25.04, 22.48, 22.48],
+    ),
 ];
 pub const PAPER_TABLE2_COLS: [&str; 4] = ["60M", "130M", "250M", "350M"];
 
@@ -26,11 +34,23 @@ pub const PAPER_TABLE2_COLS: [&str; 4] = ["60M", "130M", "250M", "350M"];
 pub const PAPER_TABLE3: [(&str, &str, Option<f64>); 7] = [
     ("lora", "LoRA alone", Some(34.17)),
     ("restarts", "+ restarts", Some(34.25)),
-    ("restarts_reset", "+ restarts + optimizer reset, no jagged schedule", None),
+    (
+        "restarts_reset",
+        "+ restarts + optimizer reset, no jagged schedule",
+        None,
+    ),
     ("jagged", "+ jagged schedule", Some(34.29)),
     ("high_lr", "+ high learning rate", Some(29.77)),
-    ("warm_lora", "LoRA on a warm start, no restarts", Some(25.46)),
-    ("relora", "Full ReLoRA (restarts, jagged, reset, warm start)", Some(25.04)),
+    (
+        "warm_lora",
+        "LoRA on a warm start, no restarts",
+        Some(25.46),
+    ),
+    (
+        "relora",
+        "Full ReLoRA (restarts, jagged, reset, warm start)",
+        Some(25.04),
+    ),
 ];
 
 fn label_of(row: &str, labels: &BTreeMap<String, String>) -> String {
@@ -63,7 +83,12 @@ fn order(ids: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 /// Our table as Markdown (perplexity, trainable parameters in brackets), then the paper's.
-pub fn markdown(title: &str, cells: &[Cell], labels: &BTreeMap<String, String>, paper: &str) -> String {
+pub fn markdown(
+    title: &str,
+    cells: &[Cell],
+    labels: &BTreeMap<String, String>,
+    paper: &str,
+) -> String {
     let rows = order(cells.iter().map(|c| c.row.clone()));
     let mut cols: Vec<String> = Vec::new();
     for c in cells {
@@ -103,7 +128,11 @@ pub fn markdown(title: &str, cells: &[Cell], labels: &BTreeMap<String, String>, 
             }
             s.push_str("\n|---|---|---|---|---|\n");
             for (_, label, v) in PAPER_TABLE2 {
-                let _ = writeln!(s, "| {label} | {:.2} | {:.2} | {:.2} | {:.2} |", v[0], v[1], v[2], v[3]);
+                let _ = writeln!(
+                    s,
+                    "| {label} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    v[0], v[1], v[2], v[3]
+                );
             }
         }
         "table3" => {
@@ -129,7 +158,9 @@ pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>) -> String {
                 label_of(&c.row, labels),
                 c.col,
                 c.perplexity,
-                c.trainable_params.map(|p| p.to_string()).unwrap_or_default()
+                c.trainable_params
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
             );
         }
     }
@@ -171,8 +202,13 @@ mod tests {
 | Low-rank pre-training with LoRA | 330.50 (1.2M) |\n\
 | Low-rank pre-training with ReLoRA | 210.46 (1.2M) |\n";
         assert!(md.starts_with(want), "{md}");
-        assert!(md.contains("| Low-rank pre-training with ReLoRA | 38.28 | 25.04 | 22.48 | 22.48 |"));
+        assert!(
+            md.contains("| Low-rank pre-training with ReLoRA | 38.28 | 25.04 | 22.48 | 22.48 |")
+        );
         let c = csv(&cells, &BTreeMap::new());
-        assert_eq!(c.lines().nth(1).unwrap(), "full,\"Full training\",9M,180.0000,3400000");
+        assert_eq!(
+            c.lines().nth(1).unwrap(),
+            "full,\"Full training\",9M,180.0000,3400000"
+        );
     }
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 /// All singular values of a row-major `rows × cols` matrix, largest first, computed in f64
 /// (faer's f32 SVD is unreliable for matrices whose sides differ by 2× or more).
 pub fn singular_values(rows: usize, cols: usize, data: &[f32]) -> Result<Vec<f64>> {
-    anyhow::ensure!(data.len() == rows * cols, "matrix data does not match {rows}×{cols}");
+    anyhow::ensure!(
+        data.len() == rows * cols,
+        "matrix data does not match {rows}×{cols}"
+    );
     let m = faer::Mat::<f64>::from_fn(rows, cols, |i, j| data[i * cols + j] as f64);
     m.singular_values()
         .map_err(|e| anyhow::anyhow!("SVD did not converge: {e:?}"))
@@ -57,7 +60,8 @@ pub fn analyse(
     let mut spectra: Vec<MatrixSpectrum> = matrices
         .into_par_iter()
         .map(|(name, rows, cols, data)| {
-            let sv = singular_values(rows, cols, &data).with_context(|| format!("matrix {name}"))?;
+            let sv =
+                singular_values(rows, cols, &data).with_context(|| format!("matrix {name}"))?;
             Ok(MatrixSpectrum {
                 projection: projection_of(&name),
                 below_threshold: sv.iter().filter(|&&s| s < threshold).count(),
@@ -68,15 +72,17 @@ pub fn analyse(
             })
         })
         .collect::<Result<_>>()?;
-    spectra.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+    spectra.sort_by_key(|a| natural_key(&a.name));
     let mut projections: BTreeMap<String, ProjectionSummary> = BTreeMap::new();
     for s in &spectra {
-        let p = projections.entry(s.projection.clone()).or_insert(ProjectionSummary {
-            matrices: 0,
-            values: 0,
-            below_threshold: 0,
-            histogram: vec![0; bins],
-        });
+        let p = projections
+            .entry(s.projection.clone())
+            .or_insert(ProjectionSummary {
+                matrices: 0,
+                values: 0,
+                below_threshold: 0,
+                histogram: vec![0; bins],
+            });
         p.matrices += 1;
         p.values += s.singular_values.len();
         p.below_threshold += s.below_threshold;
@@ -107,7 +113,8 @@ fn natural_key(name: &str) -> Vec<(u64, String)> {
 impl SpectrumReport {
     /// CSV: one row per matrix with its count below threshold and its largest values.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("matrix,projection,rows,cols,below_threshold,sigma_max,sigma_min\n");
+        let mut s =
+            String::from("matrix,projection,rows,cols,below_threshold,sigma_max,sigma_min\n");
         for m in &self.matrices {
             s.push_str(&format!(
                 "{},{},{},{},{},{:.6},{:.6}\n",
@@ -132,7 +139,9 @@ mod tests {
     fn with_spectrum(rows: usize, cols: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
         let mut x = seed;
         let mut rnd = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 11) as f64 / (1u64 << 53) as f64) - 0.5
         };
         let householder = |n: usize, v: Vec<f64>| {
@@ -179,7 +188,10 @@ mod tests {
         let sigma = [1.5, 0.5, 0.05, 0.01];
         let m = with_spectrum(4, 4, &sigma, 3);
         let r = analyse(
-            vec![("layers.0.q_proj".into(), 4, 4, m.clone()), ("layers.1.q_proj".into(), 4, 4, m)],
+            vec![
+                ("layers.0.q_proj".into(), 4, 4, m.clone()),
+                ("layers.1.q_proj".into(), 4, 4, m),
+            ],
             0.1,
             50,
             (0.0, 2.0),
@@ -189,7 +201,16 @@ mod tests {
         assert_eq!((q.matrices, q.values, q.below_threshold), (2, 8, 4));
         assert_eq!(q.histogram.iter().sum::<u64>(), 8);
         assert_eq!(q.histogram[37], 2, "1.5 falls in bin 37 of 50 on [0, 2]");
-        assert_eq!((q.histogram[0], q.histogram[1]), (2, 2), "0.01 in bin 0, 0.05 in bin 1");
-        assert!(r.to_csv().lines().nth(1).unwrap().starts_with("layers.0.q_proj,q_proj,4,4,2,"));
+        assert_eq!(
+            (q.histogram[0], q.histogram[1]),
+            (2, 2),
+            "0.01 in bin 0, 0.05 in bin 1"
+        );
+        assert!(r
+            .to_csv()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("layers.0.q_proj,q_proj,4,4,2,"));
     }
 }

@@ -389,8 +389,7 @@ impl Cache {
         let safe = |s: &str| {
             if !s.is_empty()
                 && !s.starts_with('.')
-                && s
-                    .chars()
+                && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
             {
                 s.to_string()
@@ -405,7 +404,12 @@ impl Cache {
     }
 
     /// Remember which key a pipeline's stage last resolved to, for `plan` and `gc`.
-    pub fn record_ref(&self, pipeline: &str, stage: &str, components: &KeyComponents) -> Result<()> {
+    pub fn record_ref(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        components: &KeyComponents,
+    ) -> Result<()> {
         if self.read_ref(pipeline, stage).as_ref() == Some(components) {
             return Ok(());
         }
@@ -552,7 +556,10 @@ mod tests {
             .unwrap();
         drop(lock);
         assert_eq!(m.outputs[0].path, "sub/a.txt");
-        assert_eq!(cache.lookup(&key).unwrap().unwrap().output_hash, m.output_hash);
+        assert_eq!(
+            cache.lookup(&key).unwrap().unwrap().output_hash,
+            m.output_hash
+        );
         assert!(cache.verify().unwrap().is_empty());
         fs::write(cache.entry_dir(&key).join("outputs/sub/a.txt"), b"HELLO").unwrap();
         let v = cache.verify().unwrap();

@@ -84,7 +84,8 @@ pub struct ReadStats {
 }
 
 fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead>> {
-    let f = File::open(path).with_context(|| format!("cannot open corpus file {}", path.display()))?;
+    let f =
+        File::open(path).with_context(|| format!("cannot open corpus file {}", path.display()))?;
     let mut r = BufReader::new(f);
     let head = r.fill_buf()?;
     if head.starts_with(&[0x1f, 0x8b]) {
@@ -178,15 +179,23 @@ fn read_parquet(
     let mut row = 0usize;
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: reading row group", path.display()))?;
-        let col = batch.column_by_name(text_field).with_context(|| {
-            format!("{}: no column `{text_field}`", path.display())
-        })?;
-        let texts: Vec<Option<String>> = if let Some(a) = col.as_any().downcast_ref::<StringArray>() {
-            (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_string())).collect()
+        let col = batch
+            .column_by_name(text_field)
+            .with_context(|| format!("{}: no column `{text_field}`", path.display()))?;
+        let texts: Vec<Option<String>> = if let Some(a) = col.as_any().downcast_ref::<StringArray>()
+        {
+            (0..a.len())
+                .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                .collect()
         } else if let Some(a) = col.as_any().downcast_ref::<LargeStringArray>() {
-            (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_string())).collect()
+            (0..a.len())
+                .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                .collect()
         } else {
-            bail!("{}: column `{text_field}` is not a string column", path.display());
+            bail!(
+                "{}: column `{text_field}` is not a string column",
+                path.display()
+            );
         };
         for t in texts {
             row += 1;

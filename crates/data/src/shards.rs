@@ -52,7 +52,9 @@ impl ShardWriter {
 
     pub fn push(&mut self, ids: &[u32]) -> Result<()> {
         if self.writer.is_none() {
-            let path = self.dir.join(format!("shard-{:05}.parquet", self.shards.len()));
+            let path = self
+                .dir
+                .join(format!("shard-{:05}.parquet", self.shards.len()));
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .build();

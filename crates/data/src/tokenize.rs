@@ -73,13 +73,17 @@ impl DatasetManifest {
     pub fn read(dir: &Path) -> Result<DatasetManifest> {
         let p = dir.join("dataset.json");
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a dataset manifest", p.display()))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a dataset manifest", p.display()))
     }
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     let mut t = Tokenizer::from_file(path).map_err(|e| {
-        anyhow::anyhow!("{} is not a Hugging Face tokenizer.json: {e}", path.display())
+        anyhow::anyhow!(
+            "{} is not a Hugging Face tokenizer.json: {e}",
+            path.display()
+        )
     })?;
     t.with_truncation(None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -111,7 +115,9 @@ fn train_tokenizer(source: &TokenizerSource, texts: &[String]) -> Result<Tokeniz
         }
         TokenizerSource::Unigram { vocab_size } => {
             let mut t = Tokenizer::new(Unigram::default());
-            t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::metaspace::Metaspace::default()));
+            t.with_pre_tokenizer(Some(
+                tokenizers::pre_tokenizers::metaspace::Metaspace::default(),
+            ));
             t.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::default()));
             let trainer = UnigramTrainerBuilder::default()
                 .vocab_size(*vocab_size as u32)
@@ -198,7 +204,9 @@ pub fn tokenize(
         .num_threads(cfg.threads.max(1))
         .build()?;
     let train_total = count_docs(cfg, &cfg.train_files)?;
-    let train_total = cfg.limit_docs.map_or(train_total, |l| train_total.min(l as u64));
+    let train_total = cfg
+        .limit_docs
+        .map_or(train_total, |l| train_total.min(l as u64));
     let (n_train, hold_out) = if cfg.valid_files.is_empty() {
         if cfg.valid_docs as u64 >= train_total {
             bail!(
@@ -233,7 +241,11 @@ pub fn tokenize(
 
     let mut train_w = ShardWriter::new(&out.join("train"), cfg.shard_tokens)?;
     let mut valid_w = ShardWriter::new(&out.join("valid"), cfg.shard_tokens)?;
-    let grand_total = if hold_out { train_total } else { train_total + count_docs(cfg, &cfg.valid_files)? };
+    let grand_total = if hold_out {
+        train_total
+    } else {
+        train_total + count_docs(cfg, &cfg.valid_files)?
+    };
     let mut done = 0u64;
     let encode = |texts: Vec<String>| -> Result<Vec<Vec<u32>>> {
         pool.install(|| texts.par_iter().map(|t| encode_doc(&tok, t, eos)).collect())
@@ -272,13 +284,22 @@ pub fn tokenize(
     let rel = |paths: &[PathBuf]| -> Vec<String> {
         paths
             .iter()
-            .map(|p| p.strip_prefix(out).unwrap_or(p).to_string_lossy().to_string())
+            .map(|p| {
+                p.strip_prefix(out)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .to_string()
+            })
             .collect()
     };
     let mut sources = Vec::new();
     for f in cfg.train_files.iter().chain(&cfg.valid_files) {
         sources.push(SourceFile {
-            path: f.file_name().unwrap_or_default().to_string_lossy().to_string(),
+            path: f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string(),
             blake3: hash_file(f)?,
         });
     }
@@ -303,7 +324,10 @@ pub fn tokenize(
         seconds,
         tokens_per_s: (train_w.tokens + valid_w.tokens) as f64 / seconds.max(1e-9),
     };
-    std::fs::write(out.join("dataset.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::write(
+        out.join("dataset.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
     Ok(manifest)
 }
 
@@ -351,13 +375,18 @@ mod tests {
         assert_eq!((m.train.documents, m.valid.documents), (900, 100));
         assert_eq!(m.train.tokens + m.valid.tokens, 513_612);
         assert_eq!((m.vocab_size, m.eos_id), (32100, 1));
-        assert!(m.train.shards.len() >= 2, "shard_tokens splits the train split");
+        assert!(
+            m.train.shards.len() >= 2,
+            "shard_tokens splits the train split"
+        );
         let mut got = read_split(&out.path().join("train")).unwrap();
         let valid = read_split(&out.path().join("valid")).unwrap();
         let base = got.tokens.len();
         got.tokens.extend_from_slice(&valid.tokens);
-        got.offsets.extend(valid.offsets[1..].iter().map(|o| o + base));
-        let f = std::fs::File::open(dir.join("c4-train.00000-of-01024.first1000.t5-ids.jsonl.gz")).unwrap();
+        got.offsets
+            .extend(valid.offsets[1..].iter().map(|o| o + base));
+        let f = std::fs::File::open(dir.join("c4-train.00000-of-01024.first1000.t5-ids.jsonl.gz"))
+            .unwrap();
         let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
         let mut n = 0;
         for (i, line) in r.lines().enumerate() {
@@ -404,16 +433,36 @@ mod tests {
         };
         let good = "{\"text\":\"hello world\"}\n";
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("json.jsonl", format!("{good}{good}{{oops\n{good}").into_bytes(), "json.jsonl:3: invalid JSON"),
-            ("notext.jsonl", format!("{good}{{\"url\":\"x\"}}\n{good}").into_bytes(), "notext.jsonl:2: record has no `text`"),
-            ("utf8.jsonl", [good.as_bytes(), b"{\"text\":\"\xff\xfe\"}\n", good.as_bytes()].concat(), "utf8.jsonl:2: not valid UTF-8"),
+            (
+                "json.jsonl",
+                format!("{good}{good}{{oops\n{good}").into_bytes(),
+                "json.jsonl:3: invalid JSON",
+            ),
+            (
+                "notext.jsonl",
+                format!("{good}{{\"url\":\"x\"}}\n{good}").into_bytes(),
+                "notext.jsonl:2: record has no `text`",
+            ),
+            (
+                "utf8.jsonl",
+                [
+                    good.as_bytes(),
+                    b"{\"text\":\"\xff\xfe\"}\n",
+                    good.as_bytes(),
+                ]
+                .concat(),
+                "utf8.jsonl:2: not valid UTF-8",
+            ),
             ("empty.jsonl", vec![], "holds no documents"),
         ];
         for (name, bytes, want) in cases {
             let p = bad_file(dir.path(), name, &bytes);
             let mut cfg = config(vec![p], tok.clone());
             cfg.valid_docs = 1;
-            let e = format!("{:#}", tokenize(&cfg, &dir.path().join("o"), |_, _| {}).unwrap_err());
+            let e = format!(
+                "{:#}",
+                tokenize(&cfg, &dir.path().join("o"), |_, _| {}).unwrap_err()
+            );
             assert!(e.contains(want), "{name}: {e}");
         }
         // Truncated gzip.
@@ -423,18 +472,39 @@ mod tests {
         }
         let full = gz.finish().unwrap();
         let p = bad_file(dir.path(), "cut.jsonl.gz", &full[..full.len() / 2]);
-        let e = format!("{:#}", tokenize(&config(vec![p], tok.clone()), &dir.path().join("o"), |_, _| {}).unwrap_err());
-        assert!(e.contains("cut.jsonl.gz:") && e.contains("truncated"), "{e}");
+        let e = format!(
+            "{:#}",
+            tokenize(
+                &config(vec![p], tok.clone()),
+                &dir.path().join("o"),
+                |_, _| {}
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("cut.jsonl.gz:") && e.contains("truncated"),
+            "{e}"
+        );
         // Skip mode counts instead.
-        let p = bad_file(dir.path(), "mixed.jsonl", format!("{good}{{oops\n{good}{good}").as_bytes());
+        let p = bad_file(
+            dir.path(),
+            "mixed.jsonl",
+            format!("{good}{{oops\n{good}{good}").as_bytes(),
+        );
         let mut cfg = config(vec![p], tok);
         cfg.valid_docs = 1;
         cfg.on_bad_record = OnBadRecord::Skip;
         let m = tokenize(&cfg, &dir.path().join("ok"), |_, _| {}).unwrap();
-        assert_eq!((m.skipped_records, m.train.documents, m.valid.documents), (1, 2, 1));
+        assert_eq!(
+            (m.skipped_records, m.train.documents, m.valid.documents),
+            (1, 2, 1)
+        );
         // A tokenizer file that is not a tokenizer.
         let p = bad_file(dir.path(), "tok.json", b"{\"not\": \"a tokenizer\"}");
         let e = format!("{:#}", load_tokenizer(&p).unwrap_err());
-        assert!(e.contains("tok.json is not a Hugging Face tokenizer.json"), "{e}");
+        assert!(
+            e.contains("tok.json is not a Hugging Face tokenizer.json"),
+            "{e}"
+        );
     }
 }

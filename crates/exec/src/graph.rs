@@ -59,7 +59,9 @@ impl Dag {
             }
         }
         let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         let index: HashMap<&str, usize> = pipeline
             .stages
             .iter()
@@ -142,7 +144,11 @@ impl Dag {
     pub fn dot(&self) -> String {
         let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", self.pipeline.name);
         for s in &self.pipeline.stages {
-            let _ = writeln!(out, "  \"{}\" [shape=box, label=\"{}\\n{}\"];", s.name, s.name, s.kind);
+            let _ = writeln!(
+                out,
+                "  \"{}\" [shape=box, label=\"{}\\n{}\"];",
+                s.name, s.name, s.kind
+            );
         }
         for s in &self.pipeline.stages {
             for (input, target) in &s.inputs {

@@ -102,9 +102,10 @@ pub const PROGRESS_PREFIX: &str = "@@relora-progress ";
 
 impl StageContext {
     pub fn input(&self, name: &str) -> Result<&Path> {
-        self.inputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
-            anyhow::anyhow!("stage `{}` needs an input named `{name}`", self.stage)
-        })
+        self.inputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| anyhow::anyhow!("stage `{}` needs an input named `{name}`", self.stage))
     }
 
     pub fn resolve(&self, path: &str) -> PathBuf {

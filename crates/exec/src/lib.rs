@@ -92,10 +92,7 @@ enum Event {
 pub fn visible_gpus() -> Vec<u32> {
     for var in ["RELORA_GPUS", "CUDA_VISIBLE_DEVICES"] {
         if let Ok(v) = std::env::var(var) {
-            return v
-                .split(',')
-                .filter_map(|s| s.trim().parse().ok())
-                .collect();
+            return v.split(',').filter_map(|s| s.trim().parse().ok()).collect();
         }
     }
     std::fs::read_dir("/proc/driver/nvidia/gpus")
@@ -111,7 +108,10 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
             let i = dag.index_of(name).with_context(|| {
                 format!(
                     "--until names stage `{name}`, which this pipeline does not have{}",
-                    relora_spec::did_you_mean(name, dag.pipeline.stages.iter().map(|s| s.name.as_str()))
+                    relora_spec::did_you_mean(
+                        name,
+                        dag.pipeline.stages.iter().map(|s| s.name.as_str())
+                    )
                 )
             })?;
             dag.ancestors(i)
@@ -259,7 +259,12 @@ fn resources(dag: &Dag, registry: &Registry, i: usize) -> relora_spec::Resources
         .unwrap_or_default()
 }
 
-fn cache_key_of(dag: &Dag, registry: &Registry, j: usize, output_hash: &BTreeMap<usize, String>) -> String {
+fn cache_key_of(
+    dag: &Dag,
+    registry: &Registry,
+    j: usize,
+    output_hash: &BTreeMap<usize, String>,
+) -> String {
     components(dag, registry, j, output_hash)
         .ok()
         .flatten()
@@ -331,7 +336,15 @@ fn run_one(
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or(serde_json::Value::Null);
             let _ = std::fs::remove_file(&job);
-            let m = cache.commit(staging, &s.name, &s.kind, &comps, started, metrics, TOOL_VERSION)?;
+            let m = cache.commit(
+                staging,
+                &s.name,
+                &s.kind,
+                &comps,
+                started,
+                metrics,
+                TOOL_VERSION,
+            )?;
             record()?;
             Ok((m.output_hash, Outcome::Computed { seconds: m.seconds }))
         }
@@ -394,7 +407,10 @@ fn run_child(
         match status.signal() {
             Some(9) => bail!("the stage was killed (signal 9; out of memory?)"),
             Some(sig) => bail!("the stage died of signal {sig}"),
-            None => bail!("the stage failed (exit code {})", status.code().unwrap_or(-1)),
+            None => bail!(
+                "the stage failed (exit code {})",
+                status.code().unwrap_or(-1)
+            ),
         }
     }
     Ok(())

@@ -57,7 +57,9 @@ pub fn components(
     c.insert("kind", format!("{}@{}", kind.name(), kind.version()));
     c.insert("params", key_params(&s.params, kind.cosmetic_params()));
     for (input, target) in &s.inputs {
-        let j = dag.index_of(target).context("input names a missing stage")?;
+        let j = dag
+            .index_of(target)
+            .context("input names a missing stage")?;
         let Some(h) = output_hash.get(&j) else {
             return Ok(None);
         };
@@ -142,7 +144,11 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                 name: s.name.clone(),
                 kind: s.kind.clone(),
                 key: None,
-                state: if recorded.is_some() { State::Stale } else { State::Run },
+                state: if recorded.is_some() {
+                    State::Stale
+                } else {
+                    State::Run
+                },
                 reasons: waiting
                     .iter()
                     .map(|w| format!("upstream `{w}` must run first"))

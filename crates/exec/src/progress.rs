@@ -58,7 +58,9 @@ impl Display {
     }
 
     pub fn waiting(&mut self, stage: &str, pid: Option<u32>) {
-        let who = pid.map(|p| format!("process {p}")).unwrap_or("another run".into());
+        let who = pid
+            .map(|p| format!("process {p}"))
+            .unwrap_or("another run".into());
         self.line(&format!("[{stage}] waiting: {who} is computing this entry"));
     }
 
@@ -95,9 +97,7 @@ impl Display {
         }
         match o {
             Outcome::Cached => self.line(&format!("[{stage}] cached")),
-            Outcome::Computed { seconds } => {
-                self.line(&format!("[{stage}] done in {seconds:.1}s"))
-            }
+            Outcome::Computed { seconds } => self.line(&format!("[{stage}] done in {seconds:.1}s")),
             _ => {}
         }
     }

@@ -39,7 +39,8 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 pub fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    candle_core::safetensors::save(map, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(())
@@ -108,8 +109,15 @@ pub fn load(ckpt: &Path, model: &Llama, opt: &mut AdamW, dev: &Device) -> Result
         .with_context(|| format!("checkpoint {} does not fit this model", ckpt.display()))?;
     let moments = load_tensors(&ckpt.join("optim.safetensors"), dev)?;
     for p in opt.params.iter_mut() {
-        let (Some(m), Some(v)) = (moments.get(&format!("m.{}", p.name)), moments.get(&format!("v.{}", p.name))) else {
-            bail!("checkpoint {} has no optimizer state for `{}`", ckpt.display(), p.name);
+        let (Some(m), Some(v)) = (
+            moments.get(&format!("m.{}", p.name)),
+            moments.get(&format!("v.{}", p.name)),
+        ) else {
+            bail!(
+                "checkpoint {} has no optimizer state for `{}`",
+                ckpt.display(),
+                p.name
+            );
         };
         p.m = m.clone();
         p.v = v.clone();

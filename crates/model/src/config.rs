@@ -47,7 +47,7 @@ impl LlamaConfig {
         if self.hidden == 0 || self.heads == 0 || self.layers == 0 || self.vocab_size == 0 {
             return Err("model dimensions must be positive".into());
         }
-        if self.hidden % self.heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden.is_multiple_of(self.heads) || !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "hidden ({}) must split into {} heads of even size",
                 self.hidden, self.heads

@@ -65,7 +65,5 @@ impl CustomOp1 for FrozenMatmul {
 /// `x2d [m, in] · wᵀ` with W frozen.
 pub fn frozen_matmul(x2d: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x2d = x2d.contiguous()?;
-    x2d.apply_op1(FrozenMatmul {
-        w: w.contiguous()?,
-    })
+    x2d.apply_op1(FrozenMatmul { w: w.contiguous()? })
 }

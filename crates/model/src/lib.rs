@@ -36,7 +36,11 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
                      (rebuild with `--features cuda`) or no GPU is visible; use `device: cpu`"
                 );
             }
-            let n: usize = s.strip_prefix("cuda:").map(str::parse).transpose()?.unwrap_or(0);
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(0);
             Ok(Device::new_cuda(n)?)
         }
         other => anyhow::bail!("unknown device `{other}`: use cpu, cuda, cuda:N or auto"),

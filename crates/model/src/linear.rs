@@ -37,7 +37,11 @@ pub struct Linear {
 /// U(-1/√in, 1/√in): Kaiming-uniform with a = √5, as PyTorch's Linear and LoRA's A use.
 pub fn kaiming_uniform(rng: &mut Rng, rows: usize, cols: usize, dev: &Device) -> Result<Tensor> {
     let bound = 1.0 / (cols as f32).sqrt();
-    Tensor::from_vec(rng.uniform_vec(rows * cols, -bound, bound), (rows, cols), dev)
+    Tensor::from_vec(
+        rng.uniform_vec(rows * cols, -bound, bound),
+        (rows, cols),
+        dev,
+    )
 }
 
 impl Linear {
@@ -62,11 +66,16 @@ impl Linear {
         rng: &mut Rng,
     ) -> Result<()> {
         let dev = self.device();
-        let dtype = self.weight.as_ref().map_or(candle_core::DType::F32, |w| w.dtype());
+        let dtype = self
+            .weight
+            .as_ref()
+            .map_or(candle_core::DType::F32, |w| w.dtype());
         let a = kaiming_uniform(rng, rank, self.in_dim, &dev)?.to_dtype(dtype)?;
         let b = match init {
             LoraInit::KaimingAZeroB => Tensor::zeros((self.out_dim, rank), dtype, &dev)?,
-            LoraInit::KaimingBoth => kaiming_uniform(rng, self.out_dim, rank, &dev)?.to_dtype(dtype)?,
+            LoraInit::KaimingBoth => {
+                kaiming_uniform(rng, self.out_dim, rank, &dev)?.to_dtype(dtype)?
+            }
         };
         self.weight_trainable = false;
         self.lora = Some(Lora {
@@ -101,9 +110,16 @@ impl Linear {
                 Some(rng) if l.dropout > 0.0 => {
                     let keep = 1.0 - l.dropout;
                     let mask: Vec<f32> = (0..m * self.in_dim)
-                        .map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 })
+                        .map(|_| {
+                            if rng.uniform() < keep {
+                                1.0 / keep
+                            } else {
+                                0.0
+                            }
+                        })
                         .collect();
-                    let mask = Tensor::from_vec(mask, (m, self.in_dim), x.device())?.to_dtype(x.dtype())?;
+                    let mask = Tensor::from_vec(mask, (m, self.in_dim), x.device())?
+                        .to_dtype(x.dtype())?;
                     (&x2 * mask)?
                 }
                 _ => x2.clone(),
@@ -119,7 +135,8 @@ impl Linear {
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("input has a feature dimension") = self.out_dim;
-        y.expect("a layer has a weight or a LoRA branch").reshape(out_dims)
+        y.expect("a layer has a weight or a LoRA branch")
+            .reshape(out_dims)
     }
 
     /// s·B·A, the low-rank update as a dense [out, in] matrix.
@@ -150,10 +167,9 @@ impl Linear {
         let Some(delta) = self.lora_delta()? else {
             return Ok(());
         };
-        let w = self
-            .weight
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("cannot merge into a factorised layer".into()))?;
+        let w = self.weight.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("cannot merge into a factorised layer".into())
+        })?;
         w.set(&(w.as_tensor() + delta)?)?;
         let l = self.lora.as_ref().expect("delta implies LoRA");
         let (rank, in_dim) = l.a.dims2()?;

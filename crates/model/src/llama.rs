@@ -11,7 +11,15 @@ use std::collections::HashMap;
 pub const RMS_EPS: f64 = 1e-6;
 pub const ROPE_BASE: f64 = 10_000.0;
 /// The seven projections of a block, in the order they are wrapped and reported.
-pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 pub struct Block {
     pub attn_norm: Var,
@@ -65,7 +73,13 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t * t)
-        .map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 })
+        .map(|k| {
+            if k % t > k / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     Tensor::from_vec(m, (t, t), dev)
 }
@@ -78,13 +92,26 @@ impl Llama {
         };
         let (h, i) = (cfg.hidden, cfg.intermediate);
         let mut tensors = HashMap::new();
-        tensors.insert("embed_tokens.weight".to_string(), normal(cfg.vocab_size, h)?);
+        tensors.insert(
+            "embed_tokens.weight".to_string(),
+            normal(cfg.vocab_size, h)?,
+        );
         for l in 0..cfg.layers {
-            for (p, (r, c)) in PROJECTIONS.iter().zip([(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i)]) {
+            for (p, (r, c)) in
+                PROJECTIONS
+                    .iter()
+                    .zip([(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i)])
+            {
                 tensors.insert(format!("layers.{l}.{p}.weight"), normal(r, c)?);
             }
-            tensors.insert(format!("layers.{l}.input_layernorm.weight"), Tensor::ones(h, DType::F32, dev)?);
-            tensors.insert(format!("layers.{l}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, dev)?);
+            tensors.insert(
+                format!("layers.{l}.input_layernorm.weight"),
+                Tensor::ones(h, DType::F32, dev)?,
+            );
+            tensors.insert(
+                format!("layers.{l}.post_attention_layernorm.weight"),
+                Tensor::ones(h, DType::F32, dev)?,
+            );
         }
         tensors.insert("norm.weight".to_string(), Tensor::ones(h, DType::F32, dev)?);
         tensors.insert("lm_head.weight".to_string(), normal(cfg.vocab_size, h)?);
@@ -94,11 +121,14 @@ impl Llama {
     /// A full-rank model from plain LLaMA tensors (as [`Llama::merged_tensors`] writes them).
     pub fn from_tensors(cfg: LlamaConfig, t: &HashMap<String, Tensor>) -> Result<Llama> {
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t
-                .get(name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`")))?;
+            let x = t.get(name).ok_or_else(|| {
+                candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`"))
+            })?;
             if x.dims() != shape {
-                candle_core::bail!("tensor `{name}` has shape {:?}, the model needs {shape:?}", x.dims());
+                candle_core::bail!(
+                    "tensor `{name}` has shape {:?}, the model needs {shape:?}",
+                    x.dims()
+                );
             }
             Ok(x.clone())
         };
@@ -111,9 +141,17 @@ impl Llama {
                 proj.push(Linear::full(get(&format!("layers.{l}.{p}.weight"), &s)?)?);
             }
             blocks.push(Block {
-                attn_norm: Var::from_tensor(&get(&format!("layers.{l}.input_layernorm.weight"), &[h])?)?,
-                mlp_norm: Var::from_tensor(&get(&format!("layers.{l}.post_attention_layernorm.weight"), &[h])?)?,
-                proj: proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?,
+                attn_norm: Var::from_tensor(&get(
+                    &format!("layers.{l}.input_layernorm.weight"),
+                    &[h],
+                )?)?,
+                mlp_norm: Var::from_tensor(&get(
+                    &format!("layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                )?)?,
+                proj: proj
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("seven projections".into()))?,
             });
         }
         Ok(Llama {
@@ -128,13 +166,19 @@ impl Llama {
     /// Every projection with its name (`layers.3.q_proj`).
     pub fn projections(&self) -> impl Iterator<Item = (String, &Linear)> {
         self.blocks.iter().enumerate().flat_map(|(l, b)| {
-            b.proj.iter().zip(PROJECTIONS).map(move |(p, n)| (format!("layers.{l}.{n}"), p))
+            b.proj
+                .iter()
+                .zip(PROJECTIONS)
+                .map(move |(p, n)| (format!("layers.{l}.{n}"), p))
         })
     }
 
     pub fn projections_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
         self.blocks.iter_mut().enumerate().flat_map(|(l, b)| {
-            b.proj.iter_mut().zip(PROJECTIONS).map(move |(p, n)| (format!("layers.{l}.{n}"), p))
+            b.proj
+                .iter_mut()
+                .zip(PROJECTIONS)
+                .map(move |(p, n)| (format!("layers.{l}.{n}"), p))
         })
     }
 
@@ -142,8 +186,16 @@ impl Llama {
     pub fn trainable(&self) -> Vec<(String, Var, bool)> {
         let mut out = vec![("embed_tokens.weight".to_string(), self.embed.clone(), false)];
         for (l, b) in self.blocks.iter().enumerate() {
-            out.push((format!("layers.{l}.input_layernorm.weight"), b.attn_norm.clone(), false));
-            out.push((format!("layers.{l}.post_attention_layernorm.weight"), b.mlp_norm.clone(), false));
+            out.push((
+                format!("layers.{l}.input_layernorm.weight"),
+                b.attn_norm.clone(),
+                false,
+            ));
+            out.push((
+                format!("layers.{l}.post_attention_layernorm.weight"),
+                b.mlp_norm.clone(),
+                false,
+            ));
             for (p, n) in b.proj.iter().zip(PROJECTIONS) {
                 if let (Some(w), true) = (&p.weight, p.weight_trainable) {
                     out.push((format!("layers.{l}.{n}.weight"), w.clone(), false));
@@ -170,7 +222,10 @@ impl Llama {
     }
 
     pub fn trainable_count(&self) -> usize {
-        self.trainable().iter().map(|(_, v, _)| v.elem_count()).sum()
+        self.trainable()
+            .iter()
+            .map(|(_, v, _)| v.elem_count())
+            .sum()
     }
 
     pub fn frozen_count(&self) -> usize {
@@ -198,9 +253,9 @@ impl Llama {
             .map(|(n, v, _)| (n, v))
             .chain(self.frozen());
         for (name, var) in all {
-            let x = t
-                .get(&name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`")))?;
+            let x = t.get(&name).ok_or_else(|| {
+                candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`"))
+            })?;
             var.set(&x.to_dtype(var.dtype())?)?;
         }
         Ok(())
@@ -213,8 +268,14 @@ impl Llama {
         m.insert("norm.weight".into(), self.norm.as_tensor().clone());
         m.insert("lm_head.weight".into(), self.lm_head.as_tensor().clone());
         for (l, b) in self.blocks.iter().enumerate() {
-            m.insert(format!("layers.{l}.input_layernorm.weight"), b.attn_norm.as_tensor().clone());
-            m.insert(format!("layers.{l}.post_attention_layernorm.weight"), b.mlp_norm.as_tensor().clone());
+            m.insert(
+                format!("layers.{l}.input_layernorm.weight"),
+                b.attn_norm.as_tensor().clone(),
+            );
+            m.insert(
+                format!("layers.{l}.post_attention_layernorm.weight"),
+                b.mlp_norm.as_tensor().clone(),
+            );
         }
         for (n, p) in self.projections() {
             m.insert(format!("{n}.weight"), p.effective_weight()?);
@@ -232,7 +293,11 @@ impl Llama {
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let mask = causal_mask(t, dev)?.to_dtype(dtype)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.as_tensor().embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden))?;
+        let mut x = self
+            .embed
+            .as_tensor()
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.hidden))?;
         for blk in &self.blocks {
             let [q, k, v, o, gate, up, down] = &blk.proj;
             let n = rms_norm(&x, blk.attn_norm.as_tensor())?;
@@ -242,7 +307,10 @@ impl Llama {
             let vh = heads(v.forward(&n, dropout.as_deref_mut())?)?;
             let att = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let y = att.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, self.cfg.hidden))?;
+            let y = att
+                .matmul(&vh)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.cfg.hidden))?;
             x = (x + o.forward(&y, dropout.as_deref_mut())?)?;
             let n = rms_norm(&x, blk.mlp_norm.as_tensor())?;
             let g = candle_nn::ops::silu(&gate.forward(&n, dropout.as_deref_mut())?)?;

@@ -30,9 +30,13 @@ impl Default for AdamConfig {
 pub enum ResetMode {
     Zero,
     /// Each element kept with probability 1 - fraction.
-    Random { fraction: f64 },
+    Random {
+        fraction: f64,
+    },
     /// Per tensor, zero the elements at or below the `fraction`-quantile of |t|.
-    Magnitude { fraction: f64 },
+    Magnitude {
+        fraction: f64,
+    },
 }
 
 pub struct ParamState {
@@ -65,7 +69,11 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, params, step: 0 })
+        Ok(AdamW {
+            cfg,
+            params,
+            step: 0,
+        })
     }
 
     /// One update with gradients in parameter order.
@@ -119,7 +127,13 @@ pub fn prune(t: &Tensor, mode: ResetMode, rng: &mut Rng) -> Result<Tensor> {
         ResetMode::Zero => t.zeros_like(),
         ResetMode::Random { fraction } => {
             let keep: Vec<f32> = (0..t.elem_count())
-                .map(|_| if (rng.uniform() as f64) < 1.0 - fraction { 1.0 } else { 0.0 })
+                .map(|_| {
+                    if (rng.uniform() as f64) < 1.0 - fraction {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             t * Tensor::from_vec(keep, t.shape(), t.device())?
         }
@@ -139,7 +153,11 @@ pub fn prune(t: &Tensor, mode: ResetMode, rng: &mut Rng) -> Result<Tensor> {
 pub fn clip_grad_norm(grads: &mut [Tensor], max: Option<f64>) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if let Some(max) = max {
@@ -167,11 +185,23 @@ mod tests {
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let ys = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let zeros = ys.iter().filter(|v| **v == 0.0).count();
-            assert_eq!(zeros, (n as f64 * frac).round() as usize, "n={n} frac={frac}");
+            assert_eq!(
+                zeros,
+                (n as f64 * frac).round() as usize,
+                "n={n} frac={frac}"
+            );
             let mut sorted: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            let kept_min = ys.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::MAX, f32::min);
-            assert_eq!(kept_min, sorted[n - zeros - 1], "the kept ones are the largest");
+            let kept_min = ys
+                .iter()
+                .filter(|v| **v != 0.0)
+                .map(|v| v.abs())
+                .fold(f32::MAX, f32::min);
+            assert_eq!(
+                kept_min,
+                sorted[n - zeros - 1],
+                "the kept ones are the largest"
+            );
             for (a, b) in xs.iter().zip(&ys) {
                 assert!(*b == 0.0 || a == b);
             }
@@ -182,22 +212,35 @@ mod tests {
     fn after_a_reset_no_element_keeps_momentum_without_second_moment() {
         let mut rng = Rng::new(9);
         let dev = Device::Cpu;
-        let var = Var::from_tensor(&Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let var =
+            Var::from_tensor(&Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()).unwrap();
         let mut opt = AdamW::new(vec![("a".into(), var, true)], AdamConfig::default()).unwrap();
         // Moments whose magnitudes are unrelated, so the two masks differ.
         opt.params[0].m = Tensor::from_vec(rng.normal_vec(1000, 1.0), 1000, &dev).unwrap();
-        opt.params[0].v = Tensor::from_vec(rng.normal_vec(1000, 1.0), 1000, &dev).unwrap().sqr().unwrap();
+        opt.params[0].v = Tensor::from_vec(rng.normal_vec(1000, 1.0), 1000, &dev)
+            .unwrap()
+            .sqr()
+            .unwrap();
         opt.step = 100;
-        opt.reset_lora(ResetMode::Magnitude { fraction: 0.9 }, &mut rng).unwrap();
+        opt.reset_lora(ResetMode::Magnitude { fraction: 0.9 }, &mut rng)
+            .unwrap();
         let m = opt.params[0].m.to_vec1::<f32>().unwrap();
         let v = opt.params[0].v.to_vec1::<f32>().unwrap();
         assert_eq!(v.iter().filter(|x| **x != 0.0).count(), 100);
         assert!(m.iter().zip(&v).all(|(m, v)| *m == 0.0 || *v != 0.0));
         // With a zero gradient (B = 0 right after a restart) the next step stays small.
         let before = opt.params[0].var.as_tensor().to_vec1::<f32>().unwrap();
-        opt.step(&[Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()], 1e-3).unwrap();
+        opt.step(
+            &[Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap()],
+            1e-3,
+        )
+        .unwrap();
         let after = opt.params[0].var.as_tensor().to_vec1::<f32>().unwrap();
-        let max_step = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let max_step = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(max_step < 0.1, "an update of {max_step} after the reset");
     }
 
@@ -212,8 +255,10 @@ mod tests {
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr() {
-        let v = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap()).unwrap();
-        let mut opt = AdamW::new(vec![("w".into(), v.clone(), false)], AdamConfig::default()).unwrap();
+        let v =
+            Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt =
+            AdamW::new(vec![("w".into(), v.clone(), false)], AdamConfig::default()).unwrap();
         let g = Tensor::new(&[0.5f32, -0.1, 2.0], &Device::Cpu).unwrap();
         opt.step(&[g], 0.01).unwrap();
         let got = v.as_tensor().to_vec1::<f32>().unwrap();

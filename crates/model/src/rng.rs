@@ -79,7 +79,13 @@ mod tests {
         let xs = r.normal_vec(100_000, 1.0);
         let mean = xs.iter().sum::<f32>() / xs.len() as f32;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / xs.len() as f32;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "{mean} {var}");
-        assert_ne!(Rng::derive(1, "a").next_u32(), Rng::derive(1, "b").next_u32());
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
+        assert_ne!(
+            Rng::derive(1, "a").next_u32(),
+            Rng::derive(1, "b").next_u32()
+        );
     }
 }

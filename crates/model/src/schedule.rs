@@ -6,7 +6,11 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Schedule {
     /// Linear warmup over `warmup` steps, then cosine down to `min_ratio` at `total`.
-    Cosine { warmup: u64, total: u64, min_ratio: f64 },
+    Cosine {
+        warmup: u64,
+        total: u64,
+        min_ratio: f64,
+    },
     /// The cosine above, but falling to 0 at every multiple of `cycle` and climbing back
     /// linearly over `restart_warmup` steps.
     Jagged {
@@ -16,7 +20,9 @@ pub enum Schedule {
         total: u64,
         min_ratio: f64,
     },
-    Constant { warmup: u64 },
+    Constant {
+        warmup: u64,
+    },
 }
 
 fn cosine(x: f64, m: f64) -> f64 {
@@ -35,11 +41,18 @@ impl Schedule {
                     1.0
                 }
             }
-            Schedule::Cosine { warmup, total, min_ratio } => {
+            Schedule::Cosine {
+                warmup,
+                total,
+                min_ratio,
+            } => {
                 if c < warmup {
                     c as f64 / warmup as f64
                 } else {
-                    cosine((c - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64, min_ratio)
+                    cosine(
+                        (c - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64,
+                        min_ratio,
+                    )
                 }
             }
             Schedule::Jagged {
@@ -101,7 +114,11 @@ mod tests {
 
     #[test]
     fn cosine_warms_up_and_ends_at_min() {
-        let s = Schedule::Cosine { warmup: 10, total: 110, min_ratio: 0.1 };
+        let s = Schedule::Cosine {
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+        };
         assert_eq!(s.lambda(5), 0.5);
         assert!((s.lambda(10) - 1.0).abs() < 1e-12);
         assert!((s.lambda(60) - 0.55).abs() < 1e-12);

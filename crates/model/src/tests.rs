@@ -40,22 +40,35 @@ fn gradient_check(model: &Llama) {
     let loss = batch_loss(model, &b, &dev, None).unwrap();
     let grads = loss.backward().unwrap();
     for (name, var, _) in model.trainable() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let d = Tensor::from_vec(rng.normal_vec(var.elem_count(), 1.0), var.shape(), &dev)
             .unwrap()
             .to_dtype(candle_core::DType::F64)
             .unwrap();
-        let analytic = (g * &d).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let analytic = (g * &d)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let orig = var.as_tensor().copy().unwrap();
         let eps = 1e-5;
         let at = |s: f64| {
             var.set(&(&orig + (&d * s).unwrap()).unwrap()).unwrap();
-            batch_loss(model, &b, &dev, None).unwrap().to_scalar::<f64>().unwrap()
+            batch_loss(model, &b, &dev, None)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
         var.set(&orig).unwrap();
         let tol = 1e-4 * analytic.abs().max(numeric.abs()).max(1e-2);
-        assert!((analytic - numeric).abs() < tol, "{name}: analytic {analytic} vs numeric {numeric}");
+        assert!(
+            (analytic - numeric).abs() < tol,
+            "{name}: analytic {analytic} vs numeric {numeric}"
+        );
     }
 }
 
@@ -72,7 +85,11 @@ fn gradients_match_finite_differences_full_and_lora() {
         .into_iter()
         .map(|(n, t)| {
             let t = t.to_dtype(candle_core::DType::F64).unwrap();
-            let t = if n.contains("norm") { (t + 0.3).unwrap() } else { (t * 10.0).unwrap() };
+            let t = if n.contains("norm") {
+                (t + 0.3).unwrap()
+            } else {
+                (t * 10.0).unwrap()
+            };
             (n, t)
         })
         .collect();
@@ -88,11 +105,18 @@ fn frozen_weight_gets_no_gradient_and_lora_factors_do() {
     let mut model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
     wrap(&mut model, 2, LoraInit::KaimingAZeroB, 0.1, &mut rng);
     let b = batch(&mut rng, 11, 2, 6);
-    let grads = batch_loss(&model, &b, &Device::Cpu, Some(&mut rng)).unwrap().backward().unwrap();
+    let grads = batch_loss(&model, &b, &Device::Cpu, Some(&mut rng))
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, w) in model.frozen() {
         assert!(grads.get(w.as_tensor()).is_none(), "{name} got a gradient");
     }
-    let frozen_ids: Vec<_> = model.frozen().iter().map(|(_, w)| w.as_tensor().id()).collect();
+    let frozen_ids: Vec<_> = model
+        .frozen()
+        .iter()
+        .map(|(_, w)| w.as_tensor().id())
+        .collect();
     for (name, v, is_lora) in model.trainable() {
         assert!(!frozen_ids.contains(&v.as_tensor().id()));
         if is_lora && name.ends_with("lora_b") {
@@ -111,10 +135,26 @@ fn merge_leaves_logits_unchanged() {
     for (_, p) in model.projections_mut() {
         p.merge_and_reinit(&mut rng).unwrap();
         let b = &p.lora.as_ref().unwrap().b;
-        assert_eq!(b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            b.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
     let after = model.forward(&ids, None).unwrap();
-    let diff = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (before - after)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "max |Δlogit| = {diff}");
 }
 
@@ -123,7 +163,9 @@ fn rank(m: &[Vec<f64>], tol: f64) -> usize {
     let (rows, cols) = (a.len(), a[0].len());
     let mut r = 0;
     for c in 0..cols {
-        let Some(p) = (r..rows).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs())) else { break };
+        let Some(p) = (r..rows).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs())) else {
+            break;
+        };
         if a[p][c].abs() < tol {
             continue;
         }
@@ -131,8 +173,9 @@ fn rank(m: &[Vec<f64>], tol: f64) -> usize {
         for i in 0..rows {
             if i != r {
                 let f = a[i][c] / a[r][c];
-                for k in c..cols {
-                    a[i][k] -= f * a[r][k];
+                let pivot = a[r].clone();
+                for (x, p) in a[i].iter_mut().zip(&pivot).skip(c) {
+                    *x -= f * p;
                 }
             }
         }
@@ -146,11 +189,14 @@ fn restarts_accumulate_a_higher_rank_update() {
     let mut rng = Rng::new(4);
     let w0 = Tensor::from_vec(rng.normal_vec(256, 0.02), (16, 16), &Device::Cpu).unwrap();
     let mut layer = Linear::full(w0.clone()).unwrap();
-    layer.add_lora(2, 2.0, 0.0, LoraInit::KaimingAZeroB, &mut rng).unwrap();
+    layer
+        .add_lora(2, 2.0, 0.0, LoraInit::KaimingAZeroB, &mut rng)
+        .unwrap();
     for k in 1..=4 {
         // Stand in for a training cycle: B moves away from zero.
         let b = &layer.lora.as_ref().unwrap().b;
-        b.set(&Tensor::from_vec(rng.normal_vec(32, 1.0), (16, 2), &Device::Cpu).unwrap()).unwrap();
+        b.set(&Tensor::from_vec(rng.normal_vec(32, 1.0), (16, 2), &Device::Cpu).unwrap())
+            .unwrap();
         layer.merge_and_reinit(&mut rng).unwrap();
         let delta = (layer.weight.as_ref().unwrap().as_tensor() - &w0).unwrap();
         let rows: Vec<Vec<f64>> = delta
@@ -181,17 +227,31 @@ fn trainable_and_frozen_counts_equal_hand_counts() {
 fn perplexity_of_a_uniform_model_is_the_vocabulary_size() {
     let mut rng = Rng::new(6);
     let model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
-    model.lm_head.set(&model.lm_head.as_tensor().zeros_like().unwrap()).unwrap();
+    model
+        .lm_head
+        .set(&model.lm_head.as_tensor().zeros_like().unwrap())
+        .unwrap();
     let toks: Vec<u32> = (0..64).map(|i| i % 11).collect();
-    let seqs = Sequences { seq_len: 8, tokens: toks, mask: vec![1; 64] };
+    let seqs = Sequences {
+        seq_len: 8,
+        tokens: toks,
+        mask: vec![1; 64],
+    };
     let (loss, n) = evaluate(&model, &seqs, 100, 3, &Device::Cpu).unwrap();
     assert_eq!(n, 56.0);
-    assert!((loss.exp() - 11.0).abs() < 1e-4, "perplexity {}", loss.exp());
+    assert!(
+        (loss.exp() - 11.0).abs() < 1e-4,
+        "perplexity {}",
+        loss.exp()
+    );
 }
 
 fn synthetic_loader(seed: u64) -> Loader {
     // Documents of a repeating pattern, so a tiny model can learn something.
-    let mut d = TokenDocs { tokens: vec![], offsets: vec![0] };
+    let mut d = TokenDocs {
+        tokens: vec![],
+        offsets: vec![0],
+    };
     let mut rng = Rng::new(seed);
     for _ in 0..64 {
         let start = rng.next_u32() % 10;
@@ -210,7 +270,11 @@ fn config(steps: u64, restarts: Option<Restarts>) -> TrainConfig {
         micro_batch: 4,
         accum: 2,
         lr: 1e-2,
-        schedule: Schedule::Cosine { warmup: 2, total: steps, min_ratio: 0.1 },
+        schedule: Schedule::Cosine {
+            warmup: 2,
+            total: steps,
+            min_ratio: 0.1,
+        },
         clip_grad: Some(1.0),
         adam: AdamConfig::default(),
         restarts,
@@ -225,7 +289,11 @@ fn relora_trainer(seed: u64, steps: u64) -> Trainer {
     let mut rng = Rng::new(seed);
     let mut model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
     wrap(&mut model, 2, LoraInit::KaimingAZeroB, 0.1, &mut rng);
-    let restarts = Restarts { merge_every: Some(2), reset_every: Some(2), reset: ResetMode::Magnitude { fraction: 0.9 } };
+    let restarts = Restarts {
+        merge_every: Some(2),
+        reset_every: Some(2),
+        reset: ResetMode::Magnitude { fraction: 0.9 },
+    };
     Trainer::new(model, config(steps, Some(restarts)), seed, Device::Cpu).unwrap()
 }
 
@@ -236,7 +304,8 @@ fn a_resumed_run_continues_bit_identically() {
     let mut a = relora_trainer(7, 8);
     let mut la = synthetic_loader(7);
     let ma = dir.path().join("a.jsonl");
-    a.run(&mut la, None, &dir.path().join("ca"), &ma, 8, |_| {}).unwrap();
+    a.run(&mut la, None, &dir.path().join("ca"), &ma, 8, |_| {})
+        .unwrap();
     // Interrupted after step 4 (its last checkpoint is step 3), then resumed in a fresh trainer.
     let ckpt = dir.path().join("cb");
     let mb = dir.path().join("b.jsonl");
@@ -248,16 +317,30 @@ fn a_resumed_run_continues_bit_identically() {
     assert_eq!(c.resume(&ckpt, &mut lc, &mb).unwrap(), Some(3));
     c.run(&mut lc, None, &ckpt, &mb, 8, |_| {}).unwrap();
     for ((n, x, _), (_, y, _)) in a.model.trainable().iter().zip(c.model.trainable()) {
-        let x = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = y.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = y
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(x, y, "{n} differs after resume");
     }
     let strip = |p: &std::path::Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p).unwrap().lines().map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_s");
-            v
-        }).collect()
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect()
     };
     assert_eq!(strip(&ma), strip(&mb));
 }
@@ -267,7 +350,15 @@ fn checkpoint_round_trip_restores_every_tensor_and_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = relora_trainer(8, 4);
     let mut l = synthetic_loader(8);
-    t.run(&mut l, None, &dir.path().join("x"), &dir.path().join("m.jsonl"), 4, |_| {}).unwrap();
+    t.run(
+        &mut l,
+        None,
+        &dir.path().join("x"),
+        &dir.path().join("m.jsonl"),
+        4,
+        |_| {},
+    )
+    .unwrap();
     t.state.loader = l.state();
     let path = checkpoint::save(&dir.path().join("c"), &t.model, &t.opt, &t.state).unwrap();
     let mut u = relora_trainer(9, 4);
@@ -275,15 +366,37 @@ fn checkpoint_round_trip_restores_every_tensor_and_state() {
     assert_eq!(state, t.state);
     assert_eq!(u.opt.step, t.opt.step);
     for (p, q) in t.opt.params.iter().zip(&u.opt.params) {
-        assert_eq!(p.var.as_tensor().to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                   q.var.as_tensor().to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap());
-        assert_eq!(p.v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            p.var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            q.var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        );
+        assert_eq!(
+            p.v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            q.v.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
     // A truncated file is an error naming the path, not a panic.
     let f = path.join("state.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    let e = format!("{:#}", checkpoint::load(&path, &u.model, &mut u.opt, &Device::Cpu).unwrap_err());
+    let e = format!(
+        "{:#}",
+        checkpoint::load(&path, &u.model, &mut u.opt, &Device::Cpu).unwrap_err()
+    );
     assert!(e.contains("state.safetensors"), "{e}");
 }
 
@@ -294,12 +407,33 @@ fn loss_falls_and_non_finite_loss_stops_with_the_step() {
     let model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
     let mut t = Trainer::new(model, config(40, None), 10, Device::Cpu).unwrap();
     let mut l = synthetic_loader(10);
-    let h = t.run(&mut l, None, &dir.path().join("c"), &dir.path().join("m.jsonl"), 40, |_| {}).unwrap();
+    let h = t
+        .run(
+            &mut l,
+            None,
+            &dir.path().join("c"),
+            &dir.path().join("m.jsonl"),
+            40,
+            |_| {},
+        )
+        .unwrap();
     let first = h[0].loss;
     let last: f64 = h[35..].iter().map(|m| m.loss).sum::<f64>() / 5.0;
     assert!(first > 2.2 && last < first - 0.8, "loss {first} -> {last}");
     // Poison a weight: the next step's loss is NaN and the error names that step.
-    t.model.norm.set(&(t.model.norm.as_tensor() * f64::NAN).unwrap()).unwrap();
-    let e = t.run(&mut l, None, &dir.path().join("c"), &dir.path().join("m.jsonl"), 45, |_| {}).unwrap_err();
+    t.model
+        .norm
+        .set(&(t.model.norm.as_tensor() * f64::NAN).unwrap())
+        .unwrap();
+    let e = t
+        .run(
+            &mut l,
+            None,
+            &dir.path().join("c"),
+            &dir.path().join("m.jsonl"),
+            45,
+            |_| {},
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("non-finite loss at step 40"), "{e}");
 }

@@ -79,7 +79,12 @@ pub fn batch_tensors(b: &Batch, dev: &Device) -> candle_core::Result<(Tensor, Te
 }
 
 /// Mean token loss of a batch, and its gradient graph.
-pub fn batch_loss(model: &Llama, b: &Batch, dev: &Device, dropout: Option<&mut Rng>) -> candle_core::Result<Tensor> {
+pub fn batch_loss(
+    model: &Llama,
+    b: &Batch,
+    dev: &Device,
+    dropout: Option<&mut Rng>,
+) -> candle_core::Result<Tensor> {
     let (ids, targets, weights) = batch_tensors(b, dev)?;
     let logits = model.forward(&ids, dropout)?;
     let logits = logits.reshape((b.batch_size * b.len, model.cfg.vocab_size))?;
@@ -88,7 +93,13 @@ pub fn batch_loss(model: &Llama, b: &Batch, dev: &Device, dropout: Option<&mut R
 
 /// exp(mean token cross-entropy) over the first `max_sequences` validation sequences,
 /// with dropout off. Returns (mean loss, tokens scored).
-pub fn evaluate(model: &Llama, seqs: &Sequences, max_sequences: usize, micro_batch: usize, dev: &Device) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &Llama,
+    seqs: &Sequences,
+    max_sequences: usize,
+    micro_batch: usize,
+    dev: &Device,
+) -> Result<(f64, f64)> {
     let n = seqs.len().min(max_sequences);
     let (mut sum, mut count) = (0f64, 0f64);
     let mut i = 0;
@@ -96,7 +107,9 @@ pub fn evaluate(model: &Llama, seqs: &Sequences, max_sequences: usize, micro_bat
         let j = (i + micro_batch).min(n);
         let b = Batch::from_rows((i..j).map(|k| seqs.row(k)));
         let tokens = b.target_tokens();
-        let loss = batch_loss(model, &b, dev, None)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let loss = batch_loss(model, &b, dev, None)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         sum += loss * tokens;
         count += tokens;
         i = j;
@@ -120,7 +133,13 @@ impl Trainer {
             reset_rng: Rng::derive(seed, "optimizer-reset"),
             metrics_len: 0,
         };
-        Ok(Trainer { model, opt, state, cfg, device })
+        Ok(Trainer {
+            model,
+            opt,
+            state,
+            cfg,
+            device,
+        })
     }
 
     fn checkpoint(&mut self, dir: &Path, loader: &Loader, metrics: &Path) -> Result<PathBuf> {
@@ -131,8 +150,15 @@ impl Trainer {
     }
 
     /// Resume from the newest checkpoint in `dir`, if there is one; returns its step.
-    pub fn resume(&mut self, dir: &Path, loader: &mut Loader, metrics: &Path) -> Result<Option<u64>> {
-        let Some(ckpt) = checkpoint::latest(dir) else { return Ok(None) };
+    pub fn resume(
+        &mut self,
+        dir: &Path,
+        loader: &mut Loader,
+        metrics: &Path,
+    ) -> Result<Option<u64>> {
+        let Some(ckpt) = checkpoint::latest(dir) else {
+            return Ok(None);
+        };
         self.state = checkpoint::load(&ckpt, &self.model, &mut self.opt, &self.device)?;
         loader.restore(self.state.loader);
         // Drop metrics lines written after the checkpoint; they will be written again.
@@ -152,7 +178,10 @@ impl Trainer {
         end_step: u64,
         mut on_step: impl FnMut(&StepMetrics),
     ) -> Result<Vec<StepMetrics>> {
-        let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(metrics_path)?;
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(metrics_path)?;
         let mut history = Vec::new();
         let mut last_ckpt_step = self.state.step;
         while self.state.step < end_step {
@@ -168,7 +197,12 @@ impl Trainer {
             for _ in 0..self.cfg.accum {
                 let b = loader.next_batch(self.cfg.micro_batch);
                 tokens += (b.batch_size * b.len) as u64;
-                let loss = batch_loss(&self.model, &b, &self.device, Some(&mut self.state.dropout_rng))?;
+                let loss = batch_loss(
+                    &self.model,
+                    &b,
+                    &self.device,
+                    Some(&mut self.state.dropout_rng),
+                )?;
                 loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 let store = loss.backward()?;
                 for (k, (_, var, _)) in params.iter().enumerate() {
@@ -207,13 +241,13 @@ impl Trainer {
             let mut event = Vec::new();
             if let Some(r) = self.cfg.restarts {
                 let s = self.state.step;
-                if r.merge_every.is_some_and(|k| s % k == 0) {
+                if r.merge_every.is_some_and(|k| s.is_multiple_of(k)) {
                     for (_, p) in self.model.projections_mut() {
                         p.merge_and_reinit(&mut self.state.restart_rng)?;
                     }
                     event.push("merge");
                 }
-                if r.reset_every.is_some_and(|k| s % k == 0) {
+                if r.reset_every.is_some_and(|k| s.is_multiple_of(k)) {
                     self.opt.reset_lora(r.reset, &mut self.state.reset_rng)?;
                     event.push("optimizer_reset");
                 }
@@ -233,8 +267,16 @@ impl Trainer {
             };
             let is_last = self.state.step == end_step;
             if let Some(v) = valid {
-                if (self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || is_last {
-                    let (l, _) = evaluate(&self.model, v, self.cfg.eval_sequences, self.cfg.micro_batch, &self.device)?;
+                if (self.cfg.eval_every > 0 && self.state.step.is_multiple_of(self.cfg.eval_every))
+                    || is_last
+                {
+                    let (l, _) = evaluate(
+                        &self.model,
+                        v,
+                        self.cfg.eval_sequences,
+                        self.cfg.micro_batch,
+                        &self.device,
+                    )?;
                     m.eval_loss = Some(l);
                     m.perplexity = Some(l.exp());
                 }
@@ -243,7 +285,10 @@ impl Trainer {
             metrics.flush()?;
             on_step(&m);
             history.push(m);
-            if self.cfg.checkpoint_every > 0 && self.state.step % self.cfg.checkpoint_every == 0 && !is_last {
+            if self.cfg.checkpoint_every > 0
+                && self.state.step.is_multiple_of(self.cfg.checkpoint_every)
+                && !is_last
+            {
                 self.checkpoint(ckpt_dir, loader, metrics_path)?;
                 last_ckpt_step = self.state.step;
             }

@@ -280,12 +280,9 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
             Ok(other) => {
                 let wanted = select_with_dependencies(&other, &imp.stages);
                 match wanted {
-                    Ok(names) => stages.extend(
-                        other
-                            .stages
-                            .into_iter()
-                            .filter(|s| names.contains(&s.name)),
-                    ),
+                    Ok(names) => {
+                        stages.extend(other.stages.into_iter().filter(|s| names.contains(&s.name)))
+                    }
                     Err(missing) => errors.push(source.error(
                         &["imports", &idx, "stages"],
                         format!(
@@ -396,7 +393,10 @@ fn interpolate(v: &Value, vars: &BTreeMap<String, Value>) -> Result<Value, Strin
         Value::String(s) => {
             if let Some(name) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
                 if !name.contains("${") {
-                    return vars.get(name).cloned().ok_or_else(|| unknown_var(name, vars));
+                    return vars
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| unknown_var(name, vars));
                 }
             }
             Value::String(interpolate_str(s, vars)?)
@@ -518,7 +518,10 @@ fn expand_stage(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut params = defaults.get(&raw.kind).cloned().unwrap_or(Value::Object(Default::default()));
+    let mut params = defaults
+        .get(&raw.kind)
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()));
     deep_merge(&mut params, &params_raw);
 
     let mut out = Vec::new();
@@ -538,7 +541,9 @@ fn expand_stage(
         if !valid_name(&name) {
             errors.push(at(
                 &["name"],
-                format!("derived stage name `{name}` may hold only letters, digits, `_`, `-` and `.`"),
+                format!(
+                    "derived stage name `{name}` may hold only letters, digits, `_`, `-` and `.`"
+                ),
             ));
             continue;
         }
@@ -704,7 +709,13 @@ mod tests {
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["data", "train-9m-0.001", "train-9m-0.002", "train-20m-0.001", "train-20m-0.002"]
+            [
+                "data",
+                "train-9m-0.001",
+                "train-9m-0.002",
+                "train-20m-0.001",
+                "train-20m-0.002"
+            ]
         );
         let s = p.stage("train-20m-0.002").unwrap();
         assert_eq!(s.params["model"], "llama_20m");
@@ -727,9 +738,16 @@ mod tests {
     #[test]
     fn unknown_key_and_bad_yaml_have_positions() {
         let d = tmp();
-        let f = write(&d, "p.yaml", "pipeline: t\nstages:\n  a:\n    kind: command\n    parms: {}\n");
+        let f = write(
+            &d,
+            "p.yaml",
+            "pipeline: t\nstages:\n  a:\n    kind: command\n    parms: {}\n",
+        );
         let e = load(&f, &[]).unwrap_err().to_string();
-        assert!(e.contains("p.yaml:3:3") && e.contains("unknown field `parms`"), "{e}");
+        assert!(
+            e.contains("p.yaml:3:3") && e.contains("unknown field `parms`"),
+            "{e}"
+        );
         let f = write(&d, "q.yaml", "pipeline: t\nstages:\n  a: [\n");
         let e = load(&f, &[]).unwrap_err().to_string();
         assert!(e.contains("q.yaml:4:1") || e.contains("q.yaml:3:"), "{e}");
@@ -751,8 +769,14 @@ mod tests {
         let p = load(&f, &[Override::parse("relora.lr=3e-3").unwrap()]).unwrap();
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["data", "warm", "relora"]);
-        assert_eq!(p.stage("warm").unwrap().params["lr"], serde_json::json!(0.1));
-        assert_eq!(p.stage("relora").unwrap().params["lr"], serde_json::json!(0.003));
+        assert_eq!(
+            p.stage("warm").unwrap().params["lr"],
+            serde_json::json!(0.1)
+        );
+        assert_eq!(
+            p.stage("relora").unwrap().params["lr"],
+            serde_json::json!(0.003)
+        );
         let e = load(&f, &[Override::parse("relroa.lr=1").unwrap()]).unwrap_err();
         assert!(e.to_string().contains("did you mean `relora`"), "{e}");
     }

@@ -128,13 +128,22 @@ mod tests {
 
     #[test]
     fn finds_nested_keys() {
-        assert_eq!(locate(DOC, &["stages", "b", "inputs", "data"]), Pos { line: 10, col: 7 });
-        assert_eq!(locate(DOC, &["stages", "a", "params", "cmd"]), Pos { line: 6, col: 7 });
+        assert_eq!(
+            locate(DOC, &["stages", "b", "inputs", "data"]),
+            Pos { line: 10, col: 7 }
+        );
+        assert_eq!(
+            locate(DOC, &["stages", "a", "params", "cmd"]),
+            Pos { line: 6, col: 7 }
+        );
         assert_eq!(locate(DOC, &["stages", "b"]), Pos { line: 7, col: 3 });
     }
 
     #[test]
     fn missing_key_reports_nearest_ancestor() {
-        assert_eq!(locate(DOC, &["stages", "b", "nope"]), Pos { line: 7, col: 3 });
+        assert_eq!(
+            locate(DOC, &["stages", "b", "nope"]),
+            Pos { line: 7, col: 3 }
+        );
     }
 }

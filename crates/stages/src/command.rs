@@ -79,7 +79,10 @@ impl StageKind for Command {
     }
     fn external_files(&self, params: &Value, base_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         let p: CommandParams = serde_json::from_value(params.clone())?;
-        Ok(p.files.iter().map(|f| (f.clone(), base_dir.join(f))).collect())
+        Ok(p.files
+            .iter()
+            .map(|f| (f.clone(), base_dir.join(f)))
+            .collect())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: CommandParams = serde_json::from_value(ctx.params.clone())?;

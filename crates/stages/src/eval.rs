@@ -48,8 +48,13 @@ impl StageKind for Eval {
         Some(&[("model", true), ("data", true)])
     }
     fn resources(&self, params: &Value) -> Resources {
-        let dev = params.get("device").and_then(Value::as_str).unwrap_or("cpu");
-        Resources { gpus: u32::from(dev.starts_with("cuda")) }
+        let dev = params
+            .get("device")
+            .and_then(Value::as_str)
+            .unwrap_or("cpu");
+        Resources {
+            gpus: u32::from(dev.starts_with("cuda")),
+        }
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let _: EvalParams = parse_params(stage)?;
@@ -63,16 +68,26 @@ impl StageKind for Eval {
         let info = TrainInfo::read(&model_dir)?;
         let data = DatasetManifest::read(&data_dir)?;
         if info.tokenizer_blake3 != data.tokenizer_blake3 {
-            anyhow::bail!("the model was trained with another tokenizer than this evaluation data uses");
+            anyhow::bail!(
+                "the model was trained with another tokenizer than this evaluation data uses"
+            );
         }
         let weights = model_dir.join("model.safetensors");
         let model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
             .with_context(|| format!("loading {}", weights.display()))?;
         let seq_len = p.seq_len.unwrap_or(info.seq_len);
-        let seqs = pack(&read_split(&data_dir.join("valid"))?, seq_len, info.packing, data.pad_id);
+        let seqs = pack(
+            &read_split(&data_dir.join("valid"))?,
+            seq_len,
+            info.packing,
+            data.pad_id,
+        );
         let n = (p.tokens / seq_len).max(1);
         if seqs.len() < n {
-            println!("note: the validation split holds {} sequences of {seq_len}; scoring all of them", seqs.len());
+            println!(
+                "note: the validation split holds {} sequences of {seq_len}; scoring all of them",
+                seqs.len()
+            );
         }
         let (loss, tokens) = evaluate(&model, &seqs, n, p.micro_batch, &device)?;
         let result = json!({
@@ -87,8 +102,14 @@ impl StageKind for Eval {
             "frozen_params": info.frozen_params,
             "train_tokens": info.tokens,
         });
-        println!("perplexity {:.3} (loss {loss:.4}) over {tokens} tokens", loss.exp());
-        std::fs::write(ctx.out_dir.join("eval.json"), serde_json::to_vec_pretty(&result)?)?;
+        println!(
+            "perplexity {:.3} (loss {loss:.4}) over {tokens} tokens",
+            loss.exp()
+        );
+        std::fs::write(
+            ctx.out_dir.join("eval.json"),
+            serde_json::to_vec_pretty(&result)?,
+        )?;
         if let Value::Object(m) = result {
             for (k, v) in m {
                 ctx.metric(&k, v);

@@ -62,7 +62,11 @@ impl StageKind for Report {
                 ));
             }
         }
-        if e.is_empty() { Ok(()) } else { Err(e) }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: ReportParams = serde_json::from_value(ctx.params.clone())?;
@@ -76,7 +80,9 @@ impl StageKind for Report {
             match row {
                 "curve" => {
                     let path = dir.join("metrics.jsonl");
-                    let f = std::fs::File::open(&path).with_context(|| format!("`{name}` must be a train stage: no {}", path.display()))?;
+                    let f = std::fs::File::open(&path).with_context(|| {
+                        format!("`{name}` must be a train stage: no {}", path.display())
+                    })?;
                     let (mut l, mut r) = (Vec::new(), Vec::new());
                     for line in std::io::BufReader::new(f).lines() {
                         let v: Value = serde_json::from_str(&line?)?;
@@ -90,18 +96,24 @@ impl StageKind for Report {
                 }
                 "svd" => {
                     let path = dir.join("spectrum.json");
-                    let bytes = std::fs::read(&path).with_context(|| format!("`{name}` must be an svd stage: no {}", path.display()))?;
+                    let bytes = std::fs::read(&path).with_context(|| {
+                        format!("`{name}` must be an svd stage: no {}", path.display())
+                    })?;
                     let s: SpectrumReport = serde_json::from_slice(&bytes)?;
                     spectra.push((col.to_string(), s));
                 }
                 _ => {
                     let path = dir.join("eval.json");
-                    let bytes = std::fs::read(&path).with_context(|| format!("`{name}` must be an eval stage: no {}", path.display()))?;
+                    let bytes = std::fs::read(&path).with_context(|| {
+                        format!("`{name}` must be an eval stage: no {}", path.display())
+                    })?;
                     let v: Value = serde_json::from_slice(&bytes)?;
                     cells.push(Cell {
                         row: row.to_string(),
                         col: col.to_string(),
-                        perplexity: v["perplexity"].as_f64().context("eval.json has no perplexity")?,
+                        perplexity: v["perplexity"]
+                            .as_f64()
+                            .context("eval.json has no perplexity")?,
                         trainable_params: v["trainable_params"].as_u64(),
                     });
                 }
@@ -129,8 +141,20 @@ impl StageKind for Report {
             plots::svd_counts(&out.join("svd_counts"), &spectra)?;
         }
         if !loss.is_empty() {
-            plots::line_chart(&out.join("loss"), "Training loss", "training tokens seen", "loss", &loss)?;
-            plots::line_chart(&out.join("lr"), "Learning rate", "training tokens seen", "lr", &lr)?;
+            plots::line_chart(
+                &out.join("loss"),
+                "Training loss",
+                "training tokens seen",
+                "loss",
+                &loss,
+            )?;
+            plots::line_chart(
+                &out.join("lr"),
+                "Learning rate",
+                "training tokens seen",
+                "lr",
+                &lr,
+            )?;
         }
         std::fs::write(out.join("table.md"), &md)?;
         std::fs::write(out.join("table.csv"), csv(&cells, &p.labels))?;

@@ -53,7 +53,10 @@ impl StageKind for Svd {
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: SvdParams = parse_params(stage)?;
         if p.bins == 0 || p.range.1 <= p.range.0 {
-            return Err(vec![stage.error(&["params"], "need bins > 0 and range [lo, hi] with hi > lo")]);
+            return Err(vec![stage.error(
+                &["params"],
+                "need bins > 0 and range [lo, hi] with hi > lo",
+            )]);
         }
         Ok(())
     }
@@ -70,9 +73,15 @@ impl StageKind for Svd {
                     if !name.ends_with("_proj.weight") {
                         continue;
                     }
-                    let base_t = b.get(name).with_context(|| format!("the base model has no `{name}`"))?;
+                    let base_t = b
+                        .get(name)
+                        .with_context(|| format!("the base model has no `{name}`"))?;
                     if base_t.dims() != t.dims() {
-                        bail!("`{name}` has shape {:?} in the final model but {:?} in the base", t.dims(), base_t.dims());
+                        bail!(
+                            "`{name}` has shape {:?} in the final model but {:?} in the base",
+                            t.dims(),
+                            base_t.dims()
+                        );
                     }
                     out.push((name.clone(), (t - base_t)?));
                 }
@@ -90,14 +99,20 @@ impl StageKind for Svd {
             .into_iter()
             .map(|(name, t)| {
                 let (r, c) = t.dims2()?;
-                let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let data = t
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 Ok((name.trim_end_matches(".weight").to_string(), r, c, data))
             })
             .collect::<Result<Vec<_>>>()?;
         let n = matrices.len();
         let report = analyse(matrices, p.threshold, p.bins, p.range)?;
         let out = ctx.out_dir.clone();
-        std::fs::write(out.join("spectrum.json"), serde_json::to_vec_pretty(&report)?)?;
+        std::fs::write(
+            out.join("spectrum.json"),
+            serde_json::to_vec_pretty(&report)?,
+        )?;
         std::fs::write(out.join("spectrum.csv"), report.to_csv())?;
         let label = p.label.clone().unwrap_or_else(|| ctx.stage.clone());
         let methods = vec![(label, report.clone())];
@@ -105,7 +120,10 @@ impl StageKind for Svd {
         plots::svd_counts(&out.join("counts"), &methods)?;
         println!("{n} matrices analysed");
         for (proj, s) in &report.projections {
-            println!("{proj}: {} of {} singular values below {}", s.below_threshold, s.values, p.threshold);
+            println!(
+                "{proj}: {} of {} singular values below {}",
+                s.below_threshold, s.values, p.threshold
+            );
             ctx.metric(&format!("below_threshold.{proj}"), s.below_threshold);
             ctx.metric(&format!("values.{proj}"), s.values);
         }

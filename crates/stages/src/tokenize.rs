@@ -110,7 +110,11 @@ impl StageKind for Tokenize {
             if !stage.base_dir.join(path).is_file() {
                 errors.push(stage.error(
                     &["params", "tokenizer", "path"],
-                    format!("tokenizer file `{}` does not exist (relative to {})", path.display(), stage.base_dir.display()),
+                    format!(
+                        "tokenizer file `{}` does not exist (relative to {})",
+                        path.display(),
+                        stage.base_dir.display()
+                    ),
                 ));
             }
         }
@@ -125,8 +129,24 @@ impl StageKind for Tokenize {
         let (train, valid) = files(&p, base_dir)?;
         let mut out: Vec<(String, PathBuf)> = train
             .into_iter()
-            .map(|f| (format!("train:{}", f.file_name().unwrap_or_default().to_string_lossy()), f))
-            .chain(valid.into_iter().map(|f| (format!("valid:{}", f.file_name().unwrap_or_default().to_string_lossy()), f)))
+            .map(|f| {
+                (
+                    format!(
+                        "train:{}",
+                        f.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                    f,
+                )
+            })
+            .chain(valid.into_iter().map(|f| {
+                (
+                    format!(
+                        "valid:{}",
+                        f.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                    f,
+                )
+            }))
             .collect();
         if let TokenizerSource::File { path } = &p.tokenizer {
             out.push(("tokenizer".into(), base_dir.join(path)));
@@ -137,7 +157,9 @@ impl StageKind for Tokenize {
         let p: TokenizeParams = serde_json::from_value(ctx.params.clone())?;
         let (train_files, valid_files) = files(&p, &ctx.base_dir)?;
         let tokenizer = match p.tokenizer {
-            TokenizerSource::File { path } => TokenizerSource::File { path: ctx.resolve(&path.to_string_lossy()) },
+            TokenizerSource::File { path } => TokenizerSource::File {
+                path: ctx.resolve(&path.to_string_lossy()),
+            },
             other => other,
         };
         let cfg = TokenizeConfig {
@@ -158,7 +180,11 @@ impl StageKind for Tokenize {
             shard_tokens: p.shard_tokens,
         };
         let m = tokenize(&cfg, &ctx.out_dir, |done, total| {
-            ctx.progress(&Progress { step: done, total, ..Default::default() })
+            ctx.progress(&Progress {
+                step: done,
+                total,
+                ..Default::default()
+            })
         })?;
         println!(
             "tokenized {} train + {} valid documents: {} + {} tokens, vocabulary {}, {:.0} tokens/s, {} bad records skipped",

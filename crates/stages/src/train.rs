@@ -9,7 +9,8 @@ use relora_data::{pack, read_split, DatasetManifest, Loader, LoaderState, Packin
 use relora_exec::{parse_params, Progress, StageContext, StageKind};
 use relora_model::checkpoint::{self, load_tensors, save_tensors};
 use relora_model::{
-    control_config, AdamConfig, Llama, LlamaConfig, LoraInit, ResetMode, Restarts, Rng, Schedule, TrainConfig, Trainer,
+    control_config, AdamConfig, Llama, LlamaConfig, LoraInit, ResetMode, Restarts, Rng, Schedule,
+    TrainConfig, Trainer,
 };
 use relora_spec::{Resources, SpecError, StageSpec};
 use serde::{Deserialize, Serialize};
@@ -64,7 +65,13 @@ pub struct LoraParams {
 
 impl Default for LoraParams {
     fn default() -> Self {
-        LoraParams { rank: d_rank(), alpha: d_alpha(), dropout: d_dropout(), init: None, base: d_base() }
+        LoraParams {
+            rank: d_rank(),
+            alpha: d_alpha(),
+            dropout: d_dropout(),
+            init: None,
+            base: d_base(),
+        }
     }
 }
 
@@ -162,25 +169,63 @@ pub struct TrainParams {
     pub log_every: Option<u64>,
 }
 
-fn d_rank() -> usize { 128 }
-fn d_alpha() -> f64 { 32.0 }
-fn d_dropout() -> f32 { 0.1 }
-fn d_base() -> LoraBase { LoraBase::FrozenRandom }
-fn d_reset() -> ResetMode { ResetMode::Magnitude { fraction: 0.99 } }
-fn d_true() -> bool { true }
-fn d_seq_len() -> usize { 256 }
-fn d_micro() -> usize { 8 }
-fn d_min_lr() -> f64 { 0.1 }
-fn d_schedule() -> ScheduleKind { ScheduleKind::Cosine }
-fn d_clip() -> Option<f64> { Some(1.0) }
-fn d_beta1() -> f64 { 0.9 }
-fn d_beta2() -> f64 { 0.999 }
-fn d_eps() -> f64 { 1e-8 }
-fn d_device() -> String { "cpu".into() }
-fn d_dtype() -> String { "f32".into() }
-fn d_ckpt() -> u64 { 100 }
-fn d_eval_seq() -> usize { 64 }
-fn d_init_mode() -> InitMode { InitMode::Weights }
+fn d_rank() -> usize {
+    128
+}
+fn d_alpha() -> f64 {
+    32.0
+}
+fn d_dropout() -> f32 {
+    0.1
+}
+fn d_base() -> LoraBase {
+    LoraBase::FrozenRandom
+}
+fn d_reset() -> ResetMode {
+    ResetMode::Magnitude { fraction: 0.99 }
+}
+fn d_true() -> bool {
+    true
+}
+fn d_seq_len() -> usize {
+    256
+}
+fn d_micro() -> usize {
+    8
+}
+fn d_min_lr() -> f64 {
+    0.1
+}
+fn d_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn d_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_dtype() -> String {
+    "f32".into()
+}
+fn d_ckpt() -> u64 {
+    100
+}
+fn d_eval_seq() -> usize {
+    64
+}
+fn d_init_mode() -> InitMode {
+    InitMode::Weights
+}
 
 /// What a train stage records about itself for the stages that consume it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,8 +249,10 @@ pub struct TrainInfo {
 impl TrainInfo {
     pub fn read(dir: &Path) -> Result<TrainInfo> {
         let p = dir.join("train.json");
-        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)
-            .with_context(|| format!("{} is not a train stage's record", p.display()))
+        serde_json::from_slice(
+            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not a train stage's record", p.display()))
     }
 }
 
@@ -215,7 +262,12 @@ pub fn model_config(m: &ModelParam, vocab: usize) -> Result<LlamaConfig> {
             let names: Vec<&str> = relora_model::config::NAMED.iter().map(|c| c.0).collect();
             format!("unknown model `{n}`; known: {}", names.join(", "))
         })?,
-        ModelParam::Dims { hidden, intermediate, heads, layers } => LlamaConfig {
+        ModelParam::Dims {
+            hidden,
+            intermediate,
+            heads,
+            layers,
+        } => LlamaConfig {
             vocab_size: vocab,
             hidden: *hidden,
             intermediate: *intermediate,
@@ -250,8 +302,13 @@ impl StageKind for Train {
         &["log_every", "checkpoint_every"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        let dev = params.get("device").and_then(Value::as_str).unwrap_or("cpu");
-        Resources { gpus: u32::from(dev.starts_with("cuda")) }
+        let dev = params
+            .get("device")
+            .and_then(Value::as_str)
+            .unwrap_or("cpu");
+        Resources {
+            gpus: u32::from(dev.starts_with("cuda")),
+        }
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: TrainParams = parse_params(stage)?;
@@ -265,27 +322,48 @@ impl StageKind for Train {
             e.push(stage.error(&["params", "steps"], "steps must be at least 1"));
         }
         if p.method == Method::Relora && p.relora.is_none() {
-            e.push(stage.error(&["params"], "method `relora` needs a `relora:` section (merge_every, ...)"));
+            e.push(stage.error(
+                &["params"],
+                "method `relora` needs a `relora:` section (merge_every, ...)",
+            ));
         }
         if p.method != Method::Relora && p.relora.is_some() {
-            e.push(stage.error(&["params", "relora"], format!("`relora:` is only for method relora, not {:?}", p.method)));
+            e.push(stage.error(
+                &["params", "relora"],
+                format!("`relora:` is only for method relora, not {:?}", p.method),
+            ));
         }
         if p.init_mode == InitMode::Continue && !stage.inputs.contains_key("init") {
-            e.push(stage.error(&["params", "init_mode"], "init_mode continue needs an `init` input"));
+            e.push(stage.error(
+                &["params", "init_mode"],
+                "init_mode continue needs an `init` input",
+            ));
         }
         if p.method == Method::Control && stage.inputs.contains_key("init") {
-            e.push(stage.error(&["inputs", "init"], "Control is a smaller model trained from scratch; it takes no init"));
+            e.push(stage.error(
+                &["inputs", "init"],
+                "Control is a smaller model trained from scratch; it takes no init",
+            ));
         }
         if p.dtype != "f32" && p.dtype != "bf16" {
             e.push(stage.error(&["params", "dtype"], "dtype must be f32 or bf16"));
         }
         if let Some(b) = p.batch_tokens {
             if b % (p.micro_batch * p.seq_len) != 0 {
-                e.push(stage.error(&["params", "batch_tokens"], format!(
-                    "batch_tokens ({b}) must be a multiple of micro_batch × seq_len ({})", p.micro_batch * p.seq_len)));
+                e.push(stage.error(
+                    &["params", "batch_tokens"],
+                    format!(
+                        "batch_tokens ({b}) must be a multiple of micro_batch × seq_len ({})",
+                        p.micro_batch * p.seq_len
+                    ),
+                ));
             }
         }
-        if e.is_empty() { Ok(()) } else { Err(e) }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         run_train(ctx)
@@ -320,7 +398,11 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     };
     if let Some(info) = &init_info {
         if info.model != cfg {
-            bail!("the init checkpoint is a {:?} model, this stage builds {:?}", info.model, cfg);
+            bail!(
+                "the init checkpoint is a {:?} model, this stage builds {:?}",
+                info.model,
+                cfg
+            );
         }
         if info.tokenizer_blake3 != data.tokenizer_blake3 {
             bail!("the init checkpoint was trained with another tokenizer than this stage's data");
@@ -332,7 +414,8 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     let mut model = match (&init_dir, p.init_mode) {
         (Some(dir), InitMode::Weights) => {
             let t = load_tensors(&dir.join("model.safetensors"), &device)?;
-            Llama::from_tensors(cfg, &t).with_context(|| format!("loading {}", dir.join("model.safetensors").display()))?
+            Llama::from_tensors(cfg, &t)
+                .with_context(|| format!("loading {}", dir.join("model.safetensors").display()))?
         }
         _ => Llama::random(cfg, &mut rng, &device)?,
     };
@@ -353,7 +436,12 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
             }
         }
     }
-    println!("{} trainable and {} frozen parameters ({:?})", model.trainable_count(), model.frozen_count(), p.method);
+    println!(
+        "{} trainable and {} frozen parameters ({:?})",
+        model.trainable_count(),
+        model.frozen_count(),
+        p.method
+    );
 
     // Data: continue after what the init consumed, with its shuffle seed.
     let train_docs = read_split(&data_dir.join("train"))?;
@@ -362,7 +450,11 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     let train_seqs = pack(&train_docs, p.seq_len, p.packing, pad);
     let valid_seqs = pack(&valid_docs, p.seq_len, p.packing, pad);
     if train_seqs.len() < p.micro_batch {
-        bail!("the training split holds {} sequences of {} tokens, fewer than one micro-batch", train_seqs.len(), p.seq_len);
+        bail!(
+            "the training split holds {} sequences of {} tokens, fewer than one micro-batch",
+            train_seqs.len(),
+            p.seq_len
+        );
     }
     let data_seed = init_info.as_ref().map_or(p.seed, |i| i.data_seed);
     let mut loader = Loader::new(train_seqs, data_seed, 0, 1);
@@ -370,12 +462,17 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         if info.seq_len == p.seq_len && info.packing == p.packing {
             loader.restore(info.loader);
         } else {
-            println!("note: seq_len or packing differ from the init run; data starts from the beginning");
+            println!(
+                "note: seq_len or packing differ from the init run; data starts from the beginning"
+            );
         }
     }
 
     // Optimizer, schedule, restarts.
-    let accum = p.batch_tokens.map_or(1, |b| b / (p.micro_batch * p.seq_len)).max(1);
+    let accum = p
+        .batch_tokens
+        .map_or(1, |b| b / (p.micro_batch * p.seq_len))
+        .max(1);
     let start_step = match (&init_info, p.init_mode) {
         (Some(i), InitMode::Continue) => i.step,
         _ => 0,
@@ -391,11 +488,17 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
             min_ratio: p.min_lr_ratio,
         },
         (_, ScheduleKind::Constant) => Schedule::Constant { warmup: p.warmup },
-        _ => Schedule::Cosine { warmup: p.warmup, total, min_ratio: p.min_lr_ratio },
+        _ => Schedule::Cosine {
+            warmup: p.warmup,
+            total,
+            min_ratio: p.min_lr_ratio,
+        },
     };
     let restarts = relora.as_ref().map(|r| Restarts {
         merge_every: r.restarts.then_some(r.merge_every),
-        reset_every: r.optimizer_reset.then_some(r.reset_every.unwrap_or(r.merge_every)),
+        reset_every: r
+            .optimizer_reset
+            .then_some(r.reset_every.unwrap_or(r.merge_every)),
         reset: r.reset,
     });
     let tcfg = TrainConfig {
@@ -405,7 +508,12 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         lr: p.lr,
         schedule,
         clip_grad: p.clip_grad,
-        adam: AdamConfig { beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay },
+        adam: AdamConfig {
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+        },
         restarts,
         checkpoint_every: p.checkpoint_every,
         eval_every: p.eval_every,
@@ -414,8 +522,13 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     };
     let mut trainer = Trainer::new(model, tcfg, p.seed, device.clone())?;
     if let (Some(dir), InitMode::Continue) = (&init_dir, p.init_mode) {
-        let st = checkpoint::load(&dir.join("checkpoint"), &trainer.model, &mut trainer.opt, &device)
-            .with_context(|| format!("continuing from {}", dir.display()))?;
+        let st = checkpoint::load(
+            &dir.join("checkpoint"),
+            &trainer.model,
+            &mut trainer.opt,
+            &device,
+        )
+        .with_context(|| format!("continuing from {}", dir.display()))?;
         trainer.state = st;
         loader.restore(trainer.state.loader);
     }
@@ -439,27 +552,46 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     }
     let end = start_step + p.steps;
     let log_every = p.log_every.unwrap_or(10).max(1);
-    let history = trainer.run(&mut loader, Some(&valid_seqs), &scratch.join("checkpoints"), &metrics_path, end, |m| {
-        ctx.progress(&Progress {
-            step: m.step - start_step,
-            total: p.steps,
-            loss: Some(m.loss),
-            tokens_per_s: Some(m.tokens_per_s),
-            note: m.event.clone(),
-        });
-        if m.step % log_every == 0 || m.eval_loss.is_some() {
-            println!(
-                "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}{}{}",
-                m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
-                m.eval_loss.map(|l| format!(" eval_loss {l:.4} ppl {:.2}", l.exp())).unwrap_or_default(),
-                m.event.as_ref().map(|e| format!(" [{e}]")).unwrap_or_default()
-            );
-        }
-    })?;
+    let history = trainer.run(
+        &mut loader,
+        Some(&valid_seqs),
+        &scratch.join("checkpoints"),
+        &metrics_path,
+        end,
+        |m| {
+            ctx.progress(&Progress {
+                step: m.step - start_step,
+                total: p.steps,
+                loss: Some(m.loss),
+                tokens_per_s: Some(m.tokens_per_s),
+                note: m.event.clone(),
+            });
+            if m.step % log_every == 0 || m.eval_loss.is_some() {
+                println!(
+                    "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}{}{}",
+                    m.step,
+                    m.loss,
+                    m.lr,
+                    m.grad_norm,
+                    m.tokens_per_s,
+                    m.eval_loss
+                        .map(|l| format!(" eval_loss {l:.4} ppl {:.2}", l.exp()))
+                        .unwrap_or_default(),
+                    m.event
+                        .as_ref()
+                        .map(|e| format!(" [{e}]"))
+                        .unwrap_or_default()
+                );
+            }
+        },
+    )?;
 
     // Outputs: merged weights, the live low-rank update, the full state, metrics, a record.
     let out = ctx.out_dir.clone();
-    save_tensors(&trainer.model.merged_tensors()?, &out.join("model.safetensors"))?;
+    save_tensors(
+        &trainer.model.merged_tensors()?,
+        &out.join("model.safetensors"),
+    )?;
     let mut lora_update = std::collections::HashMap::new();
     for (name, layer) in trainer.model.projections() {
         if let Some(d) = layer.lora_delta()? {
@@ -470,7 +602,12 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         save_tensors(&lora_update, &out.join("lora_update.safetensors"))?;
     }
     std::fs::create_dir_all(out.join("checkpoint"))?;
-    checkpoint::write_folder(&out.join("checkpoint"), &trainer.model, &trainer.opt, &trainer.state)?;
+    checkpoint::write_folder(
+        &out.join("checkpoint"),
+        &trainer.model,
+        &trainer.opt,
+        &trainer.state,
+    )?;
     std::fs::copy(&metrics_path, out.join("metrics.jsonl"))?;
     let last = history.last();
     let info = TrainInfo {
@@ -499,6 +636,13 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     ctx.metric("final_loss", info.final_loss);
     ctx.metric("eval_loss", info.eval_loss);
     ctx.metric("perplexity", info.perplexity);
-    ctx.metric("tokens_per_s", if tps.is_empty() { None } else { Some(tps.iter().sum::<f64>() / tps.len() as f64) });
+    ctx.metric(
+        "tokens_per_s",
+        if tps.is_empty() {
+            None
+        } else {
+            Some(tps.iter().sum::<f64>() / tps.len() as f64)
+        },
+    );
     Ok(())
 }
