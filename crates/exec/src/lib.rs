@@ -83,6 +83,7 @@ impl RunReport {
 enum Event {
     Progress(usize, Progress),
     Waiting(usize, Option<u32>),
+    StaleLock(usize, u32),
     Started(usize),
     Done(usize, Result<(String, Outcome), String>),
 }
@@ -211,6 +212,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
             match rx.recv().expect("a worker holds a sender") {
                 Event::Started(i) => display.started(&dag.pipeline.stages[i].name),
                 Event::Waiting(i, pid) => display.waiting(&dag.pipeline.stages[i].name, pid),
+                Event::StaleLock(i, pid) => display.stale_lock(&dag.pipeline.stages[i].name, pid),
                 Event::Progress(i, p) => display.progress(&dag.pipeline.stages[i].name, &p),
                 Event::Done(i, r) => {
                     let gpus = running.remove(&i).unwrap_or_default();
@@ -293,9 +295,12 @@ fn run_one(
             return Ok((m.output_hash, Outcome::Cached));
         }
     }
-    let _lock = cache.lock(&key, |pid| {
+    let lock = cache.lock(&key, |pid| {
         let _ = tx.send(Event::Waiting(i, pid));
     })?;
+    if let Some(pid) = lock.stale_pid {
+        let _ = tx.send(Event::StaleLock(i, pid));
+    }
     if let Some(m) = cache.lookup(&key)? {
         if force {
             std::fs::remove_dir_all(cache.entry_dir(&key))

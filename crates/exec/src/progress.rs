@@ -64,6 +64,12 @@ impl Display {
         self.line(&format!("[{stage}] waiting: {who} is computing this entry"));
     }
 
+    pub fn stale_lock(&mut self, stage: &str, pid: u32) {
+        self.line(&format!(
+            "[{stage}] cleared a stale lock left by process {pid}, which died mid-stage; recomputing"
+        ));
+    }
+
     pub fn progress(&mut self, stage: &str, p: &Progress) {
         if let Some(bar) = self.bars.get(stage) {
             bar.set_length(p.total);
