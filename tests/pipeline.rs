@@ -559,3 +559,121 @@ fn a_corrupt_warm_start_is_an_error_naming_the_file() {
         "{err}"
     );
 }
+
+/// A one-file HTTP server on 127.0.0.1 that honours Range requests. If `cut_at` is set, its
+/// first answer announces the whole body but sends only that many bytes, then hangs up.
+/// It stops after `max_requests` connections or 30 seconds.
+fn serve(
+    body: Vec<u8>,
+    cut_at: Option<usize>,
+    max_requests: usize,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/c4-sample.json.gz",
+        listener.local_addr().unwrap()
+    );
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut served = 0;
+        while served < max_requests && t0.elapsed() < Duration::from_secs(30) {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            stream.set_nonblocking(false).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut range_from = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range_from = v.trim().trim_end_matches('-').parse().unwrap();
+                }
+            }
+            seen.lock()
+                .unwrap()
+                .push(format!("range_from={range_from}"));
+            let mut out = stream;
+            let rest = &body[range_from..];
+            let head = if range_from > 0 {
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {range_from}-{}/{}\r\nConnection: close\r\n\r\n",
+                    rest.len(), body.len() - 1, body.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+            };
+            out.write_all(head.as_bytes()).unwrap();
+            match (served, cut_at) {
+                (0, Some(cut)) => out.write_all(&rest[..cut]).unwrap(),
+                _ => out.write_all(rest).unwrap(),
+            }
+            let _ = out.flush();
+            served += 1;
+        }
+    });
+    (url, log)
+}
+
+#[test]
+fn download_resumes_after_a_broken_connection_checks_sha256_and_feeds_tokenize() {
+    use sha2::Digest;
+    let body =
+        std::fs::read(repo().join("examples/data/c4-train.00000-of-01024.first1000.json.gz"))
+            .unwrap();
+    let sha: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (url, log) = serve(body.clone(), Some(300_000), 3);
+    let env = Env::new();
+    let yaml = format!(
+        "pipeline: dl\nstages:\n  c4:\n    kind: download\n    params:\n      files:\n        - {{url: \"{url}\", sha256: {sha}}}\n  tokens:\n    kind: tokenize\n    inputs: {{corpus: c4}}\n    params:\n      train_files: c4-sample.json.gz\n      limit_docs: 100\n      valid_docs: 10\n      tokenizer: {{type: bpe, vocab_size: 300}}\n"
+    );
+    env.write("dl.yaml", &yaml);
+    let first = env.run(&["run", "dl.yaml"]);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(!first.status.success());
+    assert!(
+        err.contains("the connection broke after") && err.contains("run again to resume"),
+        "{err}"
+    );
+    let out = env.ok(&["run", "dl.yaml"]);
+    assert_eq!(ran(&out), ["c4", "tokens"]);
+    assert_eq!(*log.lock().unwrap(), ["range_from=0", "range_from=300000"]);
+    let v: Value = serde_json::from_str(&env.ok(&["show", "dl.yaml", "c4", "--json"])).unwrap();
+    let got =
+        std::fs::read(Path::new(v["path"].as_str().unwrap()).join("outputs/c4-sample.json.gz"))
+            .unwrap();
+    assert!(
+        got == body,
+        "the resumed download differs from the served file"
+    );
+    assert!(
+        std::fs::read_to_string(Path::new(v["path"].as_str().unwrap()).join("log.txt"))
+            .unwrap()
+            .contains("resuming")
+    );
+    // A wrong checksum is refused, and nothing is committed.
+    let (url2, _) = serve(body, None, 1);
+    let bad = "0".repeat(64);
+    env.write("bad.yaml", &format!("pipeline: bad\nstages:\n  c4:\n    kind: download\n    params:\n      files: [{{url: \"{url2}\", sha256: \"{bad}\"}}]\n"));
+    let o = env.run(&["run", "bad.yaml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(&format!("sha256 is {sha}"))
+            && err.contains("the download was discarded"),
+        "{err}"
+    );
+}

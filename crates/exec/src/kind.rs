@@ -26,7 +26,7 @@ pub trait StageKind: Send + Sync {
         &[]
     }
     /// Files outside the cache that the stage reads; their contents go into its key.
-    fn external_files(&self, _params: &Value, _base_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn external_files(&self, _stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
         Ok(Vec::new())
     }
     fn resources(&self, _params: &Value) -> Resources {

@@ -65,7 +65,7 @@ pub fn components(
         };
         c.insert(format!("input.{input}"), h.clone());
     }
-    for (label, path) in kind.external_files(&s.params, &s.base_dir)? {
+    for (label, path) in kind.external_files(s)? {
         let h = relora_cache::hash_file(&path).with_context(|| {
             format!(
                 "stage `{}` reads {} ({label}), which cannot be read",

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use relora_exec::{parse_params, StageContext, StageKind};
 use relora_spec::{SpecError, StageSpec};
 use serde::Deserialize;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -77,11 +76,11 @@ impl StageKind for Command {
             Err(errors)
         }
     }
-    fn external_files(&self, params: &Value, base_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-        let p: CommandParams = serde_json::from_value(params.clone())?;
+    fn external_files(&self, stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
+        let p: CommandParams = serde_json::from_value(stage.params.clone())?;
         Ok(p.files
             .iter()
-            .map(|f| (f.clone(), base_dir.join(f)))
+            .map(|f| (f.clone(), stage.base_dir.join(f)))
             .collect())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

@@ -8,13 +8,15 @@
 //! | kind | inputs | does |
 //! |---|---|---|
 //! | `command` | any | a shell command with declared files and outputs |
-//! | `tokenize` | – | corpus → tokenizer → parquet shards |
+//! | `download` | – | http(s) files pinned by sha256, resumable |
+//! | `tokenize` | `corpus`? | corpus → tokenizer → parquet shards |
 //! | `train` | `data`, `init`? | full / relora / lora / control training |
 //! | `eval` | `model`, `data` | validation perplexity |
 //! | `svd` | `final`, `base`? | singular values of the weight updates |
 //! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |
 
 mod command;
+mod download;
 mod eval;
 mod report;
 mod svd;
@@ -29,6 +31,7 @@ use relora_exec::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::default();
     r.register(Box::new(Command));
+    r.register(Box::new(download::Download));
     r.register(Box::new(tokenize::Tokenize));
     r.register(Box::new(train::Train));
     r.register(Box::new(eval::Eval));

@@ -6,7 +6,6 @@ use relora_data::{tokenize, TokenizeConfig, TokenizerSource};
 use relora_exec::{parse_params, Progress, StageContext, StageKind};
 use relora_spec::{SpecError, StageSpec};
 use serde::Deserialize;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Deserialize)]
@@ -37,7 +36,8 @@ pub enum FormatParam {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeParams {
-    /// Glob(s) of training corpus files, relative to the pipeline file.
+    /// Glob(s) of training corpus files, relative to the pipeline file, or to the `corpus`
+    /// input's folder when the stage has one (a `download` stage).
     pub train_files: Files,
     /// Glob(s) of validation files; without them `valid_docs` are held out.
     #[serde(default)]
@@ -95,7 +95,7 @@ impl StageKind for Tokenize {
         1
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
-        Some(&[])
+        Some(&[("corpus", false)])
     }
     fn cosmetic_params(&self) -> &'static [&'static str] {
         &["threads"]
@@ -103,7 +103,9 @@ impl StageKind for Tokenize {
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: TokenizeParams = parse_params(stage)?;
         let mut errors = Vec::new();
-        if let Err(e) = files(&p, &stage.base_dir) {
+        // Files from a `corpus` input do not exist until it has run.
+        if stage.inputs.contains_key("corpus") {
+        } else if let Err(e) = files(&p, &stage.base_dir) {
             errors.push(stage.error(&["params", "train_files"], format!("{e:#}")));
         }
         if let TokenizerSource::File { path } = &p.tokenizer {
@@ -124,38 +126,34 @@ impl StageKind for Tokenize {
             Err(errors)
         }
     }
-    fn external_files(&self, params: &Value, base_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-        let p: TokenizeParams = serde_json::from_value(params.clone())?;
-        let (train, valid) = files(&p, base_dir)?;
-        let mut out: Vec<(String, PathBuf)> = train
-            .into_iter()
-            .map(|f| {
-                (
-                    format!(
-                        "train:{}",
-                        f.file_name().unwrap_or_default().to_string_lossy()
-                    ),
-                    f,
-                )
-            })
-            .chain(valid.into_iter().map(|f| {
-                (
-                    format!(
-                        "valid:{}",
-                        f.file_name().unwrap_or_default().to_string_lossy()
-                    ),
-                    f,
-                )
-            }))
-            .collect();
+    fn external_files(&self, stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
+        let p: TokenizeParams = serde_json::from_value(stage.params.clone())?;
+        let mut out: Vec<(String, PathBuf)> = Vec::new();
         if let TokenizerSource::File { path } = &p.tokenizer {
-            out.push(("tokenizer".into(), base_dir.join(path)));
+            out.push(("tokenizer".into(), stage.base_dir.join(path)));
         }
+        // Files from a `corpus` input are covered by its output hash.
+        if stage.inputs.contains_key("corpus") {
+            return Ok(out);
+        }
+        let (train, valid) = files(&p, &stage.base_dir)?;
+        let label = |split: &str, f: &Path| {
+            format!(
+                "{split}:{}",
+                f.file_name().unwrap_or_default().to_string_lossy()
+            )
+        };
+        out.extend(train.iter().map(|f| (label("train", f), f.clone())));
+        out.extend(valid.iter().map(|f| (label("valid", f), f.clone())));
         Ok(out)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: TokenizeParams = serde_json::from_value(ctx.params.clone())?;
-        let (train_files, valid_files) = files(&p, &ctx.base_dir)?;
+        let corpus_dir = match ctx.inputs.get("corpus") {
+            Some(dir) => dir.clone(),
+            None => ctx.base_dir.clone(),
+        };
+        let (train_files, valid_files) = files(&p, &corpus_dir)?;
         let tokenizer = match p.tokenizer {
             TokenizerSource::File { path } => TokenizerSource::File {
                 path: ctx.resolve(&path.to_string_lossy()),
