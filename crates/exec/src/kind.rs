@@ -55,7 +55,9 @@ pub fn parse_params<T: DeserializeOwned>(stage: &StageSpec) -> Result<T, Vec<Spe
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
         {
-            path.push(field.to_string());
+            if path.last().map(String::as_str) != Some(field) {
+                path.push(field.to_string());
+            }
         }
         let mut sub = vec!["params"];
         sub.extend(path.iter().map(String::as_str));
