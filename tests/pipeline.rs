@@ -677,3 +677,69 @@ fn download_resumes_after_a_broken_connection_checks_sha256_and_feeds_tokenize()
         "{err}"
     );
 }
+
+#[test]
+fn parallel_stages_that_need_a_gpu_never_share_one() {
+    let env = Env::new();
+    let mut yaml = String::from("pipeline: gpus\nstages:\n");
+    for name in ["g1", "g2", "g3"] {
+        yaml.push_str(&format!(
+            "  {name}:\n    kind: command\n    resources: {{gpus: 1}}\n    params: {{run: \"echo {name} > $OUT/name; echo $CUDA_VISIBLE_DEVICES > $OUT/gpu; date +%s%N > $OUT/start; sleep 0.5; date +%s%N > $OUT/end\"}}\n"
+        ));
+    }
+    env.write("g.yaml", &yaml);
+    let out = env
+        .cmd(&["run", "g.yaml", "--jobs", "3"])
+        .env("RELORA_GPUS", "0,1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |stage: &str, f: &str| -> String {
+        let v: Value = serde_json::from_str(&env.ok(&["show", "g.yaml", stage, "--json"])).unwrap();
+        std::fs::read_to_string(
+            Path::new(v["path"].as_str().unwrap())
+                .join("outputs")
+                .join(f),
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    let runs: Vec<(String, u128, u128)> = ["g1", "g2", "g3"]
+        .iter()
+        .map(|s| {
+            (
+                read(s, "gpu"),
+                read(s, "start").parse().unwrap(),
+                read(s, "end").parse().unwrap(),
+            )
+        })
+        .collect();
+    for (i, a) in runs.iter().enumerate() {
+        assert!(a.0 == "0" || a.0 == "1", "gpu id {}", a.0);
+        for b in &runs[i + 1..] {
+            let overlap = a.1 < b.2 && b.1 < a.2;
+            assert!(
+                !(overlap && a.0 == b.0),
+                "two stages ran at once on GPU {}",
+                a.0
+            );
+        }
+    }
+    // Only two GPUs: the three stages cannot all have overlapped.
+    let all_overlap = runs
+        .iter()
+        .all(|a| runs.iter().all(|b| a.1 < b.2 && b.1 < a.2));
+    assert!(!all_overlap);
+    // Asking for more GPUs than exist is an error before anything runs.
+    let o = env
+        .cmd(&["run", "g.yaml", "--force", "g1"])
+        .env("RELORA_GPUS", "")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs 1 GPU(s) but 0 are available"));
+}
