@@ -126,19 +126,25 @@ pub fn line_chart(
     )
 }
 
+/// Every projection type any method has, in first-seen order.
+fn projection_names(methods: &[(String, SpectrumReport)]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (_, r) in methods {
+        for p in r.projections.keys() {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+    }
+    names
+}
+
 fn histograms<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     methods: &[(String, SpectrumReport)],
 ) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
-    let mut projections: Vec<String> = Vec::new();
-    for (_, r) in methods {
-        for p in r.projections.keys() {
-            if !projections.contains(p) {
-                projections.push(p.clone());
-            }
-        }
-    }
+    let projections = projection_names(methods);
     let (title, body) = root.split_vertically(40);
     title
         .draw_text("Singular values of ΔW per projection (normalised histograms; values past the range fall in the last bin)", &("sans-serif", 20).into_font().color(&BLACK), (12, 10))
@@ -213,14 +219,7 @@ fn counts<DB: DrawingBackend>(
     methods: &[(String, SpectrumReport)],
 ) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
-    let mut projections: Vec<String> = Vec::new();
-    for (_, r) in methods {
-        for p in r.projections.keys() {
-            if !projections.contains(p) {
-                projections.push(p.clone());
-            }
-        }
-    }
+    let projections = projection_names(methods);
     let threshold = methods.first().map(|m| m.1.threshold).unwrap_or(0.1);
     let ymax = methods
         .iter()

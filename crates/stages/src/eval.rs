@@ -48,13 +48,7 @@ impl StageKind for Eval {
         Some(&[("model", true), ("data", true)])
     }
     fn resources(&self, params: &Value) -> Resources {
-        let dev = params
-            .get("device")
-            .and_then(Value::as_str)
-            .unwrap_or("cpu");
-        Resources {
-            gpus: u32::from(dev.starts_with("cuda")),
-        }
+        crate::device_resources(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let _: EvalParams = parse_params(stage)?;

@@ -27,6 +27,17 @@ pub use command::Command;
 
 use relora_exec::Registry;
 
+/// A stage whose `device` is `cuda` or `cuda:N` holds one GPU while it runs.
+fn device_resources(params: &serde_json::Value) -> relora_spec::Resources {
+    let dev = params
+        .get("device")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("cpu");
+    relora_spec::Resources {
+        gpus: u32::from(dev.starts_with("cuda")),
+    }
+}
+
 /// Every stage kind this binary can run.
 pub fn registry() -> Registry {
     let mut r = Registry::default();

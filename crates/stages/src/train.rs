@@ -302,13 +302,7 @@ impl StageKind for Train {
         &["log_every", "checkpoint_every"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        let dev = params
-            .get("device")
-            .and_then(Value::as_str)
-            .unwrap_or("cpu");
-        Resources {
-            gpus: u32::from(dev.starts_with("cuda")),
-        }
+        crate::device_resources(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: TrainParams = parse_params(stage)?;
