@@ -339,7 +339,7 @@ fn hash_file(p: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shards::read_split;
+    use crate::shards::{read_split, ShardWriter};
     use std::io::{BufRead, Write};
 
     fn data_dir() -> PathBuf {
@@ -506,5 +506,83 @@ mod tests {
             e.contains("tok.json is not a Hugging Face tokenizer.json"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn shards_have_the_documented_schema() {
+        use arrow::datatypes::DataType;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::new(dir.path(), 1000).unwrap();
+        w.push(&[5, 6, 1]).unwrap();
+        let w = w.finish().unwrap();
+        let f = std::fs::File::open(&w.shards[0]).unwrap();
+        let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+        let field = b.schema().field_with_name("input_ids").unwrap().clone();
+        assert!(!field.is_nullable());
+        match field.data_type() {
+            DataType::List(item) => {
+                assert_eq!(item.data_type(), &DataType::UInt32);
+                assert!(!item.is_nullable());
+            }
+            other => panic!("input_ids is {other:?}"),
+        }
+        assert_eq!(b.schema().fields().len(), 1);
+    }
+
+    #[test]
+    fn parquet_and_plain_text_corpora_and_a_trained_unigram() {
+        use arrow::array::StringArray;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let dir = tempfile::tempdir().unwrap();
+        let texts: Vec<String> = (0..60)
+            .map(|i| format!("document number {i} says hello to the world"))
+            .collect();
+        // Parquet with a `body` column.
+        let schema =
+            std::sync::Arc::new(Schema::new(vec![Field::new("body", DataType::Utf8, true)]));
+        let col = StringArray::from(texts.iter().map(|t| Some(t.as_str())).collect::<Vec<_>>());
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            schema.clone(),
+            vec![std::sync::Arc::new(col)],
+        )
+        .unwrap();
+        let pq = dir.path().join("corpus.parquet");
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), schema, None)
+                .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let txt = bad_file(
+            dir.path(),
+            "corpus.txt",
+            (texts.join("\n") + "\n").as_bytes(),
+        );
+        for (file, field) in [(pq, "body"), (txt, "text")] {
+            let mut cfg = config(
+                vec![file.clone()],
+                TokenizerSource::Unigram { vocab_size: 60 },
+            );
+            cfg.text_field = field.into();
+            cfg.valid_docs = 10;
+            let out = dir.path().join(format!("out-{field}"));
+            let m = tokenize(&cfg, &out, |_, _| {}).unwrap();
+            assert_eq!(
+                (m.train.documents, m.valid.documents),
+                (50, 10),
+                "{}",
+                file.display()
+            );
+            assert!(m.vocab_size <= 60 && m.vocab_size > 3);
+            let docs = read_split(&out.join("valid")).unwrap();
+            let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
+            let ids = docs.doc(0);
+            assert_eq!(*ids.last().unwrap(), m.eos_id);
+            let text = tok.decode(&ids[..ids.len() - 1], true).unwrap();
+            assert_eq!(
+                text.trim(),
+                texts[50],
+                "round trip through the trained Unigram"
+            );
+        }
     }
 }
