@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use relora_exec::{plan, Dag, Outcome, Registry, RunOptions, State};
 use relora_stages::registry;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -312,6 +312,5 @@ fn show(
             std::fs::read_to_string(dir.join("outputs").join(&o.path))?
         );
     }
-    let _ = Path::new("");
     Ok(ExitCode::SUCCESS)
 }
