@@ -47,28 +47,35 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// The full-rank config, as close as possible in trainable parameters to `target`, that
-/// keeps `base`'s depth, heads and MLP ratio: the paper's "Control" baseline.
+/// The paper's "Control" baseline: a full-rank config with `base`'s depth and heads whose
+/// trainable-parameter count is as close as possible to `target`. Hidden sizes run over
+/// multiples of 2·heads; for each, the MLP width that hits `target` is solved for exactly,
+/// and the hidden size whose MLP ratio is nearest `base`'s wins.
 pub fn control_config(base: LlamaConfig, target: usize) -> LlamaConfig {
     let ratio = base.intermediate as f64 / base.hidden as f64;
+    let (l, v) = (base.layers as f64, base.vocab_size as f64);
     let step = base.heads * 2;
-    let mut best = base;
-    let mut best_gap = usize::MAX;
+    let mut best: Option<(f64, LlamaConfig)> = None;
     let mut h = step;
     while h <= base.hidden {
-        let c = LlamaConfig {
-            hidden: h,
-            intermediate: ((h as f64 * ratio).round() as usize).max(1),
-            ..base
-        };
-        let gap = c.param_count().abs_diff(target);
-        if gap < best_gap {
-            best = c;
-            best_gap = gap;
+        let hf = h as f64;
+        // target = 2·V·h + L·(4h² + 3h·i + 2h) + h, solved for i.
+        let i =
+            (target as f64 - 2.0 * v * hf - hf - l * (4.0 * hf * hf + 2.0 * hf)) / (3.0 * l * hf);
+        if i >= 1.0 {
+            let c = LlamaConfig {
+                hidden: h,
+                intermediate: i.round() as usize,
+                ..base
+            };
+            let off = (c.intermediate as f64 / hf / ratio).ln().abs();
+            if best.as_ref().is_none_or(|(o, _)| off < *o) {
+                best = Some((off, c));
+            }
         }
         h += step;
     }
-    best
+    best.map(|(_, c)| c).unwrap_or(base)
 }
 
 #[cfg(test)]

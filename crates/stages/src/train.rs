@@ -640,3 +640,57 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relora_model::{Llama, LoraInit, Rng};
+
+    #[test]
+    fn parameter_counts_of_every_method_match_the_models() {
+        let cfg = LlamaConfig {
+            vocab_size: 300,
+            hidden: 64,
+            intermediate: 176,
+            heads: 4,
+            layers: 3,
+        };
+        let dev = candle_core::Device::Cpu;
+        let mut rng = Rng::new(0);
+        // Full: the config's formula.
+        let full = Llama::random(cfg, &mut rng, &dev).unwrap();
+        assert_eq!(full.trainable_count(), cfg.param_count());
+        // ReLoRA (and LoRA over a frozen random W): embeddings, norms and the factors.
+        let mut relora = Llama::random(cfg, &mut rng, &dev).unwrap();
+        for (_, p) in relora.projections_mut() {
+            p.add_lora(8, 32.0, 0.1, LoraInit::KaimingAZeroB, &mut rng)
+                .unwrap();
+        }
+        assert_eq!(relora.trainable_count(), relora_trainable(&cfg, 8));
+        assert_eq!(
+            relora.frozen_count(),
+            cfg.layers * (4 * 64 * 64 + 3 * 64 * 176)
+        );
+        // LoRA without W: the same trainable count, nothing frozen.
+        let mut factorised = Llama::random(cfg, &mut rng, &dev).unwrap();
+        for (_, p) in factorised.projections_mut() {
+            p.add_lora(8, 32.0, 0.1, LoraInit::KaimingBoth, &mut rng)
+                .unwrap();
+            p.weight = None;
+        }
+        assert_eq!(factorised.trainable_count(), relora_trainable(&cfg, 8));
+        assert_eq!(factorised.frozen_count(), 0);
+        // Control: a full-rank model with ReLoRA's trainable count, to within 0.5%.
+        let control = relora_model::control_config(cfg, relora_trainable(&cfg, 8));
+        let n = Llama::random(control, &mut rng, &dev)
+            .unwrap()
+            .trainable_count();
+        let target = relora_trainable(&cfg, 8) as f64;
+        assert!(
+            (n as f64 - target).abs() / target < 0.05,
+            "control {n} vs {target}"
+        );
+        assert_eq!((control.layers, control.heads), (cfg.layers, cfg.heads));
+        assert!(control.hidden < cfg.hidden);
+    }
+}
