@@ -266,7 +266,6 @@ fn synthetic_loader(seed: u64) -> Loader {
 
 fn config(steps: u64, restarts: Option<Restarts>) -> TrainConfig {
     TrainConfig {
-        steps,
         micro_batch: 4,
         accum: 2,
         lr: 1e-2,
@@ -281,7 +280,6 @@ fn config(steps: u64, restarts: Option<Restarts>) -> TrainConfig {
         checkpoint_every: 3,
         eval_every: 0,
         eval_sequences: 8,
-        log_every: 1,
     }
 }
 

@@ -28,8 +28,6 @@ pub struct Restarts {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// Optimizer steps to take in this run.
-    pub steps: u64,
     /// Sequences per forward pass.
     pub micro_batch: usize,
     /// Forward/backward passes per optimizer step.
@@ -42,7 +40,6 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     pub eval_every: u64,
     pub eval_sequences: usize,
-    pub log_every: u64,
 }
 
 /// One line of metrics.jsonl.
@@ -168,7 +165,7 @@ impl Trainer {
         Ok(Some(self.state.step))
     }
 
-    /// Train until `cfg.steps` more steps than `start_step` are done.
+    /// Train until the step counter reaches `end_step`.
     pub fn run(
         &mut self,
         loader: &mut Loader,

@@ -496,7 +496,6 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         reset: r.reset,
     });
     let tcfg = TrainConfig {
-        steps: p.steps,
         micro_batch: p.micro_batch,
         accum,
         lr: p.lr,
@@ -512,7 +511,6 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         checkpoint_every: p.checkpoint_every,
         eval_every: p.eval_every,
         eval_sequences: p.eval_sequences,
-        log_every: p.log_every.unwrap_or(1),
     };
     let mut trainer = Trainer::new(model, tcfg, p.seed, device.clone())?;
     if let (Some(dir), InitMode::Continue) = (&init_dir, p.init_mode) {
