@@ -80,12 +80,19 @@ impl RunReport {
     }
 }
 
+/// A stage's result as downstream stages need it.
+struct Finished {
+    key: String,
+    output_hash: String,
+    outcome: Outcome,
+}
+
 enum Event {
     Progress(usize, Progress),
     Waiting(usize, Option<u32>),
     StaleLock(usize, u32),
     Started(usize),
-    Done(usize, Result<(String, Outcome), String>),
+    Done(usize, Result<Finished, String>),
 }
 
 /// GPU ids visible to this process: RELORA_GPUS, else CUDA_VISIBLE_DEVICES, else those the
@@ -138,6 +145,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
 
     let mut outcome: Vec<Option<Outcome>> = vec![None; n];
     let mut output_hash: BTreeMap<usize, String> = BTreeMap::new();
+    let mut keys: BTreeMap<usize, String> = BTreeMap::new();
     let mut running: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
     let mut free_gpus: Vec<u32> = opts.gpus.clone();
     let mut stop = false;
@@ -195,8 +203,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
                         .iter()
                         .map(|(name, target)| {
                             let j = dag.index_of(target).expect("validated");
-                            let key = cache_key_of(dag, registry, j, &output_hash);
-                            (name.clone(), cache.entry_dir(&key).join("outputs"))
+                            (name.clone(), cache.entry_dir(&keys[&j]).join("outputs"))
                         })
                         .collect();
                     scope.spawn(move || {
@@ -219,10 +226,11 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
                     free_gpus.extend(gpus);
                     let name = &dag.pipeline.stages[i].name;
                     match r {
-                        Ok((hash, o)) => {
-                            display.finished(name, &o);
-                            output_hash.insert(i, hash);
-                            outcome[i] = Some(o);
+                        Ok(f) => {
+                            display.finished(name, &f.outcome);
+                            output_hash.insert(i, f.output_hash);
+                            keys.insert(i, f.key);
+                            outcome[i] = Some(f.outcome);
                         }
                         Err(message) => {
                             display.failed(name, &message);
@@ -261,19 +269,6 @@ fn resources(dag: &Dag, registry: &Registry, i: usize) -> relora_spec::Resources
         .unwrap_or_default()
 }
 
-fn cache_key_of(
-    dag: &Dag,
-    registry: &Registry,
-    j: usize,
-    output_hash: &BTreeMap<usize, String>,
-) -> String {
-    components(dag, registry, j, output_hash)
-        .ok()
-        .flatten()
-        .map(|c| c.key())
-        .unwrap_or_default()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_one(
     dag: &Dag,
@@ -285,14 +280,19 @@ fn run_one(
     inputs: BTreeMap<String, PathBuf>,
     gpus: Vec<u32>,
     tx: &mpsc::Sender<Event>,
-) -> Result<(String, Outcome)> {
+) -> Result<Finished> {
     let s = &dag.pipeline.stages[i];
     let key = comps.key();
+    let done = |output_hash: String, outcome: Outcome| Finished {
+        key: key.clone(),
+        output_hash,
+        outcome,
+    };
     let record = || cache.record_ref(&dag.pipeline.name, &s.name, &comps);
     if !force {
         if let Some(m) = cache.lookup(&key)? {
             record()?;
-            return Ok((m.output_hash, Outcome::Cached));
+            return Ok(done(m.output_hash, Outcome::Cached));
         }
     }
     let lock = cache.lock(&key, |pid| {
@@ -307,7 +307,7 @@ fn run_one(
                 .with_context(|| format!("removing the entry of `{}` to recompute it", s.name))?;
         } else {
             record()?;
-            return Ok((m.output_hash, Outcome::Cached));
+            return Ok(done(m.output_hash, Outcome::Cached));
         }
     }
     let _ = tx.send(Event::Started(i));
@@ -351,7 +351,10 @@ fn run_one(
                 TOOL_VERSION,
             )?;
             record()?;
-            Ok((m.output_hash, Outcome::Computed { seconds: m.seconds }))
+            Ok(done(
+                m.output_hash,
+                Outcome::Computed { seconds: m.seconds },
+            ))
         }
         Err(e) => {
             let kept = scratch.join("last-failure.log");

@@ -27,8 +27,6 @@ pub struct StagePlan {
     pub key: Option<String>,
     pub state: State,
     pub reasons: Vec<String>,
-    #[serde(skip)]
-    pub components: Option<KeyComponents>,
 }
 
 /// Parameters with cosmetic keys removed, as canonical JSON (serde_json sorts map keys).
@@ -153,7 +151,6 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                     .iter()
                     .map(|w| format!("upstream `{w}` must run first"))
                     .collect(),
-                components: None,
             },
             Some(c) => {
                 let key = c.key();
@@ -180,7 +177,6 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                     key: Some(key),
                     state,
                     reasons,
-                    components: Some(c),
                 }
             }
         };

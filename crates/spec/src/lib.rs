@@ -41,6 +41,15 @@ impl fmt::Display for SpecError {
     }
 }
 
+/// `Ok` when no problem was found, else all of them.
+pub fn no_errors(errors: Vec<SpecError>) -> Result<(), Vec<SpecError>> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 /// All the problems found in one pass, so a user fixes them together.
 #[derive(Debug, Clone)]
 pub struct SpecErrors(pub Vec<SpecError>);

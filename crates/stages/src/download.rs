@@ -77,11 +77,7 @@ impl StageKind for Download {
                 ));
             }
         }
-        if e.is_empty() {
-            Ok(())
-        } else {
-            Err(e)
-        }
+        relora_spec::no_errors(e)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: DownloadParams = serde_json::from_value(ctx.params.clone())?;

@@ -62,11 +62,7 @@ impl StageKind for Report {
                 ));
             }
         }
-        if e.is_empty() {
-            Ok(())
-        } else {
-            Err(e)
-        }
+        relora_spec::no_errors(e)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: ReportParams = serde_json::from_value(ctx.params.clone())?;

@@ -120,11 +120,7 @@ impl StageKind for Tokenize {
                 ));
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        relora_spec::no_errors(errors)
     }
     fn external_files(&self, stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
         let p: TokenizeParams = serde_json::from_value(stage.params.clone())?;

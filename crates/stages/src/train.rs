@@ -353,11 +353,7 @@ impl StageKind for Train {
                 ));
             }
         }
-        if e.is_empty() {
-            Ok(())
-        } else {
-            Err(e)
-        }
+        relora_spec::no_errors(e)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         run_train(ctx)
