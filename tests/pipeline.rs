@@ -679,6 +679,108 @@ fn download_resumes_after_a_broken_connection_checks_sha256_and_feeds_tokenize()
 }
 
 #[test]
+fn a_download_of_many_files_keeps_finished_ones_and_unpinned_files_need_consent() {
+    use sha2::Digest;
+    let hex = |b: &[u8]| -> String {
+        sha2::Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let small = b"one small file\n".repeat(1000);
+    let big = std::fs::read(repo().join("examples/data/c4-train.00000-of-01024.first1000.json.gz"))
+        .unwrap();
+    let (u1, log1) = serve(small.clone(), None, 2);
+    let (u2, log2) = serve(big.clone(), Some(300_000), 3);
+    let env = Env::new();
+    let stage = |extra: &str| {
+        format!(
+            "pipeline: dl\nstages:\n  c4:\n    kind: download\n    params:\n{extra}      files:\n        - {{url: \"{u1}\", name: a.txt}}\n        - {{url: \"{u2}\", sha256: {}}}\n",
+            hex(&big)
+        )
+    };
+    // Without consent, a missing sha256 is an error at the file's entry.
+    env.write("nopin.yaml", &stage(""));
+    let o = env.run(&["plan", "nopin.yaml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("nopin.yaml:7:")
+            && err.contains("has no sha256")
+            && err.contains("allow_unpinned: true"),
+        "{err}"
+    );
+    // With it: the second file's connection breaks; the rerun resumes it and does not fetch
+    // the finished first file again.
+    env.write("tofu.yaml", &stage("      allow_unpinned: true\n"));
+    assert!(!env.run(&["run", "tofu.yaml"]).status.success());
+    env.ok(&["run", "tofu.yaml"]);
+    assert_eq!(
+        log1.lock().unwrap().len(),
+        1,
+        "the finished file was fetched again"
+    );
+    assert_eq!(*log2.lock().unwrap(), ["range_from=0", "range_from=300000"]);
+    let v: Value = serde_json::from_str(&env.ok(&["show", "tofu.yaml", "c4", "--json"])).unwrap();
+    let entry = Path::new(v["path"].as_str().unwrap());
+    assert_eq!(std::fs::read(entry.join("outputs/a.txt")).unwrap(), small);
+    assert_eq!(
+        std::fs::read_to_string(entry.join("outputs/SHA256SUMS")).unwrap(),
+        format!("{}  a.txt\n{}  c4-sample.json.gz\n", hex(&small), hex(&big))
+    );
+    let log = std::fs::read_to_string(entry.join("log.txt")).unwrap();
+    assert!(
+        log.contains("a.txt: already downloaded and verified")
+            && log.contains(&format!("{{url: {u1}, sha256: {}}}", hex(&small))),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_paper_pipelines_validate_and_the_ablations_import_the_130m_warm_start() {
+    let env = Env::new();
+    let plan = |f: &str| -> Vec<(String, Value)> {
+        let file = repo().join("pipelines").join(f);
+        env.plan(file.to_str().unwrap(), &[])
+            .into_iter()
+            .map(|s| (s["name"].as_str().unwrap().to_string(), s["key"].clone()))
+            .collect()
+    };
+    let paper = plan("paper.yaml");
+    let abl = plan("ablation-130m.yaml");
+    // Table 2: four methods at four sizes, trained, evaluated and tabulated.
+    for size in ["60m", "130m", "250m", "350m"] {
+        for run in ["warm", "full", "relora", "lora", "control"] {
+            let name = format!("{run}-{size}");
+            assert!(paper.iter().any(|(n, _)| *n == name), "{name}");
+        }
+        for run in ["full", "relora", "lora", "control"] {
+            let name = format!("eval-{run}-{size}");
+            assert!(paper.iter().any(|(n, _)| *n == name), "{name}");
+        }
+    }
+    // The ablations bring in the 130M warm start and its data, not the other sizes.
+    let names: Vec<&str> = abl.iter().map(|(n, _)| n.as_str()).collect();
+    for n in [
+        "c4",
+        "tokens",
+        "warm-130m",
+        "relora-130m",
+        "eval-lora-130m",
+        "table3",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    assert!(!names
+        .iter()
+        .any(|n| n.ends_with("-60m") || n.ends_with("-350m")));
+    // The download (the root of both graphs) has one key, so everything after it is shared.
+    let key = |v: &[(String, Value)]| v.iter().find(|(n, _)| n == "c4").unwrap().1.clone();
+    assert!(key(&paper).is_string());
+    assert_eq!(key(&paper), key(&abl));
+}
+
+#[test]
 fn parallel_stages_that_need_a_gpu_never_share_one() {
     let env = Env::new();
     let mut yaml = String::from("pipeline: gpus\nstages:\n");

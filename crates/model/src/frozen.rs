@@ -6,7 +6,7 @@
 //! ReLoRA's compute saving comes from.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 pub struct FrozenMatmul {
     /// [out, in], contiguous.
@@ -36,6 +36,16 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen matmul: weight and input are on different devices");
         };
         let wt = w_layout.transpose(0, 1)?;
+        if storage.dtype() == DType::BF16 {
+            // No bf16 matmul on candle's CPU: widen, multiply, round (see crate::precision).
+            let x32 = storage.to_dtype(layout, DType::F32)?;
+            let w32 = w.to_dtype(w_layout, DType::F32)?;
+            let x32_layout = Layout::contiguous(layout.shape());
+            let w32t = Layout::contiguous(w_layout.shape()).transpose(0, 1)?;
+            let out = x32.matmul(&w32, (1, m, n, k), &x32_layout, &w32t)?;
+            let out = out.to_dtype(&Layout::contiguous((m, n)), DType::BF16)?;
+            return Ok((out, Shape::from((m, n))));
+        }
         let out = storage.matmul(w, (1, m, n, k), layout, &wt)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -58,7 +68,7 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // dX = dY · W; no dW.
-        Ok(Some(grad_res.matmul(&self.w)?))
+        Ok(Some(crate::precision::matmul(grad_res, &self.w)?))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod frozen;
 pub mod linear;
 pub mod llama;
 pub mod optim;
+pub mod precision;
 pub mod rng;
 pub mod schedule;
 pub mod train;

@@ -2,6 +2,7 @@
 //! low-rank factorisation. The model calls `forward` and never asks which.
 
 use crate::frozen::frozen_matmul;
+use crate::precision::matmul;
 use crate::rng::Rng;
 use candle_core::{Device, Result, Tensor, Var};
 
@@ -95,14 +96,19 @@ impl Linear {
         }
     }
 
-    /// `x [.., in] → [.., out]`. `dropout_rng` is Some in training mode.
+    /// `x [.., in] → [.., out]`, computed in x's dtype (weights are cast to it; see
+    /// [`crate::precision`]). `dropout_rng` is Some in training mode.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((m, self.in_dim))?;
+        let dt = x.dtype();
         let mut y = match &self.weight {
-            Some(w) if self.weight_trainable => Some(x2.matmul(&w.as_tensor().t()?)?),
-            Some(w) => Some(frozen_matmul(&x2, w.as_tensor())?),
+            Some(w) if self.weight_trainable => {
+                Some(matmul(&x2, &w.as_tensor().to_dtype(dt)?.t()?)?)
+            }
+            // Detached: the frozen op never differentiates W, so the cast needs no graph.
+            Some(w) => Some(frozen_matmul(&x2, &w.as_tensor().detach().to_dtype(dt)?)?),
             None => None,
         };
         if let Some(l) = &self.lora {
@@ -126,10 +132,8 @@ impl Linear {
             };
             // Scale the [m, rank] intermediate rather than the [m, out] result: far fewer
             // elements, in the forward and in the backward pass.
-            let low = xd
-                .matmul(&l.a.as_tensor().t()?)?
-                .affine(l.scale, 0.0)?
-                .matmul(&l.b.as_tensor().t()?)?;
+            let (a, b) = (l.a.as_tensor().to_dtype(dt)?, l.b.as_tensor().to_dtype(dt)?);
+            let low = matmul(&matmul(&xd, &a.t()?)?.affine(l.scale, 0.0)?, &b.t()?)?;
             y = Some(match y {
                 Some(y) => (y + low)?,
                 None => low,

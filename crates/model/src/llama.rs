@@ -4,6 +4,7 @@
 
 use crate::config::LlamaConfig;
 use crate::linear::Linear;
+use crate::precision::matmul;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     pub norm: Var,
     pub lm_head: Var,
+    /// The dtype matmuls run in: the parameters' own dtype unless set (bf16 on a GPU).
+    pub compute: DType,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -154,9 +157,11 @@ impl Llama {
                     .map_err(|_| candle_core::Error::Msg("seven projections".into()))?,
             });
         }
+        let embed = get("embed_tokens.weight", &[v, h])?;
         Ok(Llama {
             cfg,
-            embed: Var::from_tensor(&get("embed_tokens.weight", &[v, h])?)?,
+            compute: embed.dtype(),
+            embed: Var::from_tensor(&embed)?,
             blocks,
             norm: Var::from_tensor(&get("norm.weight", &[h])?)?,
             lm_head: Var::from_tensor(&get("lm_head.weight", &[v, h])?)?,
@@ -283,16 +288,21 @@ impl Llama {
         Ok(m)
     }
 
-    /// Logits [b, t, vocab] for ids [b, t]. `dropout` is Some in training mode.
+    /// Logits [b, t, vocab] for ids [b, t], in the parameters' dtype. `dropout` is Some in
+    /// training mode. Matmuls run in `self.compute` (see [`crate::precision`]); with f32
+    /// compute every cast below is a no-op.
     pub fn forward(&self, ids: &Tensor, mut dropout: Option<&mut Rng>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (nh, hd) = (self.cfg.heads, self.cfg.head_dim());
         let dev = ids.device();
-        let dtype = self.embed.dtype();
+        let master = self.embed.dtype();
+        let compute = self.compute;
         let (cos, sin) = rope_tables(t, hd, dev)?;
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let mask = causal_mask(t, dev)?.to_dtype(dtype)?;
+        let (cos, sin) = (cos.to_dtype(compute)?, sin.to_dtype(compute)?);
+        let mask = causal_mask(t, dev)?.to_dtype(master)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        // The residual stream stays in the master dtype; each sub-layer reads a normalised
+        // copy in the compute dtype and its output is widened back before the addition.
         let mut x = self
             .embed
             .as_tensor()
@@ -300,26 +310,29 @@ impl Llama {
             .reshape((b, t, self.cfg.hidden))?;
         for blk in &self.blocks {
             let [q, k, v, o, gate, up, down] = &blk.proj;
-            let n = rms_norm(&x, blk.attn_norm.as_tensor())?;
+            let n = rms_norm(&x, blk.attn_norm.as_tensor())?.to_dtype(compute)?;
             let heads = |y: Tensor| y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous();
             let qh = rope(&heads(q.forward(&n, dropout.as_deref_mut())?)?, &cos, &sin)?;
             let kh = rope(&heads(k.forward(&n, dropout.as_deref_mut())?)?, &cos, &sin)?;
             let vh = heads(v.forward(&n, dropout.as_deref_mut())?)?;
-            let att = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let y = att
-                .matmul(&vh)?
+            let att = (matmul(&qh, &kh.t()?)? * scale)?
+                .to_dtype(master)?
+                .broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(compute)?;
+            let y = matmul(&att, &vh)?
                 .transpose(1, 2)?
                 .reshape((b, t, self.cfg.hidden))?;
-            x = (x + o.forward(&y, dropout.as_deref_mut())?)?;
-            let n = rms_norm(&x, blk.mlp_norm.as_tensor())?;
+            x = (x + o.forward(&y, dropout.as_deref_mut())?.to_dtype(master)?)?;
+            let n = rms_norm(&x, blk.mlp_norm.as_tensor())?.to_dtype(compute)?;
             let g = candle_nn::ops::silu(&gate.forward(&n, dropout.as_deref_mut())?)?;
             let u = up.forward(&n, dropout.as_deref_mut())?;
-            x = (x + down.forward(&(g * u)?, dropout.as_deref_mut())?)?;
+            let mlp = down.forward(&(g * u)?, dropout.as_deref_mut())?;
+            x = (x + mlp.to_dtype(master)?)?;
         }
-        let x = rms_norm(&x, self.norm.as_tensor())?;
-        x.reshape((b * t, self.cfg.hidden))?
-            .matmul(&self.lm_head.as_tensor().t()?)?
+        let x = rms_norm(&x, self.norm.as_tensor())?.to_dtype(compute)?;
+        let head = self.lm_head.as_tensor().to_dtype(compute)?;
+        matmul(&x.reshape((b * t, self.cfg.hidden))?, &head.t()?)?
+            .to_dtype(master)?
             .reshape((b, t, self.cfg.vocab_size))
     }
 }

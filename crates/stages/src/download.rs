@@ -1,8 +1,15 @@
 //! `download`: files from http(s) URLs, each pinned by its sha256, resumable.
 //!
 //! A partial file is kept in the stage's scratch folder; a rerun asks the server for the
-//! rest (an HTTP Range request) and starts over only if the server cannot resume. A file
-//! whose sha256 differs from the pinned one is an error, and is not kept.
+//! rest (an HTTP Range request) and starts over only if the server cannot resume. Finished,
+//! verified files wait in the scratch folder too, so a stage of many files that fails on the
+//! twentieth keeps the first nineteen. A file whose sha256 differs from the pinned one is an
+//! error, and is not kept.
+//!
+//! A file may go unpinned only when the stage says `allow_unpinned: true` (for sources whose
+//! checksums could not be obtained when the pipeline was written): its first download is
+//! trusted, and the stage prints the `sha256:` line to pin it with. Every download writes
+//! `SHA256SUMS` beside the files.
 
 use anyhow::{bail, Context, Result};
 use relora_exec::{parse_params, Progress, StageContext, StageKind};
@@ -16,7 +23,9 @@ use std::path::Path;
 #[serde(deny_unknown_fields)]
 pub struct RemoteFile {
     pub url: String,
-    pub sha256: String,
+    /// Required unless the stage sets `allow_unpinned`.
+    #[serde(default)]
+    pub sha256: Option<String>,
     /// File name in the outputs (default: the URL's last path segment).
     #[serde(default)]
     pub name: Option<String>,
@@ -35,6 +44,9 @@ impl RemoteFile {
 #[serde(deny_unknown_fields)]
 pub struct DownloadParams {
     pub files: Vec<RemoteFile>,
+    /// Trust the first download of files that have no `sha256`.
+    #[serde(default)]
+    pub allow_unpinned: bool,
 }
 
 pub struct Download;
@@ -66,8 +78,19 @@ impl StageKind for Download {
             if !(f.url.starts_with("http://") || f.url.starts_with("https://")) {
                 e.push(stage.error(&at("url"), format!("`{}` is not an http(s) URL", f.url)));
             }
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                e.push(stage.error(&at("sha256"), "sha256 must be 64 hex digits"));
+            match &f.sha256 {
+                Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    e.push(stage.error(&at("sha256"), "sha256 must be 64 hex digits"));
+                }
+                None if !p.allow_unpinned => e.push(stage.error(
+                    &["params", "files", idx.as_str()],
+                    format!(
+                        "`{}` has no sha256: pin it (`sha256: <64 hex digits>`), or set \
+                         `allow_unpinned: true` on the stage to trust its first download",
+                        f.url
+                    ),
+                )),
+                _ => {}
             }
             let name = f.file_name();
             if !valid_name(&name) || !names.insert(name.clone()) {
@@ -86,33 +109,84 @@ impl StageKind for Download {
             .build()
             .into();
         let mut total = 0u64;
+        let mut sums = String::new();
+        let mut unpinned = Vec::new();
         for (i, f) in p.files.iter().enumerate() {
             let name = f.file_name();
-            let part = ctx.scratch_dir.join(format!("{name}.part"));
-            let bytes = fetch(&agent, &f.url, &part, |done| {
-                ctx.progress(&Progress {
-                    step: i as u64,
-                    total: p.files.len() as u64,
-                    note: Some(format!("{name}: {:.1} MiB", done as f64 / 1048576.0)),
-                    ..Default::default()
-                })
-            })?;
-            let got = sha256_file(&part)?;
-            if !got.eq_ignore_ascii_case(&f.sha256) {
-                let _ = std::fs::remove_file(&part);
-                bail!(
-                    "{}: sha256 is {got}, the pipeline pins {}; the download was discarded",
-                    f.url,
-                    f.sha256
-                );
+            let done = ctx.scratch_dir.join(&name);
+            let (got, bytes) = if let Some(got) = verified(&done, f)? {
+                println!("{name}: already downloaded and verified");
+                (got, std::fs::metadata(&done)?.len())
+            } else {
+                let part = ctx.scratch_dir.join(format!("{name}.part"));
+                let bytes = fetch(&agent, &f.url, &part, |done| {
+                    ctx.progress(&Progress {
+                        step: i as u64,
+                        total: p.files.len() as u64,
+                        note: Some(format!("{name}: {:.1} MiB", done as f64 / 1048576.0)),
+                        ..Default::default()
+                    })
+                })?;
+                let got = sha256_file(&part)?;
+                match &f.sha256 {
+                    Some(want) if !got.eq_ignore_ascii_case(want) => {
+                        let _ = std::fs::remove_file(&part);
+                        bail!(
+                            "{}: sha256 is {got}, the pipeline pins {want}; the download was discarded",
+                            f.url
+                        );
+                    }
+                    Some(_) => println!("{name}: {bytes} bytes, sha256 ok"),
+                    None => println!("{name}: {bytes} bytes, unpinned, sha256 {got}"),
+                }
+                // Remember the verified hash, so a rerun after a later failure trusts it.
+                std::fs::write(ctx.scratch_dir.join(format!("{name}.sha256")), &got)?;
+                std::fs::rename(&part, &done)?;
+                (got, bytes)
+            };
+            if f.sha256.is_none() {
+                unpinned.push(format!("{{url: {}, sha256: {got}}}", f.url));
             }
-            std::fs::rename(&part, ctx.out_dir.join(&name))?;
-            println!("{name}: {bytes} bytes, sha256 ok");
+            sums.push_str(&format!("{got}  {name}\n"));
             total += bytes;
         }
+        for f in &p.files {
+            let name = f.file_name();
+            std::fs::rename(ctx.scratch_dir.join(&name), ctx.out_dir.join(&name))?;
+        }
+        std::fs::write(ctx.out_dir.join("SHA256SUMS"), sums)?;
+        if !unpinned.is_empty() {
+            println!(
+                "{} file(s) were trusted on first download; to pin them, replace their entries with:",
+                unpinned.len()
+            );
+            for u in &unpinned {
+                println!("  - {u}");
+            }
+        }
         ctx.metric("bytes", total);
+        ctx.metric("unpinned_files", unpinned.len());
         Ok(())
     }
+}
+
+/// The sha256 of a finished download left in scratch by an earlier, failed run, if it still
+/// matches what was recorded for it (and what the pipeline pins).
+fn verified(done: &Path, f: &RemoteFile) -> Result<Option<String>> {
+    let record = done.with_file_name(format!(
+        "{}.sha256",
+        done.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let (Ok(recorded), true) = (std::fs::read_to_string(&record), done.exists()) else {
+        return Ok(None);
+    };
+    if f.sha256
+        .as_ref()
+        .is_some_and(|want| !want.eq_ignore_ascii_case(&recorded))
+    {
+        return Ok(None);
+    }
+    Ok((sha256_file(done)? == recorded).then_some(recorded))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -23,6 +23,9 @@ pub struct EvalParams {
     pub micro_batch: usize,
     #[serde(default = "d_device")]
     pub device: String,
+    /// Compute dtype: f32 or bf16 (bf16 for speed on a GPU; weights are read as f32).
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
 }
 
 fn d_tokens() -> usize {
@@ -33,6 +36,9 @@ fn d_micro() -> usize {
 }
 fn d_device() -> String {
     "cpu".into()
+}
+fn d_dtype() -> String {
+    "f32".into()
 }
 
 pub struct Eval;
@@ -51,7 +57,13 @@ impl StageKind for Eval {
         crate::device_resources(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
-        let _: EvalParams = parse_params(stage)?;
+        let p: EvalParams = parse_params(stage)?;
+        if relora_model::precision::parse_dtype(&p.dtype).is_none() {
+            return Err(vec![stage.error(
+                &["params", "dtype"],
+                format!("unknown dtype `{}`: use f32 or bf16", p.dtype),
+            )]);
+        }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
@@ -67,8 +79,10 @@ impl StageKind for Eval {
             );
         }
         let weights = model_dir.join("model.safetensors");
-        let model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
+        let mut model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
             .with_context(|| format!("loading {}", weights.display()))?;
+        model.compute = relora_model::precision::parse_dtype(&p.dtype)
+            .with_context(|| format!("unknown dtype `{}`: use f32 or bf16", p.dtype))?;
         let seq_len = p.seq_len.unwrap_or(info.seq_len);
         let seqs = pack(
             &read_split(&data_dir.join("valid"))?,

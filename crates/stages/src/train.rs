@@ -339,8 +339,11 @@ impl StageKind for Train {
                 "Control is a smaller model trained from scratch; it takes no init",
             ));
         }
-        if p.dtype != "f32" && p.dtype != "bf16" {
-            e.push(stage.error(&["params", "dtype"], "dtype must be f32 or bf16"));
+        if relora_model::precision::parse_dtype(&p.dtype).is_none() {
+            e.push(stage.error(
+                &["params", "dtype"],
+                format!("unknown dtype `{}`: use f32 or bf16", p.dtype),
+            ));
         }
         if let Some(b) = p.batch_tokens {
             if b % (p.micro_batch * p.seq_len) != 0 {
@@ -363,9 +366,8 @@ impl StageKind for Train {
 fn run_train(ctx: &mut StageContext) -> Result<()> {
     let p: TrainParams = serde_json::from_value(ctx.params.clone())?;
     let device = relora_model::device(&p.device)?;
-    if p.dtype == "bf16" {
-        bail!("dtype bf16 is not supported yet: training runs in f32 (on the CPU bf16 is slower and worse; see notes/candle.md)");
-    }
+    let compute = relora_model::precision::parse_dtype(&p.dtype)
+        .with_context(|| format!("unknown dtype `{}`: use f32 or bf16", p.dtype))?;
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
     let init_dir = ctx.inputs.get("init").cloned();
@@ -426,11 +428,14 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
             }
         }
     }
+    // Parameters and moments stay f32 whatever the compute dtype (crate::precision).
+    model.compute = compute;
     println!(
-        "{} trainable and {} frozen parameters ({:?})",
+        "{} trainable and {} frozen parameters ({:?}, {} compute)",
         model.trainable_count(),
         model.frozen_count(),
-        p.method
+        p.method,
+        p.dtype
     );
 
     // Data: continue after what the init consumed, with its shuffle seed.
