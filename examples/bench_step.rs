@@ -2,24 +2,42 @@
 //!
 //! cargo run --release --example bench_step -- --vocab 8000 --hidden 512 --inter 1376 \
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
+//!     [--model llama_350m] [--device cuda] [--dtype bf16]
 //!
 //! No gradient clipping and 5 warm-up steps, as the PyTorch script. Prints forward,
-//! backward and optimizer milliseconds (medians), tokens/s, an MFU
-//! estimate against this machine's measured f32 matmul rate, and peak resident memory.
+//! backward and optimizer milliseconds (medians), tokens/s, and an MFU estimate: model FLOPs
+//! (6·N + attention per token, for LoRA too) against this device's measured matmul rate in
+//! the compute dtype. On the CPU it prints peak resident memory; on CUDA the most device
+//! memory seen in use (sampled after each forward and backward pass).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use relora_data::Batch;
 use relora_model::train::batch_loss;
 use relora_model::{AdamConfig, AdamW, Llama, LlamaConfig, LoraInit, Rng};
 use std::time::Instant;
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
+        .cloned()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    arg_str(name).map_or(default, |v| v.parse().expect("a number"))
+}
+
+/// Device memory in use now, in MiB (CUDA only).
+fn device_used_mib(dev: &Device) -> f64 {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = dev.as_cuda_device() {
+        if let Ok((free, total)) = d.cuda_stream().context().mem_get_info() {
+            return (total - free) as f64 / 1048576.0;
+        }
+    }
+    let _ = dev;
+    0.0
 }
 
 fn peak_rss_mib() -> f64 {
@@ -38,15 +56,22 @@ fn peak_rss_mib() -> f64 {
         / 1024.0
 }
 
-fn matmul_gflops(dev: &Device) -> f64 {
-    let n = 1024;
-    let a = Tensor::ones((n, n), candle_core::DType::F32, dev).unwrap();
-    let _ = a.matmul(&a).unwrap();
+/// The device's matmul rate in `dtype`, GFLOP/s: the denominator of MFU.
+fn matmul_gflops(dev: &Device, dtype: DType) -> f64 {
+    let n = if dev.is_cpu() { 1024 } else { 8192 };
+    let a = Tensor::ones((n, n), DType::F32, dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let mm = |a: &Tensor| relora_model::precision::matmul(a, a).unwrap();
+    let _ = mm(&a);
+    dev.synchronize().unwrap();
     let t = Instant::now();
     let reps = 10;
     for _ in 0..reps {
-        let _ = a.matmul(&a).unwrap();
+        let _ = mm(&a);
     }
+    dev.synchronize().unwrap();
     2.0 * (n * n * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
@@ -56,12 +81,16 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cfg = LlamaConfig {
-        vocab_size: arg("--vocab", 8000),
-        hidden: arg("--hidden", 512),
-        intermediate: arg("--inter", 1376),
-        heads: arg("--heads", 8),
-        layers: arg("--layers", 4),
+    let vocab = arg("--vocab", 8000);
+    let cfg = match arg_str("--model") {
+        Some(name) => LlamaConfig::named(&name, vocab).expect("a model name such as llama_60m"),
+        None => LlamaConfig {
+            vocab_size: vocab,
+            hidden: arg("--hidden", 512),
+            intermediate: arg("--inter", 1376),
+            heads: arg("--heads", 8),
+            layers: arg("--layers", 4),
+        },
     };
     let (seq, batch, steps, rank) = (
         arg("--seq", 256),
@@ -69,10 +98,13 @@ fn main() -> anyhow::Result<()> {
         arg("--steps", 20),
         arg("--lora-rank", 0),
     );
-    let dev = Device::Cpu;
-    let peak = matmul_gflops(&dev);
+    let dev = relora_model::device(arg_str("--device").as_deref().unwrap_or("cpu"))?;
+    let dtype_name = arg_str("--dtype").unwrap_or_else(|| "f32".into());
+    let dtype = relora_model::precision::parse_dtype(&dtype_name).expect("--dtype f32 or bf16");
+    let peak = matmul_gflops(&dev, dtype);
     let mut rng = Rng::new(0);
     let mut model = Llama::random(cfg, &mut rng, &dev)?;
+    model.compute = dtype;
     if rank > 0 {
         for (_, p) in model.projections_mut() {
             p.add_lora(rank, 32.0, 0.0, LoraInit::KaimingAZeroB, &mut rng)?;
@@ -87,12 +119,16 @@ fn main() -> anyhow::Result<()> {
         (0..batch).map(|i| (&toks[i * (seq + 1)..(i + 1) * (seq + 1)], &mask[..])),
     );
     let (mut fwd, mut bwd, mut opt_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dev_mib = 0f64;
     for step in 0..steps + 5 {
         let t0 = Instant::now();
         let loss = batch_loss(&model, &b, &dev, None)?;
-        let _ = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
+        dev_mib = dev_mib.max(device_used_mib(&dev));
         let store = loss.backward()?;
+        dev.synchronize()?;
+        dev_mib = dev_mib.max(device_used_mib(&dev));
         let params = model.trainable();
         let grads: Vec<Tensor> = params
             .iter()
@@ -105,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let t2 = Instant::now();
         opt.step(&grads, 1e-3)?;
+        dev.synchronize()?;
         let t3 = Instant::now();
         if step >= 5 {
             fwd.push((t1 - t0).as_secs_f64() * 1e3);
@@ -119,7 +156,7 @@ fn main() -> anyhow::Result<()> {
     let flops = cfg.flops_per_token(seq);
     let mfu = flops * tps / (peak * 1e9);
     println!(
-        "RESULT {} params={} trainable={} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0} peak_rss_mib={:.0}",
+        "RESULT {} device={dev:?} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
         if rank > 0 { format!("lora-r{rank}") } else { "full".into() },
         cfg.param_count(),
         model.trainable_count(),

@@ -450,6 +450,28 @@ fn tiny_relora_pipeline_trains_merges_evaluates_and_reports() {
     // A change to ReLoRA re-runs it and what depends on it, not the warm start.
     let r = ran(&env.ok(&["run", "tiny.yaml", "--set", "relora.lr=0.005"]));
     assert_eq!(r, ["eval-relora", "relora", "report", "svd"]);
+    // bf16 compute (emulated on the CPU) is a different stage, and trains like f32.
+    let bf16 = ["--set", "relora.dtype=bf16"];
+    let r = ran(&env.ok(&["run", "tiny.yaml", bf16[0], bf16[1]]));
+    assert_eq!(r, ["eval-relora", "relora", "report", "svd"]);
+    let (dir, b) = metrics(&env, "tiny.yaml", "relora", &bf16);
+    let log = std::fs::read_to_string(dir.parent().unwrap().join("log.txt")).unwrap();
+    assert!(log.contains("bf16 compute"), "{log}");
+    let (f32_last, bf16_last) = (last_mean(&m), last_mean(&b));
+    eprintln!("relora final loss: f32 {f32_last:.4}, bf16 {bf16_last:.4}");
+    assert!(
+        (f32_last - bf16_last).abs() < 0.05,
+        "final loss f32 {f32_last} vs bf16 {bf16_last}"
+    );
+}
+
+/// Mean loss of the last 10 steps.
+fn last_mean(m: &[Value]) -> f64 {
+    m[m.len() - 10..]
+        .iter()
+        .map(|x| x["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 10.0
 }
 
 #[test]

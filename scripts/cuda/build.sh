@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA binary of relora-pipe on a machine with no GPU and no CUDA toolkit.
 #
-#   bash scripts/cuda/build.sh            # → out/cuda/relora-pipe (stripped) and .tar.gz
+#   bash scripts/cuda/build.sh     # → out/cuda/relora-pipe-cuda.tar.gz (stripped binaries)
 #
 # Why it looks like this:
 # - The GPU machines run the CUDA 13.0 driver (580 series). Kernels built by a newer nvcc may
@@ -52,11 +52,15 @@ export PATH=$CUDA_HOME/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH=$stub:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CARGO_TARGET_DIR=$root/target/cuda
-cargo build --release --features cuda --bin relora-pipe
-cargo build --release --features cuda --example bench_step
+cargo build --release --features cuda --bin relora-pipe --example bench_step --example cuda_parity
 
+# Only the tarball travels to the GPU machine (scripts/cuda/device-check.sh unpacks it).
 mkdir -p out/cuda
-strip -o out/cuda/relora-pipe "$CARGO_TARGET_DIR/release/relora-pipe"
-strip -o out/cuda/bench_step "$CARGO_TARGET_DIR/release/examples/bench_step"
-tar -C out/cuda -czf out/cuda/relora-pipe-cuda.tar.gz relora-pipe bench_step
+stage=$(mktemp -d)
+strip -o "$stage/relora-pipe" "$CARGO_TARGET_DIR/release/relora-pipe"
+for ex in bench_step cuda_parity; do
+  strip -o "$stage/$ex" "$CARGO_TARGET_DIR/release/examples/$ex"
+done
+tar -C "$stage" -czf out/cuda/relora-pipe-cuda.tar.gz relora-pipe bench_step cuda_parity
+rm -rf "$stage"
 ls -l out/cuda

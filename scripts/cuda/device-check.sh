@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The CUDA checks and benchmarks, in one run on the lent GPU machine (CUDA 13 driver, no Rust,
+# no network). Build here first with scripts/cuda/build.sh, then run from the repository root
+# with out/cuda carried along:
+#
+#   run(command="bash scripts/cuda/device-check.sh", carry=["out/cuda"], timeout_s=540)
+#
+# Writes under $OUT (default out/device): nvidia-smi.txt, parity.txt, quickstart.txt,
+# throughput.txt and summary.txt. Each step has its own time limit, so one that hangs
+# cannot eat the others' time.
+set -uo pipefail
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+bin=$(mktemp -d)
+tar -C "$bin" -xzf out/cuda/relora-pipe-cuda.tar.gz
+summary=$OUT/summary.txt
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+# cuBLAS, cuRAND and the runtime come from the machine's PyTorch install (too big to carry).
+libdirs=$(python3 - <<'PY'
+import os, nvidia
+roots = [os.path.dirname(p) for p in nvidia.__path__] + list(nvidia.__path__)
+seen = []
+for root in roots:
+    for d, _, files in os.walk(root):
+        if any(f.startswith(("libcublas.so", "libcurand.so", "libcudart.so", "libnvrtc.so")) for f in files):
+            if d not in seen:
+                seen.append(d)
+print(":".join(seen))
+PY
+)
+export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+note "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+ldd "$bin/relora-pipe" | grep -E "cuda|cublas|curand|not found" >> "$OUT/nvidia-smi.txt"
+
+# 1. Every op on CUDA against the CPU: f32 within 1e-4, bf16 within 1e-2.
+timeout 120 "$bin/cuda_parity" --device cuda > "$OUT/parity.txt" 2>&1
+note "parity (exit $?): $(grep -E '^PARITY' "$OUT/parity.txt" || tail -1 "$OUT/parity.txt")"
+
+# 2. The quickstart end to end with device: cuda.
+sed 's/device: cpu/device: cuda/' pipelines/quickstart.yaml > pipelines/quickstart-cuda.yaml
+start=$(date +%s)
+RELORA_CACHE=$(mktemp -d) timeout 300 "$bin/relora-pipe" run pipelines/quickstart-cuda.yaml \
+  > "$OUT/quickstart.txt" 2>&1
+code=$?
+note "quickstart on cuda (exit $code, $(( $(date +%s) - start )) s): $(grep -E 'stage\(s\) ran' "$OUT/quickstart.txt" | tail -1)"
+grep -E "perplexity|ReLoRA|Full|LoRA|Control" "$OUT/quickstart.txt" | tail -8 >> "$summary"
+
+# 3. Throughput in bf16: 60M, 130M and 350M, full-rank and ReLoRA (rank 128), T5 vocabulary,
+#    micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate.
+for model in llama_60m llama_130m llama_350m; do
+  for rank in 0 128; do
+    timeout 90 "$bin/bench_step" --model "$model" --vocab 32100 --seq 256 --batch 32 \
+      --steps 10 --device cuda --dtype bf16 --lora-rank "$rank" 2>&1 | grep RESULT \
+      | sed "s/^RESULT/$model/" >> "$OUT/throughput.txt"
+  done
+done
+cat "$OUT/throughput.txt" >> "$summary"
+cat "$summary"
