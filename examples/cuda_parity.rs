@@ -156,6 +156,42 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // LoRA dropout draws its masks on the device: the same run RNG gives the same masks,
+    // another gives others, and the mask keeps 90% of inputs at 1/0.9.
+    {
+        let mut m = build(&gpu, false, DType::F32)?;
+        let mut rng = Rng::new(7);
+        for (_, p) in m.projections_mut() {
+            p.add_lora(8, 32.0, 0.1, LoraInit::KaimingBoth, &mut rng)?;
+        }
+        let ids = Tensor::from_slice(&b.inputs, (b.batch_size, b.len), &gpu)?;
+        let a = m
+            .forward(&ids, Some(&mut Rng::new(1)))?
+            .to_device(&Device::Cpu)?;
+        let same = rel_err(&m.forward(&ids, Some(&mut Rng::new(1)))?, &a)?;
+        let other = rel_err(&m.forward(&ids, Some(&mut Rng::new(2)))?, &a)?;
+        let like = Tensor::zeros((1, 1), DType::F32, &gpu)?;
+        let mask = relora_model::linear::dropout_mask(&mut Rng::new(1), (1000, 1000), 0.1, &like)?;
+        let kept = mask
+            .ne(0.0)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        let max = mask.max_all()?.to_scalar::<f32>()?;
+        let ok = same == 0.0
+            && other > 1e-3
+            && (kept - 0.9).abs() < 0.005
+            && (max - 1.0 / 0.9).abs() < 1e-6;
+        checks += 1;
+        if !ok {
+            failed += 1;
+        }
+        println!(
+            "dropout on the device: same seed differs by {same:.1e}, another seed by {other:.1e}, \
+             kept {kept:.4}, scale {max:.6}: {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
     println!("PARITY {checks} checks, {failed} failed");
     if failed > 0 {
         std::process::exit(1);

@@ -45,6 +45,34 @@ pub fn kaiming_uniform(rng: &mut Rng, rows: usize, cols: usize, dev: &Device) ->
     )
 }
 
+/// An inverted-dropout mask (0 or 1/(1−p)) shaped `shape`, in `like`'s dtype and device.
+///
+/// On the CPU it is drawn from `rng`, so a resumed run repeats it bit for bit. On a GPU it is
+/// drawn by the device's generator, which [`crate::Llama::forward`] re-seeds from `rng` once
+/// per forward pass: host draws would be billions of random numbers per step at paper scale
+/// (tokens × width × 7 projections × layers), and the masks stay a function of the run's
+/// saved RNG state.
+pub fn dropout_mask(rng: &mut Rng, shape: (usize, usize), p: f32, like: &Tensor) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    if !like.device().is_cpu() {
+        let u = Tensor::rand(0f32, 1f32, shape, like.device())?;
+        return u
+            .lt(keep as f64)?
+            .to_dtype(like.dtype())?
+            .affine(1.0 / keep as f64, 0.0);
+    }
+    let mask: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            if rng.uniform() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+}
+
 impl Linear {
     pub fn full(weight: Tensor) -> Result<Linear> {
         let (out_dim, in_dim) = weight.dims2()?;
@@ -114,19 +142,7 @@ impl Linear {
         if let Some(l) = &self.lora {
             let xd = match dropout_rng {
                 Some(rng) if l.dropout > 0.0 => {
-                    let keep = 1.0 - l.dropout;
-                    let mask: Vec<f32> = (0..m * self.in_dim)
-                        .map(|_| {
-                            if rng.uniform() < keep {
-                                1.0 / keep
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (m, self.in_dim), x.device())?
-                        .to_dtype(x.dtype())?;
-                    (&x2 * mask)?
+                    (&x2 * dropout_mask(rng, (m, self.in_dim), l.dropout, &x2)?)?
                 }
                 _ => x2.clone(),
             };

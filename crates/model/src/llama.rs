@@ -301,6 +301,16 @@ impl Llama {
         let (cos, sin) = (cos.to_dtype(compute)?, sin.to_dtype(compute)?);
         let mask = causal_mask(t, dev)?.to_dtype(master)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let has_dropout = self
+            .blocks
+            .iter()
+            .flat_map(|b| &b.proj)
+            .any(|p| p.lora.as_ref().is_some_and(|l| l.dropout > 0.0));
+        if let (Some(rng), false, true) = (dropout.as_deref_mut(), dev.is_cpu(), has_dropout) {
+            // LoRA dropout masks are drawn on the device (see linear.rs); seed its generator
+            // from the run's RNG so they are reproducible and survive a resume.
+            dev.set_seed(u64::from(rng.next_u32()) << 32 | u64::from(rng.next_u32()))?;
+        }
         // The residual stream stays in the master dtype; each sub-layer reads a normalised
         // copy in the compute dtype and its output is widened back before the addition.
         let mut x = self
