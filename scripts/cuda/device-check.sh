@@ -3,7 +3,7 @@
 # no network). Build here first with scripts/cuda/build.sh, then run from the repository root
 # with out/cuda carried along:
 #
-#   run(command="bash scripts/cuda/device-check.sh", carry=["out/cuda"], timeout_s=540)
+#   run(command="bash scripts/cuda/device-check.sh", carry=["out/cuda"], timeout_s=480)
 #
 # Writes under $OUT (default out/device): nvidia-smi.txt, parity.txt, quickstart.txt,
 # throughput.txt and summary.txt. Each step has its own time limit, so one that hangs
@@ -36,13 +36,13 @@ note "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=c
 ldd "$bin/relora-pipe" | grep -E "cuda|cublas|curand|not found" >> "$OUT/nvidia-smi.txt"
 
 # 1. Every op on CUDA against the CPU: f32 within 1e-4, bf16 within 1e-2.
-timeout 120 "$bin/cuda_parity" --device cuda > "$OUT/parity.txt" 2>&1
+timeout 60 "$bin/cuda_parity" --device cuda > "$OUT/parity.txt" 2>&1
 note "parity (exit $?): $(grep -E '^PARITY' "$OUT/parity.txt" || tail -1 "$OUT/parity.txt")"
 
 # 2. The quickstart end to end with device: cuda.
 sed 's/device: cpu/device: cuda/' pipelines/quickstart.yaml > pipelines/quickstart-cuda.yaml
 start=$(date +%s)
-RELORA_CACHE=$(mktemp -d) timeout 300 "$bin/relora-pipe" run pipelines/quickstart-cuda.yaml \
+RELORA_CACHE=$(mktemp -d) timeout 210 "$bin/relora-pipe" run pipelines/quickstart-cuda.yaml \
   > "$OUT/quickstart.txt" 2>&1
 code=$?
 note "quickstart on cuda (exit $code, $(( $(date +%s) - start )) s): $(grep -E 'stage\(s\) ran' "$OUT/quickstart.txt" | tail -1)"
@@ -52,7 +52,7 @@ grep -E "perplexity|ReLoRA|Full|LoRA|Control" "$OUT/quickstart.txt" | tail -8 >>
 #    micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate.
 for model in llama_60m llama_130m llama_350m; do
   for rank in 0 128; do
-    timeout 90 "$bin/bench_step" --model "$model" --vocab 32100 --seq 256 --batch 32 \
+    timeout 30 "$bin/bench_step" --model "$model" --vocab 32100 --seq 256 --batch 32 \
       --steps 10 --device cuda --dtype bf16 --lora-rank "$rank" 2>&1 | grep RESULT \
       | sed "s/^RESULT/$model/" >> "$OUT/throughput.txt"
   done

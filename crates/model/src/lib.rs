@@ -42,7 +42,13 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
                 .map(str::parse)
                 .transpose()?
                 .unwrap_or(0);
-            Ok(Device::new_cuda(n)?)
+            Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!(
+                    "device `{s}`: CUDA device {n} cannot be opened ({e}). Check that a GPU is \
+                     visible (`nvidia-smi`) and that its driver's libcuda.so.1 is found before \
+                     any stub; or use `device: cpu`"
+                )
+            })
         }
         other => anyhow::bail!("unknown device `{other}`: use cpu, cuda, cuda:N or auto"),
     }
