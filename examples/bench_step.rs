@@ -100,7 +100,11 @@ fn main() -> anyhow::Result<()> {
     );
     let dev = relora_model::device(arg_str("--device").as_deref().unwrap_or("cpu"))?;
     let dtype_name = arg_str("--dtype").unwrap_or_else(|| "f32".into());
-    let dtype = relora_model::precision::parse_dtype(&dtype_name).expect("--dtype f32 or bf16");
+    let dtype = match dtype_name.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype {other}: use f32 or bf16"),
+    };
     let peak = matmul_gflops(&dev, dtype);
     let mut rng = Rng::new(0);
     let mut model = Llama::random(cfg, &mut rng, &dev)?;

@@ -9,8 +9,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use relora_data::Batch;
+use relora_model::llama::cross_entropy;
 use relora_model::optim::clip_grad_norm;
-use relora_model::train::batch_loss;
+use relora_model::train::batch_tensors;
 use relora_model::{AdamConfig, AdamW, Llama, LlamaConfig, LoraInit, ResetMode, Rng};
 
 const CFG: LlamaConfig = LlamaConfig {
@@ -54,9 +55,10 @@ struct Side {
 
 fn run(dev: &Device, lora: bool, compute: DType, b: &Batch) -> anyhow::Result<Side> {
     let mut model = build(dev, lora, compute)?;
-    let ids = Tensor::from_slice(&b.inputs, (b.batch_size, b.len), dev)?;
+    let (ids, targets, weights) = batch_tensors(b, dev)?;
     let logits = model.forward(&ids, None)?;
-    let loss_t = batch_loss(&model, b, dev, None)?;
+    let flat = logits.reshape((b.batch_size * b.len, CFG.vocab_size))?;
+    let loss_t = cross_entropy(&flat, &targets, &weights)?;
     let loss = loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = loss_t.backward()?;
     let mut grads: Vec<Tensor> = model

@@ -25,11 +25,27 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Parse a `dtype` setting: `f32` or `bf16`.
-pub fn parse_dtype(s: &str) -> Option<DType> {
-    match s {
-        "f32" => Some(DType::F32),
-        "bf16" => Some(DType::BF16),
-        _ => None,
+/// The compute dtype a stage asks for: `dtype: f32 | bf16`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
     }
 }

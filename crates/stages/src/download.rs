@@ -114,16 +114,16 @@ impl StageKind for Download {
         for (i, f) in p.files.iter().enumerate() {
             let name = f.file_name();
             let done = ctx.scratch_dir.join(&name);
-            let (got, bytes) = if let Some(got) = verified(&done, f)? {
+            let (got, bytes) = if let Some(got) = verified(&ctx.scratch_dir, &name, f)? {
                 println!("{name}: already downloaded and verified");
                 (got, std::fs::metadata(&done)?.len())
             } else {
                 let part = ctx.scratch_dir.join(format!("{name}.part"));
-                let bytes = fetch(&agent, &f.url, &part, |done| {
+                let bytes = fetch(&agent, &f.url, &part, |so_far| {
                     ctx.progress(&Progress {
                         step: i as u64,
                         total: p.files.len() as u64,
-                        note: Some(format!("{name}: {:.1} MiB", done as f64 / 1048576.0)),
+                        note: Some(format!("{name}: {:.1} MiB", so_far as f64 / 1048576.0)),
                         ..Default::default()
                     })
                 })?;
@@ -140,7 +140,7 @@ impl StageKind for Download {
                     None => println!("{name}: {bytes} bytes, unpinned, sha256 {got}"),
                 }
                 // Remember the verified hash, so a rerun after a later failure trusts it.
-                std::fs::write(ctx.scratch_dir.join(format!("{name}.sha256")), &got)?;
+                std::fs::write(hash_record(&ctx.scratch_dir, &name), &got)?;
                 std::fs::rename(&part, &done)?;
                 (got, bytes)
             };
@@ -170,14 +170,19 @@ impl StageKind for Download {
     }
 }
 
+/// Where the sha256 of a finished download `name` is recorded in scratch.
+fn hash_record(scratch: &Path, name: &str) -> std::path::PathBuf {
+    scratch.join(format!("{name}.sha256"))
+}
+
 /// The sha256 of a finished download left in scratch by an earlier, failed run, if it still
 /// matches what was recorded for it (and what the pipeline pins).
-fn verified(done: &Path, f: &RemoteFile) -> Result<Option<String>> {
-    let record = done.with_file_name(format!(
-        "{}.sha256",
-        done.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let (Ok(recorded), true) = (std::fs::read_to_string(&record), done.exists()) else {
+fn verified(scratch: &Path, name: &str, f: &RemoteFile) -> Result<Option<String>> {
+    let done = scratch.join(name);
+    let (Ok(recorded), true) = (
+        std::fs::read_to_string(hash_record(scratch, name)),
+        done.exists(),
+    ) else {
         return Ok(None);
     };
     if f.sha256
@@ -186,7 +191,7 @@ fn verified(done: &Path, f: &RemoteFile) -> Result<Option<String>> {
     {
         return Ok(None);
     }
-    Ok((sha256_file(done)? == recorded).then_some(recorded))
+    Ok((sha256_file(&done)? == recorded).then_some(recorded))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use relora_data::{pack, read_split, DatasetManifest};
 use relora_exec::{parse_params, StageContext, StageKind};
 use relora_model::checkpoint::load_tensors;
+use relora_model::precision::Precision;
 use relora_model::{evaluate, Llama};
 use relora_spec::{Resources, SpecError, StageSpec};
 use serde::Deserialize;
@@ -24,8 +25,8 @@ pub struct EvalParams {
     #[serde(default = "d_device")]
     pub device: String,
     /// Compute dtype: f32 or bf16 (bf16 for speed on a GPU; weights are read as f32).
-    #[serde(default = "d_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 fn d_tokens() -> usize {
@@ -36,9 +37,6 @@ fn d_micro() -> usize {
 }
 fn d_device() -> String {
     "cpu".into()
-}
-fn d_dtype() -> String {
-    "f32".into()
 }
 
 pub struct Eval;
@@ -57,13 +55,7 @@ impl StageKind for Eval {
         crate::device_resources(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
-        let p: EvalParams = parse_params(stage)?;
-        if relora_model::precision::parse_dtype(&p.dtype).is_none() {
-            return Err(vec![stage.error(
-                &["params", "dtype"],
-                format!("unknown dtype `{}`: use f32 or bf16", p.dtype),
-            )]);
-        }
+        let _: EvalParams = parse_params(stage)?;
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
@@ -81,8 +73,7 @@ impl StageKind for Eval {
         let weights = model_dir.join("model.safetensors");
         let mut model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
             .with_context(|| format!("loading {}", weights.display()))?;
-        model.compute = relora_model::precision::parse_dtype(&p.dtype)
-            .with_context(|| format!("unknown dtype `{}`: use f32 or bf16", p.dtype))?;
+        model.compute = p.dtype.dtype();
         let seq_len = p.seq_len.unwrap_or(info.seq_len);
         let seqs = pack(
             &read_split(&data_dir.join("valid"))?,

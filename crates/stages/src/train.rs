@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use relora_data::{pack, read_split, DatasetManifest, Loader, LoaderState, Packing};
 use relora_exec::{parse_params, Progress, StageContext, StageKind};
 use relora_model::checkpoint::{self, load_tensors, save_tensors};
+use relora_model::precision::Precision;
 use relora_model::{
     control_config, AdamConfig, Llama, LlamaConfig, LoraInit, ResetMode, Restarts, Rng, Schedule,
     TrainConfig, Trainer,
@@ -150,8 +151,8 @@ pub struct TrainParams {
     pub packing: Packing,
     #[serde(default = "d_device")]
     pub device: String,
-    #[serde(default = "d_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Precision,
     #[serde(default = "d_ckpt")]
     pub checkpoint_every: u64,
     #[serde(default)]
@@ -213,9 +214,6 @@ fn d_eps() -> f64 {
 }
 fn d_device() -> String {
     "cpu".into()
-}
-fn d_dtype() -> String {
-    "f32".into()
 }
 fn d_ckpt() -> u64 {
     100
@@ -339,12 +337,6 @@ impl StageKind for Train {
                 "Control is a smaller model trained from scratch; it takes no init",
             ));
         }
-        if relora_model::precision::parse_dtype(&p.dtype).is_none() {
-            e.push(stage.error(
-                &["params", "dtype"],
-                format!("unknown dtype `{}`: use f32 or bf16", p.dtype),
-            ));
-        }
         if let Some(b) = p.batch_tokens {
             if b % (p.micro_batch * p.seq_len) != 0 {
                 e.push(stage.error(
@@ -366,8 +358,6 @@ impl StageKind for Train {
 fn run_train(ctx: &mut StageContext) -> Result<()> {
     let p: TrainParams = serde_json::from_value(ctx.params.clone())?;
     let device = relora_model::device(&p.device)?;
-    let compute = relora_model::precision::parse_dtype(&p.dtype)
-        .with_context(|| format!("unknown dtype `{}`: use f32 or bf16", p.dtype))?;
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
     let init_dir = ctx.inputs.get("init").cloned();
@@ -429,13 +419,13 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         }
     }
     // Parameters and moments stay f32 whatever the compute dtype (crate::precision).
-    model.compute = compute;
+    model.compute = p.dtype.dtype();
     println!(
         "{} trainable and {} frozen parameters ({:?}, {} compute)",
         model.trainable_count(),
         model.frozen_count(),
         p.method,
-        p.dtype
+        p.dtype.name()
     );
 
     // Data: continue after what the init consumed, with its shuffle seed.
