@@ -52,6 +52,11 @@ enum Cmd {
         /// After a failure, let independent stages finish.
         #[arg(long)]
         keep_going: bool,
+        /// Reuse, for stages of this kind, the entries made by the previous code when only
+        /// the code changed (an edit you know cannot change their outputs); recorded in each
+        /// new entry's manifest. Repeatable.
+        #[arg(long, value_name = "KIND")]
+        accept_code_change: Vec<String>,
     },
     /// Say, for each stage, whether it is cached or will run, and why.
     #[command(
@@ -153,6 +158,9 @@ fn real_main() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cache = relora_cache::Cache::open(cache_dir(&cli.cache_dir))?;
+    if let Some(note) = relora_exec::code_salt_note() {
+        eprintln!("{note}");
+    }
     match cli.command {
         Cmd::Run {
             p,
@@ -160,6 +168,7 @@ fn real_main() -> Result<ExitCode> {
             force,
             until,
             keep_going,
+            accept_code_change,
         } => {
             let dag = load(&p, &reg)?;
             let opts = RunOptions {
@@ -167,6 +176,7 @@ fn real_main() -> Result<ExitCode> {
                 force,
                 until,
                 keep_going,
+                accept_code_change,
                 gpus: relora_exec::visible_gpus(),
                 exe: std::env::current_exe().context("locating this binary")?,
             };
@@ -176,6 +186,10 @@ fn real_main() -> Result<ExitCode> {
                 match o {
                     Outcome::Computed { .. } => ran += 1,
                     Outcome::Cached => cached += 1,
+                    Outcome::Adopted { from } => {
+                        cached += 1;
+                        eprintln!("adopted: {name} (outputs of entry {from}, made by other code)")
+                    }
                     Outcome::Failed { .. } => eprintln!("failed: {name}"),
                     Outcome::Skipped { because } => {
                         eprintln!("skipped: {name} (because `{because}` did not finish)")
@@ -234,10 +248,16 @@ fn real_main() -> Result<ExitCode> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let live = relora_exec::live_keys(&dags, &reg, &cache)?;
-            let (n, bytes) = cache.gc(&live)?;
+            let r = cache.gc(&live)?;
+            for key in &r.busy {
+                println!("kept {key}: a running stage holds its lock");
+            }
             println!(
-                "removed {n} entries, freed {bytes} bytes ({:.1} MiB)",
-                bytes as f64 / 1048576.0
+                "removed {} entries and {} lock files, freed {} bytes ({:.1} MiB)",
+                r.entries,
+                r.locks,
+                r.bytes,
+                r.bytes as f64 / 1048576.0
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -298,6 +318,17 @@ fn show(
     println!("path:   {}", dir.display());
     println!("log:    {}", dir.join("log.txt").display());
     println!("ran:    {:.1}s", m.seconds);
+    if let Some(a) = &m.adopted_from {
+        println!("adopted from {}: {}", a.key, a.reason);
+    }
+    if !m.environment.is_empty() {
+        let env: Vec<String> = m
+            .environment
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("on:     {}", env.join(" "));
+    }
     println!("outputs ({} bytes):", m.total_bytes());
     for o in &m.outputs {
         println!("  {:<40} {:>12}", o.path, o.size);

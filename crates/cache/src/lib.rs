@@ -71,12 +71,55 @@ pub struct Manifest {
     pub seconds: f64,
     pub metrics: Value,
     pub tool_version: String,
+    /// What the run that made this entry ran on (host, threads, build profile, ...). Kept out
+    /// of the key and out of the outputs: it explains an entry, it does not define it.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Set when the user reused another entry's outputs for this key (the code that computes
+    /// the stage changed in a way they declared harmless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<Adoption>,
+}
+
+/// The record of an entry whose outputs were taken over from another key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The entry the outputs came from.
+    pub key: String,
+    /// Which key components differed, and who allowed it, in words.
+    pub reason: String,
+}
+
+/// What `commit` records besides the outputs.
+#[derive(Debug, Clone, Default)]
+pub struct CommitInfo {
+    pub stage: String,
+    pub kind: String,
+    pub components: KeyComponents,
+    pub started_unix: f64,
+    pub metrics: Value,
+    pub tool_version: String,
+    pub environment: BTreeMap<String, String>,
+    pub adopted_from: Option<Adoption>,
 }
 
 impl Manifest {
     pub fn total_bytes(&self) -> u64 {
         self.outputs.iter().map(|o| o.size).sum()
     }
+}
+
+/// What `gc` did.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// Entries removed.
+    pub entries: usize,
+    /// Bytes freed (entries, scratch and staging folders).
+    pub bytes: u64,
+    /// Lock files removed.
+    pub locks: usize,
+    /// Keys left alone because a running stage holds their lock.
+    pub busy: Vec<String>,
 }
 
 /// The cache folder.
@@ -88,6 +131,7 @@ pub struct Cache {
 /// Held while an entry is being computed; dropping it releases the lock.
 pub struct EntryLock {
     file: File,
+    path: PathBuf,
     /// The pid written by a previous holder that died without releasing cleanly.
     pub stale_pid: Option<u32>,
 }
@@ -96,6 +140,48 @@ impl Drop for EntryLock {
     fn drop(&mut self) {
         let _ = self.file.set_len(0);
         let _ = self.file.unlock();
+    }
+}
+
+impl EntryLock {
+    /// Remove the lock file while holding it (for `gc`). Anyone who opened the old file and
+    /// then gets its lock sees that the path no longer names it and starts again.
+    fn remove(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `file` is still the file at `path` (a lock file can be removed by `gc` between
+/// open and lock).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Put `new` where `old` is in one step, so readers see the old entry or the new one and
+/// never a missing one; afterwards `new`'s path holds the old entry.
+fn exchange(new: &Path, old: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(new.as_os_str().as_bytes())?;
+    let b = CString::new(old.as_os_str().as_bytes())?;
+    // SAFETY: two valid NUL-terminated paths; renameat2 reads them and nothing else.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -263,30 +349,53 @@ impl Cache {
         }
     }
 
-    /// Take the key's lock, waiting for another process that holds it.
-    pub fn lock(&self, key: &str, on_wait: impl FnOnce(Option<u32>)) -> Result<EntryLock> {
-        let key = Self::checked(key)?;
-        let path = self.root.join("locks").join(format!("{key}.lock"));
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening lock {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut s = String::new();
-                let _ = file.read_to_string(&mut s);
-                on_wait(s.trim().parse().ok());
-                file.lock()
-                    .with_context(|| format!("locking {}", path.display()))?;
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    /// Open and lock the key's lock file; `wait: false` returns None when another process
+    /// holds it. Retries when `gc` removed the file between our open and our lock.
+    fn acquire(
+        &self,
+        key: &str,
+        wait: bool,
+        mut on_wait: impl FnMut(Option<u32>),
+    ) -> Result<Option<(File, PathBuf)>> {
+        let path = self.lock_path(key);
+        loop {
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("opening lock {}", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) if !wait => return Ok(None),
+                Err(fs::TryLockError::WouldBlock) => {
+                    let mut s = String::new();
+                    let _ = file.read_to_string(&mut s);
+                    on_wait(s.trim().parse().ok());
+                    file.lock()
+                        .with_context(|| format!("locking {}", path.display()))?;
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
             }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {}", path.display()))
+            if same_file(&file, &path) {
+                return Ok(Some((file, path)));
             }
         }
+    }
+
+    /// Take the key's lock, waiting for another process that holds it.
+    pub fn lock(&self, key: &str, on_wait: impl FnMut(Option<u32>)) -> Result<EntryLock> {
+        let key = Self::checked(key)?;
+        let (mut file, path) = self
+            .acquire(key, true, on_wait)?
+            .context("a waiting lock is always taken")?;
         let mut prev = String::new();
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))?;
@@ -307,7 +416,22 @@ impl Cache {
         file.seek(std::io::SeekFrom::Start(0))?;
         write!(file, "{}", std::process::id())?;
         file.sync_all()?;
-        Ok(EntryLock { file, stale_pid })
+        Ok(EntryLock {
+            file,
+            path,
+            stale_pid,
+        })
+    }
+
+    /// The key's lock if nobody holds it now (for `gc`, which must never wait on a run).
+    fn try_lock(&self, key: &str) -> Result<Option<EntryLock>> {
+        Ok(self
+            .acquire(key, false, |_| {})?
+            .map(|(file, path)| EntryLock {
+                file,
+                path,
+                stale_pid: None,
+            }))
     }
 
     /// A fresh staging folder for `key`. Call with the key's lock held.
@@ -336,48 +460,100 @@ impl Cache {
         Ok(dir)
     }
 
-    /// Hash the staged outputs, write the manifest and move the entry into place.
-    #[allow(clippy::too_many_arguments)]
-    pub fn commit(
-        &self,
-        staging: Staging,
-        stage: &str,
-        kind: &str,
-        components: &KeyComponents,
-        started_unix: f64,
-        metrics: Value,
-        tool_version: &str,
-    ) -> Result<Manifest> {
+    /// Hash the staged outputs, write the manifest and move the entry into place. With
+    /// `replace` (a forced recompute) an existing entry is swapped out in one step, so until
+    /// this moment it stays whole and readable, and a failed attempt never loses it.
+    pub fn commit(&self, staging: Staging, info: CommitInfo, replace: bool) -> Result<Manifest> {
         let (outputs, output_hash) = hash_outputs(&staging.outputs())?;
         let manifest = Manifest {
             key: staging.key.clone(),
-            stage: stage.to_string(),
-            kind: kind.to_string(),
-            components: components.clone(),
+            stage: info.stage,
+            kind: info.kind,
+            components: info.components,
             outputs,
             output_hash,
-            started_unix,
-            seconds: now_unix() - started_unix,
-            metrics,
-            tool_version: tool_version.to_string(),
+            started_unix: info.started_unix,
+            seconds: now_unix() - info.started_unix,
+            metrics: info.metrics,
+            tool_version: info.tool_version,
+            environment: info.environment,
+            adopted_from: info.adopted_from,
         };
         write_atomic(
             &staging.dir.join("manifest.json"),
             &serde_json::to_vec_pretty(&manifest)?,
         )?;
         let dest = self.entry_dir(&staging.key);
-        if dest.exists() {
-            // Same key, same inputs: the existing entry is as good as ours.
-            fs::remove_dir_all(&staging.dir)?;
-        } else {
+        if !dest.exists() {
             fs::rename(&staging.dir, &dest)
                 .with_context(|| format!("moving entry into {}", dest.display()))?;
-            if let Ok(d) = File::open(self.root.join("entries")) {
-                let _ = d.sync_all();
+        } else if replace {
+            if exchange(&staging.dir, &dest).is_err() {
+                // A filesystem without RENAME_EXCHANGE (NFS): two renames, with a window in
+                // which the entry is absent, but never one in which it is half-written.
+                let old = self
+                    .root
+                    .join("staging")
+                    .join(format!("{}-old", staging.key));
+                let _ = fs::remove_dir_all(&old);
+                fs::rename(&dest, &old)?;
+                fs::rename(&staging.dir, &dest)
+                    .with_context(|| format!("moving entry into {}", dest.display()))?;
+                fs::rename(&old, &staging.dir)?;
             }
+            fs::remove_dir_all(&staging.dir)?;
+        } else {
+            // Same key, same inputs: the existing entry is as good as ours.
+            fs::remove_dir_all(&staging.dir)?;
+        }
+        if let Ok(d) = File::open(self.root.join("entries")) {
+            let _ = d.sync_all();
         }
         let _ = fs::remove_dir_all(self.root.join("scratch").join(&staging.key));
         Ok(manifest)
+    }
+
+    /// The first committed entry whose manifest `pick` accepts, preferring `preferred`.
+    pub fn find(
+        &self,
+        preferred: Option<&str>,
+        pick: impl Fn(&Manifest) -> bool,
+    ) -> Result<Option<Manifest>> {
+        let keys = self.keys()?;
+        let ordered = preferred
+            .filter(|p| keys.iter().any(|k| k == p))
+            .map(str::to_string)
+            .into_iter()
+            .chain(
+                keys.iter()
+                    .filter(|k| Some(k.as_str()) != preferred)
+                    .cloned(),
+            );
+        for key in ordered {
+            if let Ok(Some(m)) = self.lookup(&key) {
+                if pick(&m) {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Fill `staging` with the outputs and log of entry `from` (hard links where the
+    /// filesystem allows: entries are never modified, so sharing their files is safe).
+    pub fn stage_copy_of(&self, from: &str, staging: &Staging) -> Result<()> {
+        let src = self.entry_dir(Self::checked(from)?);
+        for rel in list_files(&src.join("outputs"))? {
+            let (a, b) = (src.join("outputs").join(&rel), staging.outputs().join(&rel));
+            if let Some(parent) = b.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            if fs::hard_link(&a, &b).is_err() {
+                fs::copy(&a, &b).with_context(|| format!("copying {}", a.display()))?;
+            }
+        }
+        let _ = fs::copy(src.join("log.txt"), staging.log_path());
+        Ok(())
     }
 
     /// Drop a failed attempt's staging folder (the scratch folder stays for resume).
@@ -435,37 +611,62 @@ impl Cache {
         Ok(keys)
     }
 
-    /// Remove every entry (and scratch folder) whose key is not in `keep`; returns bytes freed.
-    pub fn gc(&self, keep: &HashSet<String>) -> Result<(usize, u64)> {
-        let mut removed = 0;
-        let mut freed = 0;
+    /// Remove every entry (and scratch folder) whose key is not in `keep`, and every lock
+    /// file and dead staging folder. A key whose lock another process holds (a stage running
+    /// now) is left alone, entry, scratch and all. Returns what was done.
+    pub fn gc(&self, keep: &HashSet<String>) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let mut names: Vec<(String, &str)> = Vec::new();
         for sub in ["entries", "scratch"] {
             for e in fs::read_dir(self.root.join(sub))?.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if keep.contains(&name) {
-                    continue;
-                }
-                freed += dir_size(&e.path());
-                fs::remove_dir_all(e.path())
-                    .with_context(|| format!("removing {}", e.path().display()))?;
-                if sub == "entries" {
-                    removed += 1;
-                }
+                names.push((e.file_name().to_string_lossy().to_string(), sub));
             }
+        }
+        for (name, sub) in names {
+            if keep.contains(&name) || !is_hex_key(&name) {
+                continue;
+            }
+            let Some(lock) = self.try_lock(&name)? else {
+                report.busy.push(name);
+                continue;
+            };
+            let path = self.root.join(sub).join(&name);
+            report.bytes += dir_size(&path);
+            if path.exists() {
+                fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+            if sub == "entries" {
+                report.entries += 1;
+            }
+            drop(lock);
         }
         for e in fs::read_dir(self.root.join("staging"))?.flatten() {
-            let pid = e
-                .file_name()
-                .to_string_lossy()
-                .rsplit('-')
-                .next()
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !pid_alive(p)) {
-                freed += dir_size(&e.path());
+            let name = e.file_name().to_string_lossy().to_string();
+            let key = name.get(..64).unwrap_or_default();
+            if !is_hex_key(key) {
+                continue;
+            }
+            // A staging folder whose key nobody holds belongs to a dead attempt.
+            if let Some(lock) = self.try_lock(key)? {
+                report.bytes += dir_size(&e.path());
                 let _ = fs::remove_dir_all(e.path());
+                drop(lock);
             }
         }
-        Ok((removed, freed))
+        for e in fs::read_dir(self.root.join("locks"))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(key) = name.strip_suffix(".lock").filter(|k| is_hex_key(k)) else {
+                continue;
+            };
+            if let Some(lock) = self.try_lock(key)? {
+                lock.remove();
+                report.locks += 1;
+            }
+        }
+        report.busy.sort();
+        report.busy.dedup();
+        Ok(report)
     }
 
     /// Re-hash every entry's outputs; returns (key, problem) for each mismatch.
@@ -551,9 +752,14 @@ mod tests {
         fs::write(st.outputs().join("sub/a.txt"), b"hello").unwrap();
         // Not visible until committed.
         assert!(cache.lookup(&key).unwrap().is_none());
-        let m = cache
-            .commit(st, "s", "command", &c, now_unix(), Value::Null, "t")
-            .unwrap();
+        let info = CommitInfo {
+            stage: "s".into(),
+            kind: "command".into(),
+            components: c.clone(),
+            started_unix: now_unix(),
+            ..Default::default()
+        };
+        let m = cache.commit(st, info, false).unwrap();
         drop(lock);
         assert_eq!(m.outputs[0].path, "sub/a.txt");
         assert_eq!(
@@ -565,10 +771,122 @@ mod tests {
         let v = cache.verify().unwrap();
         assert_eq!(v.len(), 1);
         assert!(v[0].1.contains("sub/a.txt"), "{:?}", v);
-        let (n, freed) = cache.gc(&HashSet::new()).unwrap();
-        assert_eq!(n, 1);
-        assert!(freed >= 5);
+        let r = cache.gc(&HashSet::new()).unwrap();
+        assert_eq!(r.entries, 1);
+        assert!(r.bytes >= 5);
+        assert_eq!(r.locks, 1, "gc removes the lock files it can take");
         assert!(cache.keys().unwrap().is_empty());
+    }
+
+    fn commit_one(cache: &Cache, c: &KeyComponents, text: &[u8], replace: bool) -> Manifest {
+        let key = c.key();
+        let _lock = cache.lock(&key, |_| {}).unwrap();
+        let st = cache.staging(&key).unwrap();
+        fs::write(st.outputs().join("a.txt"), text).unwrap();
+        let info = CommitInfo {
+            stage: "s".into(),
+            kind: "command".into(),
+            components: c.clone(),
+            ..Default::default()
+        };
+        cache.commit(st, info, replace).unwrap()
+    }
+
+    #[test]
+    fn a_forced_recompute_keeps_the_old_entry_until_the_new_one_commits() {
+        let cache = Cache::open(tmp()).unwrap();
+        let mut c = KeyComponents::default();
+        c.insert("params", "{}");
+        let key = c.key();
+        let old = commit_one(&cache, &c, b"old", false);
+        // An attempt that fails (staged, then discarded) leaves the old entry whole.
+        let lock = cache.lock(&key, |_| {}).unwrap();
+        let st = cache.staging(&key).unwrap();
+        fs::write(st.outputs().join("a.txt"), b"half").unwrap();
+        cache.discard(st);
+        drop(lock);
+        assert_eq!(
+            cache.lookup(&key).unwrap().unwrap().output_hash,
+            old.output_hash
+        );
+        assert_eq!(
+            fs::read(cache.entry_dir(&key).join("outputs/a.txt")).unwrap(),
+            b"old"
+        );
+        // Without replace, a second commit keeps the first; with it, the new one wins.
+        commit_one(&cache, &c, b"other", false);
+        assert_eq!(
+            fs::read(cache.entry_dir(&key).join("outputs/a.txt")).unwrap(),
+            b"old"
+        );
+        let new = commit_one(&cache, &c, b"new", true);
+        assert_ne!(new.output_hash, old.output_hash);
+        assert_eq!(
+            fs::read(cache.entry_dir(&key).join("outputs/a.txt")).unwrap(),
+            b"new"
+        );
+        assert_eq!(
+            cache.lookup(&key).unwrap().unwrap().output_hash,
+            new.output_hash
+        );
+        assert!(fs::read_dir(cache.root().join("staging"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn gc_leaves_keys_that_a_running_stage_holds_and_cleans_locks() {
+        let cache = Cache::open(tmp()).unwrap();
+        let mut done = KeyComponents::default();
+        done.insert("params", "done");
+        commit_one(&cache, &done, b"x", false);
+        let mut running = KeyComponents::default();
+        running.insert("params", "running");
+        let rk = running.key();
+        let held = cache.lock(&rk, |_| {}).unwrap();
+        let scratch = cache.scratch(&rk).unwrap();
+        fs::write(scratch.join("ckpt"), b"step 50").unwrap();
+        let st = cache.staging(&rk).unwrap();
+        // Another process's view: a second Cache on the same folder.
+        let other = Cache::open(cache.root()).unwrap();
+        let r = other.gc(&HashSet::new()).unwrap();
+        assert_eq!(r.entries, 1);
+        assert_eq!(r.busy, vec![rk.clone()]);
+        assert!(scratch.join("ckpt").exists() && st.dir.exists());
+        assert!(!other.lock_path(&done.key()).exists());
+        drop(held);
+        // Once released, the next gc takes them.
+        let r = other.gc(&HashSet::new()).unwrap();
+        assert!(r.busy.is_empty());
+        assert!(!scratch.exists() && !st.dir.exists());
+        assert!(fs::read_dir(cache.root().join("locks"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn a_lock_file_removed_under_a_waiter_is_taken_again() {
+        let cache = Cache::open(tmp()).unwrap();
+        let key = KeyComponents::default().key();
+        let first = cache.lock(&key, |_| {}).unwrap();
+        let path = cache.lock_path(&key);
+        let c2 = cache.clone();
+        let k2 = key.clone();
+        let waiter = std::thread::spawn(move || {
+            let l = c2.lock(&k2, |_| {}).unwrap();
+            same_file(&l.file, &l.path)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // gc's move: remove the file while holding its lock, then let go.
+        first.remove();
+        assert!(!path.exists());
+        assert!(
+            waiter.join().unwrap(),
+            "the waiter must hold the file now at the path"
+        );
+        assert!(path.exists());
     }
 
     #[test]

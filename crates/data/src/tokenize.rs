@@ -65,8 +65,6 @@ pub struct DatasetManifest {
     pub tokenizer_blake3: String,
     pub sources: Vec<SourceFile>,
     pub skipped_records: u64,
-    pub seconds: f64,
-    pub tokens_per_s: f64,
 }
 
 impl DatasetManifest {
@@ -198,7 +196,6 @@ pub fn tokenize(
     out: &Path,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<DatasetManifest> {
-    let start = std::time::Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads.max(1))
@@ -303,7 +300,6 @@ pub fn tokenize(
             blake3: hash_file(f)?,
         });
     }
-    let seconds = start.elapsed().as_secs_f64();
     let manifest = DatasetManifest {
         train: SplitInfo {
             documents: train_w.documents,
@@ -321,8 +317,6 @@ pub fn tokenize(
         tokenizer_blake3: hash_file(&tok_path)?,
         sources,
         skipped_records: skipped,
-        seconds,
-        tokens_per_s: (train_w.tokens + valid_w.tokens) as f64 / seconds.max(1e-9),
     };
     std::fs::write(
         out.join("dataset.json"),

@@ -20,6 +20,18 @@ impl Dag {
     /// Check every stage against its kind and build the graph; all problems at once.
     pub fn build(pipeline: Pipeline, registry: &Registry) -> Result<Dag, SpecErrors> {
         let mut errors: Vec<SpecError> = Vec::new();
+        for (kind, source) in &pipeline.default_kinds {
+            if registry.get(kind).is_none() {
+                errors.push(source.error(
+                    &["defaults", kind],
+                    format!(
+                        "`defaults` names kind `{kind}`, which does not exist{}; known kinds: {}",
+                        did_you_mean(kind, registry.names()),
+                        registry.names().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
         for s in &pipeline.stages {
             let Some(kind) = registry.get(&s.kind) else {
                 errors.push(s.error(

@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 /// the orchestrator process, and `run` in a child process of its own.
 pub trait StageKind: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Bump when the outputs for the same parameters change; old cache entries then miss.
-    fn version(&self) -> u32;
+    /// The code the kind's outputs depend on: `(part, fingerprint)` pairs (a crate or module
+    /// and the hash of its normalised source; `dependencies` and their versions). Each pair
+    /// enters the stage's key, so an entry made by other code is never reused.
+    fn code(&self) -> &'static [(&'static str, &'static str)];
     /// Input names the kind accepts, and whether each is required; `None` accepts any name.
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]>;
     /// Check parameters before anything runs (unknown keys, types, ranges).
@@ -29,9 +31,11 @@ pub trait StageKind: Send + Sync {
     fn external_files(&self, _stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
         Ok(Vec::new())
     }
+    /// What the stage holds while it runs (GPUs), from its parameters.
     fn resources(&self, _params: &Value) -> Resources {
         Resources::default()
     }
+    /// Compute the outputs into `ctx.out_dir` (in the stage's own process).
     fn run(&self, ctx: &mut StageContext) -> Result<()>;
 }
 

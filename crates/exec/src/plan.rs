@@ -52,8 +52,18 @@ pub fn components(
         .get(&s.kind)
         .with_context(|| format!("unknown kind `{}`", s.kind))?;
     let mut c = KeyComponents::default();
-    c.insert("kind", format!("{}@{}", kind.name(), kind.version()));
+    c.insert("kind", kind.name());
     c.insert("params", key_params(&s.params, kind.cosmetic_params()));
+    let salt = code_salt(kind.name());
+    for (part, fingerprint) in kind.code() {
+        let value = match &salt {
+            Some(text) if is_own_module(kind.name(), part) => {
+                blake3::hash(format!("{fingerprint}+{text}").as_bytes()).to_hex()[..16].to_string()
+            }
+            _ => fingerprint.to_string(),
+        };
+        c.insert(format!("{CODE_PREFIX}{part}"), value);
+    }
     for (input, target) in &s.inputs {
         let j = dag
             .index_of(target)
@@ -76,11 +86,87 @@ pub fn components(
     Ok(Some(c))
 }
 
+/// Key components named `code.<part>` hold the fingerprint of one part of a kind's code.
+const CODE_PREFIX: &str = "code.";
+
+/// The env var that stands in for a code edit in tests: `KIND=TEXT[,KIND=TEXT]` mixes TEXT
+/// into the fingerprint of KIND's own module. It can only make keys differ from the real
+/// code's, never match an older fingerprint, so it is no way around the check.
+const CODE_SALT_VAR: &str = "RELORA_CODE_SALT";
+
+fn code_salt(kind: &str) -> Option<String> {
+    let v = std::env::var(CODE_SALT_VAR).ok()?;
+    v.split(',').find_map(|pair| {
+        let (k, text) = pair.split_once('=')?;
+        (k.trim() == kind).then(|| text.to_string())
+    })
+}
+
+/// A kind's own module: `crates/stages/src/<kind>.rs`.
+fn is_own_module(kind: &str, part: &str) -> bool {
+    part.ends_with(&format!("/{kind}.rs"))
+}
+
+/// A line for the user when the code-salt test hook is set, so it is never silent.
+pub fn code_salt_note() -> Option<String> {
+    std::env::var(CODE_SALT_VAR).ok().map(|v| {
+        format!("note: {CODE_SALT_VAR}={v} is set: keys of those kinds differ from the code's own")
+    })
+}
+
+/// The components without the code fingerprints: equal for two entries that differ only in
+/// the code that made them.
+pub fn components_without_code(c: &KeyComponents) -> KeyComponents {
+    KeyComponents(
+        c.0.iter()
+            .filter(|(k, _)| !k.starts_with(CODE_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// `code of kind train changed (crates/model)`, one line per kind, parts in order.
+fn code_changes(old: &KeyComponents, new: &KeyComponents) -> Option<String> {
+    let mut parts = Vec::new();
+    for (name, value) in &new.0 {
+        let Some(part) = name.strip_prefix(CODE_PREFIX) else {
+            continue;
+        };
+        match old.0.get(name) {
+            Some(v) if v == value => {}
+            Some(v) if part == "dependencies" => parts.push(dependency_change(v, value)),
+            _ => parts.push(part.to_string()),
+        }
+    }
+    for name in old.0.keys() {
+        if let Some(part) = name.strip_prefix(CODE_PREFIX) {
+            if !new.0.contains_key(name) {
+                parts.push(format!("{part} no longer used"));
+            }
+        }
+    }
+    let kind = new.0.get("kind").map(String::as_str).unwrap_or("?");
+    (!parts.is_empty()).then(|| format!("code of kind {kind} changed ({})", parts.join(", ")))
+}
+
+/// `dependencies: candle-core 0.11.1 -> 0.12.0`.
+fn dependency_change(old: &str, new: &str) -> String {
+    let old: BTreeMap<&str, &str> = old.split(", ").filter_map(|d| d.split_once(' ')).collect();
+    let moved: Vec<String> = new
+        .split(", ")
+        .filter_map(|d| d.split_once(' '))
+        .filter(|(n, v)| old.get(n) != Some(v))
+        .map(|(n, v)| format!("{n} {} -> {v}", old.get(n).unwrap_or(&"absent")))
+        .collect();
+    format!("dependencies: {}", moved.join(", "))
+}
+
 /// Human-readable differences between the recorded and the current key components.
 pub fn explain_change(old: &KeyComponents, new: &KeyComponents) -> Vec<String> {
-    let mut reasons = Vec::new();
+    let mut reasons: Vec<String> = code_changes(old, new).into_iter().collect();
     for (name, value) in &new.0 {
         match old.0.get(name) {
+            _ if name.starts_with(CODE_PREFIX) => {}
             None => reasons.push(format!("{name} is new")),
             Some(v) if v == value => {}
             Some(v) if name == "params" => reasons.extend(param_changes(v, value)),
@@ -93,7 +179,7 @@ pub fn explain_change(old: &KeyComponents, new: &KeyComponents) -> Vec<String> {
         }
     }
     for name in old.0.keys() {
-        if !new.0.contains_key(name) {
+        if !new.0.contains_key(name) && !name.starts_with(CODE_PREFIX) {
             reasons.push(format!("{name} was removed"));
         }
     }
@@ -164,6 +250,16 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                             let mut r = explain_change(old, &c);
                             if r.is_empty() {
                                 r.push("key changed".into());
+                            }
+                            let old_entry = cache.lookup(&old.key()).ok().flatten().is_some();
+                            if old_entry
+                                && components_without_code(old) == components_without_code(&c)
+                            {
+                                r.push(format!(
+                                    "if the change cannot alter its outputs: run with \
+                                     --accept-code-change {} to reuse the old entry",
+                                    s.kind
+                                ));
                             }
                             (State::Stale, r)
                         }

@@ -104,6 +104,10 @@ impl Display {
         match o {
             Outcome::Cached => self.line(&format!("[{stage}] cached")),
             Outcome::Computed { seconds } => self.line(&format!("[{stage}] done in {seconds:.1}s")),
+            Outcome::Adopted { from } => self.line(&format!(
+                "[{stage}] reused entry {} made by other code (--accept-code-change)",
+                &from[..from.len().min(12)]
+            )),
             _ => {}
         }
     }

@@ -50,6 +50,9 @@ pub struct StepMetrics {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: u64,
+    /// Throughput of this step: shown and logged, never written to metrics.jsonl, whose
+    /// bytes must depend only on what the stage's key covers.
+    #[serde(skip)]
     pub tokens_per_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
@@ -292,6 +295,9 @@ impl Trainer {
         }
         self.state.loader = loader.state();
         self.state.opt_step = self.opt.step;
+        // The final state describes the whole metrics file, not the last periodic checkpoint
+        // (which `checkpoint_every`, a cosmetic parameter, decides).
+        self.state.metrics_len = std::fs::metadata(metrics_path).map_or(0, |m| m.len());
         Ok(history)
     }
 }

@@ -7,7 +7,7 @@
 
 mod locate;
 
-pub use locate::{locate, Pos};
+pub use locate::{locate, locate_exact, Pos};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -90,8 +90,12 @@ impl Source {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// How many GPUs the stage holds while it runs.
     #[serde(default)]
     pub gpus: u32,
+    /// Which GPUs, when the stage names them (`device: cuda:1`); empty: any free ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_ids: Vec<u32>,
 }
 
 /// One concrete stage after sweeps, defaults, imports and overrides.
@@ -113,11 +117,25 @@ pub struct StageSpec {
 }
 
 impl StageSpec {
-    /// An error located at `stages.<template>.<sub...>` in this stage's own file.
+    /// An error located at `stages.<template>.<sub...>` in this stage's own file; a
+    /// parameter the stage does not set itself is looked for under `defaults.<kind>`.
     pub fn error(&self, sub: &[&str], message: impl Into<String>) -> SpecError {
         let mut path = vec!["stages", self.template.as_str()];
         path.extend_from_slice(sub);
         let mut e = self.source.error(&path, message);
+        let text = &self.source.text;
+        if let ["params", rest @ ..] = sub {
+            if !rest.is_empty() && !locate_exact(text, &path).1 {
+                let mut d = vec!["defaults", self.kind.as_str()];
+                d.extend_from_slice(rest);
+                if let (pos, true) = locate_exact(text, &d) {
+                    e.pos = pos;
+                    e.key_path = d.join(".");
+                    e.message = format!("{} (for stage `{}`)", e.message, self.name);
+                    return e;
+                }
+            }
+        }
         if self.name != self.template {
             e.message = format!("{} (in stage `{}`)", e.message, self.name);
         }
@@ -131,6 +149,9 @@ pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
     pub stages: Vec<StageSpec>,
+    /// The kinds named under `defaults:`, each with the file that names it, so that the
+    /// graph, which knows the registered kinds, can reject a misspelt one.
+    pub default_kinds: Vec<(String, Arc<Source>)>,
 }
 
 impl Pipeline {
@@ -161,6 +182,11 @@ impl Override {
         }
         let yaml: serde_norway::Value = serde_norway::from_str(rhs)
             .map_err(|e| format!("--set `{text}`: value is not valid YAML: {e}"))?;
+        if let Some((path, x)) = non_finite(&yaml) {
+            let mut full = key_path.clone();
+            full.extend(path);
+            return Err(format!("--set `{text}`: {}", non_finite_message(&full, x)));
+        }
         let value = serde_json::to_value(yaml).map_err(|e| format!("--set `{text}`: {e}"))?;
         Ok(Override {
             stage,
@@ -216,7 +242,7 @@ pub fn load(path: &Path, overrides: &[Override]) -> Result<Pipeline, SpecErrors>
 fn io_error(path: &Path, message: String) -> SpecErrors {
     SpecErrors(vec![SpecError {
         file: path.to_path_buf(),
-        pos: Pos::default(),
+        pos: Pos { line: 1, col: 1 },
         key_path: String::new(),
         message,
     }])
@@ -250,7 +276,7 @@ fn yaml_error(source: &Source, e: serde_norway::Error) -> SpecErrors {
             line: l.line(),
             col: l.column(),
         })
-        .unwrap_or_default();
+        .unwrap_or(Pos { line: 1, col: 1 });
     SpecErrors(vec![SpecError {
         file: source.path.clone(),
         pos,
@@ -263,7 +289,93 @@ fn to_json(v: &serde_norway::Value) -> Result<Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
+/// The path and value of the first NaN or infinity in `v`. JSON has no such numbers (they
+/// would silently become `null`), and no parameter means anything by them.
+fn non_finite(v: &serde_norway::Value) -> Option<(Vec<String>, f64)> {
+    use serde_norway::Value as Y;
+    match v {
+        Y::Number(n) => n
+            .as_f64()
+            .filter(|x| !x.is_finite())
+            .map(|x| (Vec::new(), x)),
+        Y::Sequence(items) => items.iter().enumerate().find_map(|(i, x)| {
+            non_finite(x).map(|(mut p, x)| {
+                p.insert(0, i.to_string());
+                (p, x)
+            })
+        }),
+        Y::Mapping(m) => m.iter().find_map(|(k, x)| {
+            non_finite(x).map(|(mut p, x)| {
+                p.insert(0, k.as_str().unwrap_or("?").to_string());
+                (p, x)
+            })
+        }),
+        Y::Tagged(t) => non_finite(&t.value),
+        _ => None,
+    }
+}
+
+/// `lr must be a finite number, not NaN`.
+fn non_finite_message(path: &[String], x: f64) -> String {
+    let what = if x.is_nan() { "NaN" } else { "infinite" };
+    format!(
+        "{} must be a finite number, not {what}",
+        path.last().map(String::as_str).unwrap_or("value")
+    )
+}
+
+/// The deepest nesting a pipeline file may have. Real pipelines stay under 10; the bound
+/// keeps a pathological file (a 100,000-deep list) from costing the YAML parser seconds.
+pub const MAX_NESTING: usize = 64;
+
+/// Reject too-deep nesting before the YAML parser sees the text: flow brackets (`[[[`),
+/// sequence dashes on one line (`- - -`) and indentation each count.
+fn check_nesting(source: &Source) -> Result<(), SpecErrors> {
+    let mut flow = 0usize;
+    for (n, line) in source.text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let mut dashes = 0;
+        let mut rest = line.trim_start();
+        while let Some(r) = rest
+            .strip_prefix("- ")
+            .or(rest.strip_prefix('-').filter(|r| r.is_empty()))
+        {
+            dashes += 1;
+            rest = r.trim_start();
+        }
+        let mut quote: Option<char> = None;
+        for (i, c) in line.char_indices() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            let depth = flow + dashes + indent / 2;
+            if depth > MAX_NESTING {
+                return Err(SpecErrors(vec![SpecError {
+                    file: source.path.clone(),
+                    pos: Pos {
+                        line: n + 1,
+                        col: i + 1,
+                    },
+                    key_path: String::new(),
+                    message: format!(
+                        "nesting deeper than {MAX_NESTING} levels; a pipeline file never needs \
+                         that many"
+                    ),
+                }]));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pipeline, SpecErrors> {
+    check_nesting(source)?;
     let raw: RawPipeline =
         serde_norway::from_str(&source.text).map_err(|e| yaml_error(source, e))?;
     let base_dir = source
@@ -274,6 +386,7 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
         .unwrap_or_else(|| PathBuf::from("."));
     let mut errors = Vec::new();
     let mut stages: Vec<StageSpec> = Vec::new();
+    let mut imported_default_kinds = Vec::new();
 
     for (i, imp) in raw.imports.iter().enumerate() {
         let idx = i.to_string();
@@ -287,6 +400,7 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
                 errors.append(&mut e.0);
             }
             Ok(other) => {
+                imported_default_kinds.extend(other.default_kinds.iter().cloned());
                 let wanted = select_with_dependencies(&other, &imp.stages);
                 match wanted {
                     Ok(names) => {
@@ -305,8 +419,19 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
         }
     }
 
+    let mut default_kinds: Vec<(String, Arc<Source>)> = raw
+        .defaults
+        .keys()
+        .map(|k| (k.clone(), source.clone()))
+        .collect();
     let mut defaults = BTreeMap::new();
     for (kind, v) in &raw.defaults {
+        if let Some((path, x)) = non_finite(v) {
+            let mut at_path = vec!["defaults", kind.as_str()];
+            at_path.extend(path.iter().map(String::as_str));
+            errors.push(source.error(&at_path, non_finite_message(&path, x)));
+            continue;
+        }
         match to_json(v) {
             Ok(Value::Object(m)) => {
                 defaults.insert(kind.clone(), Value::Object(m));
@@ -360,10 +485,12 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
     if !errors.is_empty() {
         return Err(SpecErrors(errors));
     }
+    default_kinds.append(&mut imported_default_kinds);
     Ok(Pipeline {
         name: raw.pipeline,
         file: source.path.clone(),
         stages,
+        default_kinds,
     })
 }
 
@@ -498,6 +625,11 @@ fn expand_stage(
             &[],
             format!("stage name `{template}` may hold only letters, digits, `_`, `-` and `.`"),
         ));
+    }
+    if let Some((path, x)) = raw.params.as_ref().and_then(non_finite) {
+        let mut at_path = vec!["params"];
+        at_path.extend(path.iter().map(String::as_str));
+        return Err(vec![at(&at_path, non_finite_message(&path, x))]);
     }
     let params_raw = match raw.params.as_ref().map(to_json).transpose() {
         Ok(Some(Value::Object(m))) => Value::Object(m),

@@ -15,18 +15,31 @@ pub struct Pos {
 
 /// Locate `path` (mapping keys; sequence items as decimal indices) in `text`.
 pub fn locate(text: &str, path: &[&str]) -> Pos {
+    locate_exact(text, path).0
+}
+
+/// Like [`locate`], and whether the whole path was found (not just an ancestor).
+pub fn locate_exact(text: &str, path: &[&str]) -> (Pos, bool) {
     let lines: Vec<&str> = text.lines().collect();
     let mut start = 0usize;
     let mut end = lines.len();
     let mut parent_indent: isize = -1;
     let mut found = Pos { line: 1, col: 1 };
-    for elem in path {
+    let mut found_any = path.is_empty();
+    for (k, elem) in path.iter().enumerate() {
         let hit = if let Ok(idx) = elem.parse::<usize>() {
             find_item(&lines, start, end, parent_indent, idx)
         } else {
             find_key(&lines, start, end, parent_indent, elem)
         };
-        let Some((line, indent)) = hit else { break };
+        let Some((line, indent)) = hit else {
+            // The rest may sit in a flow mapping on the ancestor's line: `{a: 1, b: 2}`.
+            return match found_any {
+                true => find_in_flow(&lines, found, &path[k..]),
+                false => (found, false),
+            };
+        };
+        found_any = true;
         found = Pos {
             line: line + 1,
             col: indent + 1,
@@ -36,7 +49,40 @@ pub fn locate(text: &str, path: &[&str]) -> Pos {
         end = block_end(&lines, line + 1, end, indent as isize);
         parent_indent = indent as isize;
     }
-    found
+    (found, true)
+}
+
+/// Find `keys` one after another on the line of `from` (a flow mapping such as
+/// `model: {hidden: 128, heads: 4}`), after its column.
+fn find_in_flow(lines: &[&str], from: Pos, keys: &[&str]) -> (Pos, bool) {
+    let Some(line) = lines.get(from.line.saturating_sub(1)) else {
+        return (from, false);
+    };
+    let mut pos = from;
+    let mut col = from.col.saturating_sub(1);
+    for key in keys {
+        let hit = line
+            .char_indices()
+            .filter(|(i, _)| *i >= col)
+            .find(|(i, _)| {
+                let before = line[..*i].chars().next_back();
+                let rest = &line[*i..];
+                let rest = rest.strip_prefix(['"', '\'']).unwrap_or(rest);
+                matches!(before, Some('{' | ',' | ' ' | '"' | '\''))
+                    && rest
+                        .strip_prefix(key)
+                        .is_some_and(|r| r.trim_start_matches(['"', '\'']).starts_with(':'))
+            });
+        let Some((i, _)) = hit else {
+            return (pos, false);
+        };
+        pos = Pos {
+            line: from.line,
+            col: i + 1,
+        };
+        col = i + 1;
+    }
+    (pos, true)
 }
 
 fn content(line: &str) -> Option<(usize, &str)> {
@@ -137,6 +183,19 @@ mod tests {
             Pos { line: 6, col: 7 }
         );
         assert_eq!(locate(DOC, &["stages", "b"]), Pos { line: 7, col: 3 });
+    }
+
+    #[test]
+    fn finds_keys_in_flow_mappings() {
+        let doc = "stages:\n  t:\n    params: {method: full, model: {hidden: 8, heads: 2}}\n";
+        assert_eq!(
+            locate_exact(doc, &["stages", "t", "params", "model", "heads"]),
+            (Pos { line: 3, col: 47 }, true)
+        );
+        assert_eq!(
+            locate_exact(doc, &["stages", "t", "params", "steps"]),
+            (Pos { line: 3, col: 5 }, false)
+        );
     }
 
     #[test]

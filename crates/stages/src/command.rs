@@ -42,8 +42,8 @@ impl StageKind for Command {
     fn name(&self) -> &'static str {
         "command"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::COMMAND
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         None

@@ -62,8 +62,8 @@ impl StageKind for Download {
     fn name(&self) -> &'static str {
         "download"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::DOWNLOAD
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         Some(&[])

@@ -1,5 +1,6 @@
 //! `eval`: perplexity of a trained model on a fixed validation token budget.
 
+use crate::device::DeviceParam;
 use crate::train::TrainInfo;
 use anyhow::{Context, Result};
 use relora_data::{pack, read_split, DatasetManifest};
@@ -22,8 +23,8 @@ pub struct EvalParams {
     pub seq_len: Option<usize>,
     #[serde(default = "d_micro")]
     pub micro_batch: usize,
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceParam,
     /// Compute dtype: f32 or bf16 (bf16 for speed on a GPU; weights are read as f32).
     #[serde(default)]
     pub dtype: Precision,
@@ -35,9 +36,6 @@ fn d_tokens() -> usize {
 fn d_micro() -> usize {
     8
 }
-fn d_device() -> String {
-    "cpu".into()
-}
 
 pub struct Eval;
 
@@ -45,22 +43,43 @@ impl StageKind for Eval {
     fn name(&self) -> &'static str {
         "eval"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::EVAL
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         Some(&[("model", true), ("data", true)])
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::device_resources(params)
+        crate::device::resources_of(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
-        let _: EvalParams = parse_params(stage)?;
-        Ok(())
+        let p: EvalParams = parse_params(stage)?;
+        let mut c = crate::check::Checks::new(stage);
+        c.at_least(
+            &["tokens"],
+            p.tokens as u64,
+            1,
+            "validation tokens to score",
+        );
+        c.at_least(
+            &["micro_batch"],
+            p.micro_batch as u64,
+            1,
+            "sequences per pass",
+        );
+        if let Some(n) = p.seq_len {
+            c.at_least(
+                &["seq_len"],
+                n as u64,
+                2,
+                "a sequence of n tokens gives n - 1 predictions to score",
+            );
+        }
+        c.finish()
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: EvalParams = serde_json::from_value(ctx.params.clone())?;
-        let device = relora_model::device(&p.device)?;
+        let device = p.device.open(&ctx.gpus)?;
         let model_dir = ctx.input("model")?.to_path_buf();
         let data_dir = ctx.input("data")?.to_path_buf();
         let info = TrainInfo::read(&model_dir)?;

@@ -15,9 +15,13 @@
 //! | `svd` | `final`, `base`? | singular values of the weight updates |
 //! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |
 
+mod check;
+pub mod code;
 mod command;
+pub mod device;
 mod download;
 mod eval;
+mod record;
 mod report;
 mod svd;
 mod tokenize;
@@ -26,17 +30,6 @@ pub mod train;
 pub use command::Command;
 
 use relora_exec::Registry;
-
-/// A stage whose `device` is `cuda` or `cuda:N` holds one GPU while it runs.
-fn device_resources(params: &serde_json::Value) -> relora_spec::Resources {
-    let dev = params
-        .get("device")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or("cpu");
-    relora_spec::Resources {
-        gpus: u32::from(dev.starts_with("cuda")),
-    }
-}
 
 /// Every stage kind this binary can run.
 pub fn registry() -> Registry {
@@ -50,3 +43,6 @@ pub fn registry() -> Registry {
     r.register(Box::new(report::Report));
     r
 }
+
+#[cfg(test)]
+mod validation_tests;

@@ -42,8 +42,8 @@ impl StageKind for Report {
     fn name(&self) -> &'static str {
         "report"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::REPORT
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         None

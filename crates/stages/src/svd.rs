@@ -41,8 +41,8 @@ impl StageKind for Svd {
     fn name(&self) -> &'static str {
         "svd"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::SVD
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         Some(&[("final", true), ("base", false)])
@@ -52,13 +52,18 @@ impl StageKind for Svd {
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: SvdParams = parse_params(stage)?;
-        if p.bins == 0 || p.range.1 <= p.range.0 {
-            return Err(vec![stage.error(
-                &["params"],
-                "need bins > 0 and range [lo, hi] with hi > lo",
-            )]);
-        }
-        Ok(())
+        let mut c = crate::check::Checks::new(stage);
+        c.positive(&["threshold"], p.threshold);
+        c.at_least(&["bins"], p.bins as u64, 1, "histogram bins");
+        c.require(
+            p.range.0.is_finite() && p.range.1.is_finite() && p.range.1 > p.range.0,
+            &["range"],
+            format!(
+                "range must be [lo, hi] with finite lo < hi; got [{}, {}]",
+                p.range.0, p.range.1
+            ),
+        );
+        c.finish()
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: SvdParams = serde_json::from_value(ctx.params.clone())?;

@@ -91,8 +91,8 @@ impl StageKind for Tokenize {
     fn name(&self) -> &'static str {
         "tokenize"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::TOKENIZE
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         Some(&[("corpus", false)])
@@ -102,7 +102,56 @@ impl StageKind for Tokenize {
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         let p: TokenizeParams = parse_params(stage)?;
-        let mut errors = Vec::new();
+        let mut c = crate::check::Checks::new(stage);
+        c.at_least(
+            &["shard_tokens"],
+            p.shard_tokens as u64,
+            1,
+            "tokens per parquet shard",
+        );
+        c.at_least(&["threads"], p.threads as u64, 1, "tokenizer threads");
+        if let Some(n) = p.limit_docs {
+            c.at_least(&["limit_docs"], n as u64, 1, "documents to read");
+        }
+        if p.valid_files.is_none() {
+            c.at_least(
+                &["valid_docs"],
+                p.valid_docs as u64,
+                1,
+                "without `valid_files` the validation split is these held-out documents, and \
+                 training and evaluation need one",
+            );
+            if let Some(n) = p.limit_docs {
+                c.require(
+                    n > p.valid_docs,
+                    &["limit_docs"],
+                    format!(
+                        "limit_docs ({n}) leaves no training documents once valid_docs ({}) \
+                         are held out",
+                        p.valid_docs
+                    ),
+                );
+            }
+        }
+        match p.tokenizer {
+            TokenizerSource::Bpe { vocab_size } => c.at_least(
+                &["tokenizer", "vocab_size"],
+                vocab_size as u64,
+                259,
+                "byte-level BPE starts from 256 byte tokens and 3 special tokens",
+            ),
+            TokenizerSource::Unigram { vocab_size } => c.at_least(
+                &["tokenizer", "vocab_size"],
+                vocab_size as u64,
+                8,
+                "the 3 special tokens and at least a few pieces",
+            ),
+            TokenizerSource::File { .. } => {}
+        }
+        let mut errors = match c.finish() {
+            Ok(()) => Vec::new(),
+            Err(e) => e,
+        };
         // Files from a `corpus` input do not exist until it has run.
         if stage.inputs.contains_key("corpus") {
         } else if let Err(e) = files(&p, &stage.base_dir) {
@@ -173,6 +222,7 @@ impl StageKind for Tokenize {
             threads: p.threads,
             shard_tokens: p.shard_tokens,
         };
+        let started = std::time::Instant::now();
         let m = tokenize(&cfg, &ctx.out_dir, |done, total| {
             ctx.progress(&Progress {
                 step: done,
@@ -180,16 +230,19 @@ impl StageKind for Tokenize {
                 ..Default::default()
             })
         })?;
+        // Timings go to the log and the manifest, never into outputs: same key, same bytes.
+        let tokens_per_s =
+            (m.train.tokens + m.valid.tokens) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         println!(
             "tokenized {} train + {} valid documents: {} + {} tokens, vocabulary {}, {:.0} tokens/s, {} bad records skipped",
-            m.train.documents, m.valid.documents, m.train.tokens, m.valid.tokens, m.vocab_size, m.tokens_per_s, m.skipped_records
+            m.train.documents, m.valid.documents, m.train.tokens, m.valid.tokens, m.vocab_size, tokens_per_s, m.skipped_records
         );
         ctx.metric("train_tokens", m.train.tokens);
         ctx.metric("valid_tokens", m.valid.tokens);
         ctx.metric("documents", m.train.documents + m.valid.documents);
         ctx.metric("vocab_size", m.vocab_size);
         ctx.metric("skipped_records", m.skipped_records);
-        ctx.metric("tokens_per_s", m.tokens_per_s);
+        ctx.metric("tokens_per_s", tokens_per_s);
         Ok(())
     }
 }

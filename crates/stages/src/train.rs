@@ -4,39 +4,63 @@
 //! (`init_mode: weights`, the warm start) or its whole training state (`init_mode:
 //! continue`, for chained ReLoRA phases and for full training that continues a warm start).
 
+use crate::check::Checks;
+use crate::device::DeviceParam;
+pub use crate::record::{Method, TrainInfo};
 use anyhow::{bail, Context, Result};
-use relora_data::{pack, read_split, DatasetManifest, Loader, LoaderState, Packing};
+use relora_data::{pack, read_split, DatasetManifest, Loader, Packing, Sequences};
 use relora_exec::{parse_params, Progress, StageContext, StageKind};
 use relora_model::checkpoint::{self, load_tensors, save_tensors};
 use relora_model::precision::Precision;
 use relora_model::{
     control_config, AdamConfig, Llama, LlamaConfig, LoraInit, ResetMode, Restarts, Rng, Schedule,
-    TrainConfig, Trainer,
+    StepMetrics, TrainConfig, Trainer,
 };
 use relora_spec::{Resources, SpecError, StageSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `model:` a named size (`llama_130m`) or explicit dimensions.
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum ModelParam {
     Named(String),
-    Dims {
-        hidden: usize,
-        intermediate: usize,
-        heads: usize,
-        layers: usize,
-    },
+    Dims(ModelDims),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Full,
-    Relora,
-    Lora,
-    Control,
+/// `model: {hidden, intermediate, heads, layers}`; any other key is an error.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+}
+
+impl<'de> Deserialize<'de> for ModelParam {
+    // By hand rather than `untagged`, so a bad key inside the map is reported by name and
+    // path instead of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ModelParam;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a model name (llama_9m … llama_1b) or {hidden, intermediate, heads, layers}",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModelParam, E> {
+                Ok(ModelParam::Named(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<ModelParam, A::Error> {
+                let d = serde::de::value::MapAccessDeserializer::new(m);
+                ModelDims::deserialize(d).map(ModelParam::Dims)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -57,7 +81,8 @@ pub struct LoraParams {
     pub alpha: f64,
     #[serde(default = "d_dropout")]
     pub dropout: f32,
-    /// Default: kaiming_a_zero_b on a warm start, kaiming_both from scratch.
+    /// Default: kaiming_a_zero_b (B = 0, as LoRA and ReLoRA start), except for a pure
+    /// factorised layer from scratch (`base: none`), which has no W to carry it: kaiming_both.
     #[serde(default)]
     pub init: Option<LoraInit>,
     #[serde(default = "d_base")]
@@ -92,8 +117,18 @@ pub struct ReloraParams {
     pub optimizer_reset: bool,
     #[serde(default = "d_true")]
     pub jagged: bool,
+    /// Steps over which the LR climbs back after each restart. Default: 2% of
+    /// `merge_every` (at least 1), the paper's 100 steps for restarts every 5,000.
     #[serde(default)]
-    pub restart_warmup: u64,
+    pub restart_warmup: Option<u64>,
+}
+
+impl ReloraParams {
+    /// The restart warmup in force (explicit, or the default).
+    pub fn restart_warmup(&self) -> u64 {
+        self.restart_warmup
+            .unwrap_or_else(|| (self.merge_every / 50).max(1))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -149,8 +184,8 @@ pub struct TrainParams {
     pub seed: u64,
     #[serde(default)]
     pub packing: Packing,
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceParam,
     #[serde(default)]
     pub dtype: Precision,
     #[serde(default = "d_ckpt")]
@@ -212,9 +247,6 @@ fn d_beta2() -> f64 {
 fn d_eps() -> f64 {
     1e-8
 }
-fn d_device() -> String {
-    "cpu".into()
-}
 fn d_ckpt() -> u64 {
     100
 }
@@ -225,52 +257,19 @@ fn d_init_mode() -> InitMode {
     InitMode::Weights
 }
 
-/// What a train stage records about itself for the stages that consume it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainInfo {
-    pub model: LlamaConfig,
-    pub method: Method,
-    pub step: u64,
-    pub tokens: u64,
-    pub loader: LoaderState,
-    pub data_seed: u64,
-    pub seq_len: usize,
-    pub packing: Packing,
-    pub tokenizer_blake3: String,
-    pub trainable_params: usize,
-    pub frozen_params: usize,
-    pub final_loss: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub perplexity: Option<f64>,
-}
-
-impl TrainInfo {
-    pub fn read(dir: &Path) -> Result<TrainInfo> {
-        let p = dir.join("train.json");
-        serde_json::from_slice(
-            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("{} is not a train stage's record", p.display()))
-    }
-}
-
+/// The model's shape for a vocabulary of `vocab` tokens.
 pub fn model_config(m: &ModelParam, vocab: usize) -> Result<LlamaConfig> {
     let cfg = match m {
         ModelParam::Named(n) => LlamaConfig::named(n, vocab).with_context(|| {
             let names: Vec<&str> = relora_model::config::NAMED.iter().map(|c| c.0).collect();
             format!("unknown model `{n}`; known: {}", names.join(", "))
         })?,
-        ModelParam::Dims {
-            hidden,
-            intermediate,
-            heads,
-            layers,
-        } => LlamaConfig {
+        ModelParam::Dims(d) => LlamaConfig {
             vocab_size: vocab,
-            hidden: *hidden,
-            intermediate: *intermediate,
-            heads: *heads,
-            layers: *layers,
+            hidden: d.hidden,
+            intermediate: d.intermediate,
+            heads: d.heads,
+            layers: d.layers,
         },
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
@@ -284,14 +283,208 @@ pub fn relora_trainable(cfg: &LlamaConfig, r: usize) -> usize {
     2 * cfg.vocab_size * h + cfg.layers * (lora + 2 * h) + h
 }
 
+impl TrainParams {
+    /// Every problem with these parameters that can be known before the stage runs.
+    fn check(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
+        let mut c = Checks::new(stage);
+        let has_init = stage.inputs.contains_key("init");
+        if let Err(err) = model_config(&self.model, 32) {
+            c.require(false, &["model"], format!("{err:#}"));
+        }
+        if let ModelParam::Dims(d) = &self.model {
+            c.at_least(
+                &["model", "intermediate"],
+                d.intermediate as u64,
+                1,
+                "the MLP width",
+            );
+        }
+        c.at_least(
+            &["steps"],
+            self.steps,
+            1,
+            "a stage trains at least one step",
+        );
+        c.at_least(
+            &["seq_len"],
+            self.seq_len as u64,
+            2,
+            "a sequence of n tokens gives n - 1 predictions to learn from",
+        );
+        c.at_least(
+            &["micro_batch"],
+            self.micro_batch as u64,
+            1,
+            "sequences per pass",
+        );
+        if let Some(b) = self.batch_tokens {
+            let per_pass = self.micro_batch * self.seq_len;
+            c.require(
+                per_pass == 0 || (b >= per_pass && b % per_pass == 0),
+                &["batch_tokens"],
+                format!(
+                    "batch_tokens ({b}) must be a positive multiple of micro_batch × seq_len \
+                     ({per_pass})"
+                ),
+            );
+        }
+        c.positive(&["lr"], self.lr);
+        c.within(&["min_lr_ratio"], self.min_lr_ratio, 0.0, 1.0, true, true);
+        if let Some(total) = self.total_steps {
+            c.require(
+                total >= self.steps || self.init_mode == InitMode::Continue,
+                &["total_steps"],
+                format!(
+                    "total_steps ({total}) is the schedule's horizon and cannot be less than \
+                     this stage's steps ({})",
+                    self.steps
+                ),
+            );
+        }
+        let horizon = self.total_steps.unwrap_or(self.steps);
+        if self.schedule == ScheduleKind::Cosine && self.init_mode != InitMode::Continue {
+            c.require(
+                self.warmup < horizon,
+                &["warmup"],
+                format!(
+                    "warmup ({}) must be shorter than the schedule ({horizon} steps), or the \
+                     cosine never starts",
+                    self.warmup
+                ),
+            );
+        }
+        if let Some(clip) = self.clip_grad {
+            c.positive(&["clip_grad"], clip);
+        }
+        c.within(
+            &["weight_decay"],
+            self.weight_decay,
+            0.0,
+            f64::INFINITY,
+            true,
+            false,
+        );
+        c.within(&["beta1"], self.beta1, 0.0, 1.0, true, false);
+        c.within(&["beta2"], self.beta2, 0.0, 1.0, true, false);
+        c.positive(&["eps"], self.eps);
+        c.at_least(
+            &["eval_sequences"],
+            self.eval_sequences as u64,
+            1,
+            "the final evaluation scores at least one sequence",
+        );
+        c.require(
+            self.init_mode != InitMode::Continue || has_init,
+            &["init_mode"],
+            "init_mode continue needs an `init` input",
+        );
+        if self.method == Method::Control && has_init {
+            c.extend(vec![stage.error(
+                &["inputs", "init"],
+                "Control is a smaller model trained from scratch; it takes no init",
+            )]);
+        }
+        match (&self.lora, self.method) {
+            (Some(_), Method::Full) => c.require(
+                false,
+                &["lora"],
+                "`lora:` is not used by method full; remove it or pick relora, lora or control",
+            ),
+            (Some(l), _) => {
+                c.at_least(
+                    &["lora", "rank"],
+                    l.rank as u64,
+                    1,
+                    "the LoRA factors' rank",
+                );
+                c.positive(&["lora", "alpha"], l.alpha);
+                c.within(
+                    &["lora", "dropout"],
+                    l.dropout as f64,
+                    0.0,
+                    1.0,
+                    true,
+                    false,
+                );
+                c.require(
+                    !(self.method == Method::Relora && l.base == LoraBase::None),
+                    &["lora", "base"],
+                    "ReLoRA merges into W, so `base: none` is only for method lora",
+                );
+            }
+            (None, _) => {}
+        }
+        match (&self.relora, self.method) {
+            (None, Method::Relora) => c.require(
+                false,
+                &["method"],
+                "method `relora` needs a `relora:` section (merge_every, ...)",
+            ),
+            (Some(_), m) if m != Method::Relora => c.require(
+                false,
+                &["relora"],
+                format!("`relora:` is only for method relora, not {m:?}"),
+            ),
+            (Some(r), _) => r.check(&mut c),
+            (None, _) => {}
+        }
+        c.finish()
+    }
+}
+
+impl ReloraParams {
+    fn check(&self, c: &mut Checks) {
+        c.at_least(
+            &["relora", "merge_every"],
+            self.merge_every,
+            1,
+            "steps between merges",
+        );
+        if let Some(k) = self.reset_every {
+            c.at_least(
+                &["relora", "reset_every"],
+                k,
+                1,
+                "steps between optimizer resets",
+            );
+        }
+        match self.reset {
+            ResetMode::Zero => {}
+            ResetMode::Random { fraction } | ResetMode::Magnitude { fraction } => c.within(
+                &["relora", "reset", "fraction"],
+                fraction,
+                0.0,
+                1.0,
+                true,
+                true,
+            ),
+        }
+        let w = self.restart_warmup();
+        c.require(
+            w < self.merge_every,
+            &["relora", "restart_warmup"],
+            format!(
+                "restart_warmup ({w}) must be shorter than merge_every ({})",
+                self.merge_every
+            ),
+        );
+        c.require(
+            !(self.jagged && self.restarts && w == 0),
+            &["relora", "restart_warmup"],
+            "restart_warmup 0 turns the jagged schedule into a plain cosine (the LR never \
+             returns to 0 after a merge); give it at least 1 step, or set `jagged: false`",
+        );
+    }
+}
+
 pub struct Train;
 
 impl StageKind for Train {
     fn name(&self) -> &'static str {
         "train"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> &'static [(&'static str, &'static str)] {
+        crate::code::TRAIN
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
         Some(&[("data", true), ("init", false)])
@@ -300,84 +493,183 @@ impl StageKind for Train {
         &["log_every", "checkpoint_every"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::device_resources(params)
+        crate::device::resources_of(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
-        let p: TrainParams = parse_params(stage)?;
-        let mut e = Vec::new();
-        if let ModelParam::Named(_) = &p.model {
-            if let Err(err) = model_config(&p.model, 32) {
-                e.push(stage.error(&["params", "model"], format!("{err:#}")));
-            }
-        }
-        if p.steps == 0 {
-            e.push(stage.error(&["params", "steps"], "steps must be at least 1"));
-        }
-        if p.method == Method::Relora && p.relora.is_none() {
-            e.push(stage.error(
-                &["params"],
-                "method `relora` needs a `relora:` section (merge_every, ...)",
-            ));
-        }
-        if p.method != Method::Relora && p.relora.is_some() {
-            e.push(stage.error(
-                &["params", "relora"],
-                format!("`relora:` is only for method relora, not {:?}", p.method),
-            ));
-        }
-        if p.init_mode == InitMode::Continue && !stage.inputs.contains_key("init") {
-            e.push(stage.error(
-                &["params", "init_mode"],
-                "init_mode continue needs an `init` input",
-            ));
-        }
-        if p.method == Method::Control && stage.inputs.contains_key("init") {
-            e.push(stage.error(
-                &["inputs", "init"],
-                "Control is a smaller model trained from scratch; it takes no init",
-            ));
-        }
-        if let Some(b) = p.batch_tokens {
-            if b % (p.micro_batch * p.seq_len) != 0 {
-                e.push(stage.error(
-                    &["params", "batch_tokens"],
-                    format!(
-                        "batch_tokens ({b}) must be a multiple of micro_batch × seq_len ({})",
-                        p.micro_batch * p.seq_len
-                    ),
-                ));
-            }
-        }
-        relora_spec::no_errors(e)
+        parse_params::<TrainParams>(stage)?.check(stage)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         run_train(ctx)
     }
 }
 
+/// The shape this stage trains: the named or given model, or Control's narrower one.
+fn stage_model_config(p: &TrainParams, vocab: usize) -> Result<LlamaConfig> {
+    let base = model_config(&p.model, vocab)?;
+    if p.method != Method::Control {
+        return Ok(base);
+    }
+    let rank = p.lora.clone().unwrap_or_default().rank;
+    let target = relora_trainable(&base, rank);
+    let c = control_config(base, target);
+    println!(
+        "Control: hidden {} intermediate {} ({} trainable parameters; ReLoRA rank {rank} on {:?} trains {target})",
+        c.hidden, c.intermediate, c.param_count(), p.model
+    );
+    Ok(c)
+}
+
+/// The warm-start weights or a fresh init, then a LoRA branch on every projection where the
+/// method asks for one.
+fn build_model(
+    p: &TrainParams,
+    cfg: LlamaConfig,
+    init_dir: Option<&Path>,
+    device: &candle_core::Device,
+) -> Result<Llama> {
+    let mut rng = Rng::derive(p.seed, "init");
+    let mut model = match (init_dir, p.init_mode) {
+        (Some(dir), InitMode::Weights) => {
+            let path = dir.join("model.safetensors");
+            Llama::from_tensors(cfg, &load_tensors(&path, device)?)
+                .with_context(|| format!("loading {}", path.display()))?
+        }
+        _ => Llama::random(cfg, &mut rng, device)?,
+    };
+    if matches!(p.method, Method::Relora | Method::Lora) {
+        let lora = p.lora.clone().unwrap_or_default();
+        let factorised = lora.base == LoraBase::None && init_dir.is_none();
+        let init = lora.init.unwrap_or(if factorised {
+            LoraInit::KaimingBoth
+        } else {
+            LoraInit::KaimingAZeroB
+        });
+        for (_, layer) in model.projections_mut() {
+            layer.add_lora(lora.rank, lora.alpha, lora.dropout, init, &mut rng)?;
+            if factorised {
+                layer.weight = None;
+            }
+        }
+    }
+    // Parameters and moments stay f32 whatever the compute dtype (relora_model::precision).
+    model.compute = p.dtype.dtype();
+    Ok(model)
+}
+
+/// The learning-rate schedule: ReLoRA's jagged cosine, or a plain cosine or constant.
+fn schedule(p: &TrainParams, total: u64) -> Schedule {
+    match (&p.relora, p.schedule) {
+        (Some(r), _) if r.jagged && r.restarts => Schedule::Jagged {
+            warmup: p.warmup,
+            restart_warmup: r.restart_warmup(),
+            cycle: r.merge_every,
+            total,
+            min_ratio: p.min_lr_ratio,
+        },
+        (_, ScheduleKind::Constant) => Schedule::Constant { warmup: p.warmup },
+        _ => Schedule::Cosine {
+            warmup: p.warmup,
+            total,
+            min_ratio: p.min_lr_ratio,
+        },
+    }
+}
+
+/// The trainer's configuration, for a stage that starts at step `start_step`.
+fn train_config(p: &TrainParams, start_step: u64) -> TrainConfig {
+    let accum = p
+        .batch_tokens
+        .map_or(1, |b| b / (p.micro_batch * p.seq_len))
+        .max(1);
+    let restarts = p.relora.as_ref().map(|r| Restarts {
+        merge_every: r.restarts.then_some(r.merge_every),
+        reset_every: r
+            .optimizer_reset
+            .then_some(r.reset_every.unwrap_or(r.merge_every)),
+        reset: r.reset,
+    });
+    TrainConfig {
+        micro_batch: p.micro_batch,
+        accum,
+        lr: p.lr,
+        schedule: schedule(p, p.total_steps.unwrap_or(start_step + p.steps)),
+        clip_grad: p.clip_grad,
+        adam: AdamConfig {
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+        },
+        restarts,
+        checkpoint_every: p.checkpoint_every,
+        eval_every: p.eval_every,
+        eval_sequences: p.eval_sequences,
+    }
+}
+
+/// Training sequences (a loader that continues after what the init consumed, with its
+/// shuffle seed) and validation sequences. Fails before any training when either split
+/// is too small, so a rerun never repeats a long run to fail at its last step.
+fn load_data(
+    p: &TrainParams,
+    data_dir: &Path,
+    data: &DatasetManifest,
+    init: Option<&TrainInfo>,
+) -> Result<(Loader, Sequences)> {
+    let train_seqs = pack(
+        &read_split(&data_dir.join("train"))?,
+        p.seq_len,
+        p.packing,
+        data.pad_id,
+    );
+    let valid_seqs = pack(
+        &read_split(&data_dir.join("valid"))?,
+        p.seq_len,
+        p.packing,
+        data.pad_id,
+    );
+    if train_seqs.len() < p.micro_batch {
+        bail!(
+            "the training split ({}) holds {} sequences of {} tokens, fewer than one \
+             micro-batch of {}",
+            data_dir.join("train").display(),
+            train_seqs.len(),
+            p.seq_len,
+            p.micro_batch
+        );
+    }
+    if valid_seqs.is_empty() {
+        bail!(
+            "the validation split ({}) holds no whole sequence of {} tokens, so the final \
+             evaluation could not run; give the data stage more validation documents \
+             (`valid_docs`, `valid_files`) or lower seq_len",
+            data_dir.join("valid").display(),
+            p.seq_len
+        );
+    }
+    let data_seed = init.map_or(p.seed, |i| i.data_seed);
+    let mut loader = Loader::new(train_seqs, data_seed, 0, 1);
+    if let Some(info) = init {
+        if info.seq_len == p.seq_len && info.packing == p.packing {
+            loader.restore(info.loader);
+        } else {
+            println!(
+                "note: seq_len or packing differ from the init run; data starts from the beginning"
+            );
+        }
+    }
+    Ok((loader, valid_seqs))
+}
+
 fn run_train(ctx: &mut StageContext) -> Result<()> {
     let p: TrainParams = serde_json::from_value(ctx.params.clone())?;
-    let device = relora_model::device(&p.device)?;
+    let device = p.device.open(&ctx.gpus)?;
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
     let init_dir = ctx.inputs.get("init").cloned();
     let init_info = init_dir.as_deref().map(TrainInfo::read).transpose()?;
 
-    // The model's shape.
-    let base_cfg = model_config(&p.model, data.vocab_size)?;
-    let lora = p.lora.clone().unwrap_or_default();
-    let cfg = match p.method {
-        Method::Control => {
-            let target = relora_trainable(&base_cfg, lora.rank);
-            let c = control_config(base_cfg, target);
-            println!(
-                "Control: hidden {} intermediate {} ({} trainable parameters; ReLoRA rank {} on {:?} trains {target})",
-                c.hidden, c.intermediate, c.param_count(), lora.rank, p.model
-            );
-            c
-        }
-        _ => base_cfg,
-    };
+    let cfg = stage_model_config(&p, data.vocab_size)?;
     if let Some(info) = &init_info {
         if info.model != cfg {
             bail!(
@@ -390,36 +682,7 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
             bail!("the init checkpoint was trained with another tokenizer than this stage's data");
         }
     }
-
-    // Build the model: warm-start weights or a fresh init, then LoRA where the method asks.
-    let mut rng = Rng::derive(p.seed, "init");
-    let mut model = match (&init_dir, p.init_mode) {
-        (Some(dir), InitMode::Weights) => {
-            let t = load_tensors(&dir.join("model.safetensors"), &device)?;
-            Llama::from_tensors(cfg, &t)
-                .with_context(|| format!("loading {}", dir.join("model.safetensors").display()))?
-        }
-        _ => Llama::random(cfg, &mut rng, &device)?,
-    };
-    if matches!(p.method, Method::Relora | Method::Lora) {
-        let warm = init_dir.is_some();
-        let init = lora.init.unwrap_or(if warm || p.method == Method::Relora {
-            LoraInit::KaimingAZeroB
-        } else {
-            LoraInit::KaimingBoth
-        });
-        if p.method == Method::Relora && lora.base == LoraBase::None {
-            bail!("ReLoRA merges into W, so `lora.base: none` is only for method lora");
-        }
-        for (_, layer) in model.projections_mut() {
-            layer.add_lora(lora.rank, lora.alpha, lora.dropout, init, &mut rng)?;
-            if lora.base == LoraBase::None && !warm {
-                layer.weight = None;
-            }
-        }
-    }
-    // Parameters and moments stay f32 whatever the compute dtype (crate::precision).
-    model.compute = p.dtype.dtype();
+    let model = build_model(&p, cfg, init_dir.as_deref(), &device)?;
     println!(
         "{} trainable and {} frozen parameters ({:?}, {} compute)",
         model.trainable_count(),
@@ -427,92 +690,18 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         p.method,
         p.dtype.name()
     );
-
-    // Data: continue after what the init consumed, with its shuffle seed.
-    let train_docs = read_split(&data_dir.join("train"))?;
-    let valid_docs = read_split(&data_dir.join("valid"))?;
-    let pad = data.pad_id;
-    let train_seqs = pack(&train_docs, p.seq_len, p.packing, pad);
-    let valid_seqs = pack(&valid_docs, p.seq_len, p.packing, pad);
-    if train_seqs.len() < p.micro_batch {
-        bail!(
-            "the training split holds {} sequences of {} tokens, fewer than one micro-batch",
-            train_seqs.len(),
-            p.seq_len
-        );
-    }
+    let (mut loader, valid_seqs) = load_data(&p, &data_dir, &data, init_info.as_ref())?;
     let data_seed = init_info.as_ref().map_or(p.seed, |i| i.data_seed);
-    let mut loader = Loader::new(train_seqs, data_seed, 0, 1);
-    if let Some(info) = &init_info {
-        if info.seq_len == p.seq_len && info.packing == p.packing {
-            loader.restore(info.loader);
-        } else {
-            println!(
-                "note: seq_len or packing differ from the init run; data starts from the beginning"
-            );
-        }
-    }
 
-    // Optimizer, schedule, restarts.
-    let accum = p
-        .batch_tokens
-        .map_or(1, |b| b / (p.micro_batch * p.seq_len))
-        .max(1);
     let start_step = match (&init_info, p.init_mode) {
         (Some(i), InitMode::Continue) => i.step,
         _ => 0,
     };
-    let total = p.total_steps.unwrap_or(start_step + p.steps);
-    let relora = p.relora.clone();
-    let schedule = match (&relora, p.schedule) {
-        (Some(r), _) if r.jagged && r.restarts => Schedule::Jagged {
-            warmup: p.warmup,
-            restart_warmup: r.restart_warmup,
-            cycle: r.merge_every,
-            total,
-            min_ratio: p.min_lr_ratio,
-        },
-        (_, ScheduleKind::Constant) => Schedule::Constant { warmup: p.warmup },
-        _ => Schedule::Cosine {
-            warmup: p.warmup,
-            total,
-            min_ratio: p.min_lr_ratio,
-        },
-    };
-    let restarts = relora.as_ref().map(|r| Restarts {
-        merge_every: r.restarts.then_some(r.merge_every),
-        reset_every: r
-            .optimizer_reset
-            .then_some(r.reset_every.unwrap_or(r.merge_every)),
-        reset: r.reset,
-    });
-    let tcfg = TrainConfig {
-        micro_batch: p.micro_batch,
-        accum,
-        lr: p.lr,
-        schedule,
-        clip_grad: p.clip_grad,
-        adam: AdamConfig {
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: p.eps,
-            weight_decay: p.weight_decay,
-        },
-        restarts,
-        checkpoint_every: p.checkpoint_every,
-        eval_every: p.eval_every,
-        eval_sequences: p.eval_sequences,
-    };
-    let mut trainer = Trainer::new(model, tcfg, p.seed, device.clone())?;
+    let mut trainer = Trainer::new(model, train_config(&p, start_step), p.seed, device.clone())?;
     if let (Some(dir), InitMode::Continue) = (&init_dir, p.init_mode) {
-        let st = checkpoint::load(
-            &dir.join("checkpoint"),
-            &trainer.model,
-            &mut trainer.opt,
-            &device,
-        )
-        .with_context(|| format!("continuing from {}", dir.display()))?;
-        trainer.state = st;
+        let ckpt = dir.join("checkpoint");
+        trainer.state = checkpoint::load(&ckpt, &trainer.model, &mut trainer.opt, &device)
+            .with_context(|| format!("continuing from {}", dir.display()))?;
         loader.restore(trainer.state.loader);
     }
     let scratch = ctx.scratch_dir.clone();
@@ -533,44 +722,68 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
             }
         }
     }
-    let end = start_step + p.steps;
     let log_every = p.log_every.unwrap_or(10).max(1);
     let history = trainer.run(
         &mut loader,
         Some(&valid_seqs),
         &scratch.join("checkpoints"),
         &metrics_path,
-        end,
-        |m| {
-            ctx.progress(&Progress {
-                step: m.step - start_step,
-                total: p.steps,
-                loss: Some(m.loss),
-                tokens_per_s: Some(m.tokens_per_s),
-                note: m.event.clone(),
-            });
-            if m.step % log_every == 0 || m.eval_loss.is_some() {
-                println!(
-                    "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}{}{}",
-                    m.step,
-                    m.loss,
-                    m.lr,
-                    m.grad_norm,
-                    m.tokens_per_s,
-                    m.eval_loss
-                        .map(|l| format!(" eval_loss {l:.4} ppl {:.2}", l.exp()))
-                        .unwrap_or_default(),
-                    m.event
-                        .as_ref()
-                        .map(|e| format!(" [{e}]"))
-                        .unwrap_or_default()
-                );
-            }
-        },
+        start_step + p.steps,
+        |m| report_step(ctx, m, start_step, p.steps, log_every),
     )?;
 
-    // Outputs: merged weights, the live low-rank update, the full state, metrics, a record.
-    let out = ctx.out_dir.clone();
+    let info = TrainInfo {
+        model: cfg,
+        method: p.method,
+        step: trainer.state.step,
+        tokens: trainer.state.tokens,
+        loader: loader.state(),
+        data_seed,
+        seq_len: p.seq_len,
+        packing: p.packing,
+        tokenizer_blake3: data.tokenizer_blake3.clone(),
+        trainable_params: trainer.model.trainable_count(),
+        frozen_params: trainer.model.frozen_count(),
+        final_loss: history.last().map(|m| m.loss),
+        eval_loss: history.last().and_then(|m| m.eval_loss),
+        perplexity: history.last().and_then(|m| m.perplexity),
+    };
+    write_outputs(&ctx.out_dir, &trainer, &metrics_path, &info)?;
+    record_metrics(ctx, &info, &history);
+    Ok(())
+}
+
+/// One step's progress line for the executor, and a log line every `log_every` steps.
+fn report_step(ctx: &StageContext, m: &StepMetrics, start_step: u64, steps: u64, log_every: u64) {
+    ctx.progress(&Progress {
+        step: m.step - start_step,
+        total: steps,
+        loss: Some(m.loss),
+        tokens_per_s: Some(m.tokens_per_s),
+        note: m.event.clone(),
+    });
+    if m.step.is_multiple_of(log_every) || m.eval_loss.is_some() {
+        println!(
+            "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}{}{}",
+            m.step,
+            m.loss,
+            m.lr,
+            m.grad_norm,
+            m.tokens_per_s,
+            m.eval_loss
+                .map(|l| format!(" eval_loss {l:.4} ppl {:.2}", l.exp()))
+                .unwrap_or_default(),
+            m.event
+                .as_ref()
+                .map(|e| format!(" [{e}]"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Merged weights, the live low-rank update, the full training state, the metrics and the
+/// stage's record: all of them functions of the key alone (no timings).
+fn write_outputs(out: &Path, trainer: &Trainer, metrics: &Path, info: &TrainInfo) -> Result<()> {
     save_tensors(
         &trainer.model.merged_tensors()?,
         &out.join("model.safetensors"),
@@ -591,25 +804,13 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         &trainer.opt,
         &trainer.state,
     )?;
-    std::fs::copy(&metrics_path, out.join("metrics.jsonl"))?;
-    let last = history.last();
-    let info = TrainInfo {
-        model: cfg,
-        method: p.method,
-        step: trainer.state.step,
-        tokens: trainer.state.tokens,
-        loader: loader.state(),
-        data_seed,
-        seq_len: p.seq_len,
-        packing: p.packing,
-        tokenizer_blake3: data.tokenizer_blake3.clone(),
-        trainable_params: trainer.model.trainable_count(),
-        frozen_params: trainer.model.frozen_count(),
-        final_loss: last.map(|m| m.loss),
-        eval_loss: last.and_then(|m| m.eval_loss),
-        perplexity: last.and_then(|m| m.perplexity),
-    };
-    std::fs::write(out.join("train.json"), serde_json::to_vec_pretty(&info)?)?;
+    std::fs::copy(metrics, out.join("metrics.jsonl"))?;
+    std::fs::write(out.join("train.json"), serde_json::to_vec_pretty(info)?)?;
+    Ok(())
+}
+
+/// The manifest's metrics (throughput included: the manifest is where timings belong).
+fn record_metrics(ctx: &mut StageContext, info: &TrainInfo, history: &[StepMetrics]) {
     let tps: Vec<f64> = history.iter().skip(1).map(|m| m.tokens_per_s).collect();
     ctx.metric("trainable_params", info.trainable_params);
     ctx.metric("frozen_params", info.frozen_params);
@@ -621,13 +822,8 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     ctx.metric("perplexity", info.perplexity);
     ctx.metric(
         "tokens_per_s",
-        if tps.is_empty() {
-            None
-        } else {
-            Some(tps.iter().sum::<f64>() / tps.len() as f64)
-        },
+        (!tps.is_empty()).then(|| tps.iter().sum::<f64>() / tps.len() as f64),
     );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,560 @@
+//! The scheduler, and one stage's way through the cache: look up, lock, compute in a child
+//! process (or adopt an entry the user vouched for), commit.
+
+use crate::child::run_child;
+use crate::plan::{components, components_without_code, explain_change};
+use crate::progress::Display;
+use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
+use anyhow::{anyhow, bail, Context, Result};
+use relora_cache::{Adoption, Cache, CommitInfo, KeyComponents, Manifest};
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+/// How `run` behaves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stages run at once.
+    pub jobs: usize,
+    /// Stages to recompute even when cached.
+    pub force: Vec<String>,
+    /// Run only this stage and what it depends on.
+    pub until: Option<String>,
+    /// After a failure, let independent stages finish.
+    pub keep_going: bool,
+    /// GPU ids the executor may hand out.
+    pub gpus: Vec<u32>,
+    /// The binary whose `__stage` entry point runs a stage.
+    pub exe: PathBuf,
+    /// Kinds whose code change the user declared harmless: a stage of such a kind with no
+    /// entry under its key reuses the entry whose key differs only in code, and its manifest
+    /// says so.
+    pub accept_code_change: Vec<String>,
+}
+
+/// How one stage ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Its entry existed.
+    Cached,
+    /// It ran and its entry was committed.
+    Computed { seconds: f64 },
+    /// Its entry was made from another key's outputs (`--accept-code-change`).
+    Adopted { from: String },
+    /// It ran and failed; nothing was committed.
+    Failed { message: String },
+    /// An input failed, so it did not run.
+    Skipped { because: String },
+    /// Outside `--until`'s reach.
+    NotSelected,
+}
+
+/// Every stage's outcome, in the pipeline's order.
+pub struct RunReport {
+    pub outcomes: Vec<(String, Outcome)>,
+}
+
+impl RunReport {
+    /// Whether any stage failed or was skipped.
+    pub fn failed(&self) -> bool {
+        self.outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Failed { .. } | Outcome::Skipped { .. }))
+    }
+}
+
+/// A stage's result as downstream stages need it.
+struct Finished {
+    key: String,
+    output_hash: String,
+    outcome: Outcome,
+}
+
+enum Event {
+    Progress(usize, Progress),
+    Waiting(usize, Option<u32>),
+    StaleLock(usize, u32),
+    Started(usize),
+    Done(usize, Result<Finished, String>),
+}
+
+/// What a run ran on, for the manifest: results of floating-point code can depend on these
+/// (see the README's cache section), so two entries can be compared by them.
+pub fn environment(jobs: usize) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    env.insert("threads".into(), threads.to_string());
+    env.insert("jobs".into(), jobs.to_string());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    env.insert("profile".into(), profile.into());
+    env.insert(
+        "target".into(),
+        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+    );
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        env.insert("host".into(), h.trim().to_string());
+    }
+    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+        if let Some(model) = info.lines().find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']))
+        }) {
+            env.insert("cpu".into(), model.trim().to_string());
+        }
+    }
+    env
+}
+
+/// Run the pipeline: every selected stage that is not cached, in dependency order.
+pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunReport> {
+    let selected = select(dag, registry, opts)?;
+    let mut s = Scheduler {
+        dag,
+        registry,
+        cache,
+        opts,
+        outcome: selected
+            .iter()
+            .map(|&sel| (!sel).then_some(Outcome::NotSelected))
+            .collect(),
+        output_hash: BTreeMap::new(),
+        keys: BTreeMap::new(),
+        running: BTreeMap::new(),
+        free_gpus: opts.gpus.clone(),
+        stop: false,
+        display: Display::new(),
+    };
+    let (tx, rx) = mpsc::channel::<Event>();
+    std::thread::scope(|scope| -> Result<()> {
+        loop {
+            s.skip_after_failures();
+            if !s.stop {
+                for (i, job) in s.start_ready()? {
+                    let tx = tx.clone();
+                    scope.spawn(move || {
+                        // A panic here must still end in a Done event, or the loop below
+                        // would wait for it forever.
+                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            run_one(dag, cache, opts, i, job, &tx)
+                        }));
+                        let r = match r {
+                            Ok(r) => r.map_err(|e| format!("{e:#}")),
+                            Err(p) => Err(format!(
+                                "internal error: the worker for this stage panicked ({}); \
+                                 please report it",
+                                panic_message(p.as_ref())
+                            )),
+                        };
+                        let _ = tx.send(Event::Done(i, r));
+                    });
+                }
+            }
+            if s.running.is_empty() {
+                return Ok(());
+            }
+            let event = rx
+                .recv()
+                .map_err(|_| anyhow!("internal error: every stage worker vanished"))?;
+            s.handle(event);
+        }
+    })?;
+    s.display.clear();
+    let outcomes = dag
+        .pipeline
+        .stages
+        .iter()
+        .zip(s.outcome)
+        .map(|(st, o)| {
+            let o = o.unwrap_or(Outcome::Skipped {
+                because: "an earlier failure stopped the run".into(),
+            });
+            (st.name.clone(), o)
+        })
+        .collect();
+    Ok(RunReport { outcomes })
+}
+
+/// A panic payload's message.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Which stages `--until` selects, after checking the options against the pipeline.
+fn select(dag: &Dag, registry: &Registry, opts: &RunOptions) -> Result<Vec<bool>> {
+    let stage_names = || dag.pipeline.stages.iter().map(|s| s.name.as_str());
+    let selected = match &opts.until {
+        Some(name) => {
+            let i = dag.index_of(name).with_context(|| {
+                format!(
+                    "--until names stage `{name}`, which this pipeline does not have{}",
+                    relora_spec::did_you_mean(name, stage_names())
+                )
+            })?;
+            dag.ancestors(i)
+        }
+        None => vec![true; dag.pipeline.stages.len()],
+    };
+    for f in &opts.force {
+        if dag.index_of(f).is_none() {
+            bail!(
+                "--force names stage `{f}`, which this pipeline does not have{}",
+                relora_spec::did_you_mean(f, stage_names())
+            );
+        }
+    }
+    for k in &opts.accept_code_change {
+        if registry.get(k).is_none() {
+            bail!(
+                "--accept-code-change names kind `{k}`, which this binary does not have{}; \
+                 known kinds: {}",
+                relora_spec::did_you_mean(k, registry.names()),
+                registry.names().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    for (i, s) in dag.pipeline.stages.iter().enumerate() {
+        let r = resources(dag, registry, i);
+        if !selected[i] {
+            continue;
+        }
+        if r.gpus as usize > opts.gpus.len() {
+            bail!(
+                "stage `{}` needs {} GPU(s) but {} are available; use `device: cpu`, \
+                 or set RELORA_GPUS",
+                s.name,
+                r.gpus,
+                opts.gpus.len()
+            );
+        }
+        if let Some(id) = r.gpu_ids.iter().find(|id| !opts.gpus.contains(id)) {
+            bail!(
+                "stage `{}` asks for GPU {id}, but the GPUs this run may use are {:?} \
+                 (from RELORA_GPUS, CUDA_VISIBLE_DEVICES or the driver)",
+                s.name,
+                opts.gpus
+            );
+        }
+    }
+    Ok(selected)
+}
+
+fn resources(dag: &Dag, registry: &Registry, i: usize) -> relora_spec::Resources {
+    let s = &dag.pipeline.stages[i];
+    s.resources
+        .clone()
+        .or_else(|| registry.get(&s.kind).map(|k| k.resources(&s.params)))
+        .unwrap_or_default()
+}
+
+/// What a worker needs to run one stage.
+struct Job {
+    comps: KeyComponents,
+    force: bool,
+    inputs: BTreeMap<String, PathBuf>,
+    gpus: Vec<u32>,
+}
+
+/// The scheduler's state between events.
+struct Scheduler<'a> {
+    dag: &'a Dag,
+    registry: &'a Registry,
+    cache: &'a Cache,
+    opts: &'a RunOptions,
+    outcome: Vec<Option<Outcome>>,
+    output_hash: BTreeMap<usize, String>,
+    keys: BTreeMap<usize, String>,
+    /// Running stages and the GPUs each holds.
+    running: BTreeMap<usize, Vec<u32>>,
+    free_gpus: Vec<u32>,
+    /// A failure without --keep-going: start nothing more.
+    stop: bool,
+    display: Display,
+}
+
+impl Scheduler<'_> {
+    /// Mark every stage with a failed or skipped input as skipped.
+    fn skip_after_failures(&mut self) {
+        for &i in &self.dag.order {
+            if self.outcome[i].is_some() || self.running.contains_key(&i) {
+                continue;
+            }
+            let failed = self.dag.upstream(i).into_iter().find(|&j| {
+                matches!(
+                    self.outcome[j],
+                    Some(Outcome::Failed { .. } | Outcome::Skipped { .. })
+                )
+            });
+            if let Some(j) = failed {
+                self.outcome[i] = Some(Outcome::Skipped {
+                    because: self.dag.pipeline.stages[j].name.clone(),
+                });
+            }
+        }
+    }
+
+    /// The GPUs stage `i` can have now, if enough of the ones it needs are free.
+    fn claim_gpus(&mut self, i: usize) -> Option<Vec<u32>> {
+        let need = resources(self.dag, self.registry, i);
+        if !need.gpu_ids.is_empty() {
+            if !need.gpu_ids.iter().all(|id| self.free_gpus.contains(id)) {
+                return None;
+            }
+            self.free_gpus.retain(|id| !need.gpu_ids.contains(id));
+            return Some(need.gpu_ids);
+        }
+        let n = need.gpus as usize;
+        (n <= self.free_gpus.len()).then(|| self.free_gpus.drain(..n).collect())
+    }
+
+    /// Claim slots for every stage whose inputs are ready, up to `jobs` running.
+    fn start_ready(&mut self) -> Result<Vec<(usize, Job)>> {
+        let mut started = Vec::new();
+        for &i in &self.dag.order {
+            if self.running.len() >= self.opts.jobs.max(1) {
+                break;
+            }
+            let waiting_on_inputs = !self
+                .dag
+                .upstream(i)
+                .iter()
+                .all(|j| self.output_hash.contains_key(j));
+            if self.outcome[i].is_some() || self.running.contains_key(&i) || waiting_on_inputs {
+                continue;
+            }
+            let Some(gpus) = self.claim_gpus(i) else {
+                continue;
+            };
+            self.running.insert(i, gpus.clone());
+            let stage = &self.dag.pipeline.stages[i];
+            let comps = components(self.dag, self.registry, i, &self.output_hash)?
+                .context("inputs are ready, so the key is known")?;
+            let inputs = stage
+                .inputs
+                .iter()
+                .map(|(name, target)| {
+                    let j = self.dag.index_of(target).expect("validated");
+                    (
+                        name.clone(),
+                        self.cache.entry_dir(&self.keys[&j]).join("outputs"),
+                    )
+                })
+                .collect();
+            let force = self.opts.force.contains(&stage.name);
+            started.push((
+                i,
+                Job {
+                    comps,
+                    force,
+                    inputs,
+                    gpus,
+                },
+            ));
+        }
+        Ok(started)
+    }
+
+    fn handle(&mut self, event: Event) {
+        let name = |i: usize| self.dag.pipeline.stages[i].name.as_str();
+        match event {
+            Event::Started(i) => self.display.started(name(i)),
+            Event::Waiting(i, pid) => self.display.waiting(name(i), pid),
+            Event::StaleLock(i, pid) => self.display.stale_lock(name(i), pid),
+            Event::Progress(i, p) => self.display.progress(name(i), &p),
+            Event::Done(i, r) => {
+                let gpus = self.running.remove(&i).unwrap_or_default();
+                self.free_gpus.extend(gpus);
+                let stage = self.dag.pipeline.stages[i].name.clone();
+                match r {
+                    Ok(f) => {
+                        self.display.finished(&stage, &f.outcome);
+                        self.output_hash.insert(i, f.output_hash);
+                        self.keys.insert(i, f.key);
+                        self.outcome[i] = Some(f.outcome);
+                    }
+                    Err(message) => {
+                        self.display.failed(&stage, &message);
+                        self.outcome[i] = Some(Outcome::Failed { message });
+                        if !self.opts.keep_going {
+                            self.stop = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One stage: cached, adopted, or computed under its key's lock and committed.
+fn run_one(
+    dag: &Dag,
+    cache: &Cache,
+    opts: &RunOptions,
+    i: usize,
+    job: Job,
+    tx: &mpsc::Sender<Event>,
+) -> Result<Finished> {
+    let s = &dag.pipeline.stages[i];
+    let key = job.comps.key();
+    let finished = |m: Manifest, outcome: Outcome| -> Result<Finished> {
+        cache.record_ref(&dag.pipeline.name, &s.name, &job.comps)?;
+        Ok(Finished {
+            key: key.clone(),
+            output_hash: m.output_hash,
+            outcome,
+        })
+    };
+    if !job.force {
+        if let Some(m) = cache.lookup(&key)? {
+            return finished(m, Outcome::Cached);
+        }
+    }
+    let lock = cache.lock(&key, |pid| {
+        let _ = tx.send(Event::Waiting(i, pid));
+    })?;
+    if let Some(pid) = lock.stale_pid {
+        let _ = tx.send(Event::StaleLock(i, pid));
+    }
+    // Another process may have committed it while we waited for the lock.
+    if !job.force {
+        if let Some(m) = cache.lookup(&key)? {
+            return finished(m, Outcome::Cached);
+        }
+        if opts.accept_code_change.contains(&s.kind) {
+            if let Some(m) = adopt(dag, cache, i, &job.comps)? {
+                let from = m.adopted_from.as_ref().map(|a| a.key.clone());
+                let from = from.unwrap_or_default();
+                return finished(m, Outcome::Adopted { from });
+            }
+        }
+    }
+    let _ = tx.send(Event::Started(i));
+    let staging = cache.staging(&key)?;
+    let scratch = cache.scratch(&key)?;
+    let ctx = StageContext {
+        stage: s.name.clone(),
+        kind: s.kind.clone(),
+        params: s.params.clone(),
+        base_dir: std::fs::canonicalize(&s.base_dir).unwrap_or_else(|_| s.base_dir.clone()),
+        inputs: job.inputs,
+        out_dir: staging.outputs(),
+        scratch_dir: scratch.clone(),
+        gpus: job.gpus.clone(),
+        metrics: BTreeMap::new(),
+    };
+    let job_file = staging.dir.join("job.json");
+    std::fs::write(&job_file, serde_json::to_vec_pretty(&ctx)?)?;
+    let started_unix = now_unix();
+    let log_path = staging.log_path();
+    let result = run_child(&opts.exe, &job_file, &log_path, &job.gpus, |p| {
+        let _ = tx.send(Event::Progress(i, p));
+    });
+    if let Err(e) = result {
+        let kept = scratch.join("last-failure.log");
+        let _ = std::fs::copy(&log_path, &kept);
+        let tail = log_tail(&log_path, 25);
+        cache.discard(staging);
+        bail!(
+            "{e:#}\n--- last lines of the log (full log: {}) ---\n{tail}",
+            kept.display()
+        )
+    }
+    let metrics = std::fs::read(staging.dir.join("metrics.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&job_file);
+    let info = CommitInfo {
+        stage: s.name.clone(),
+        kind: s.kind.clone(),
+        components: job.comps.clone(),
+        started_unix,
+        metrics,
+        tool_version: TOOL_VERSION.to_string(),
+        environment: environment(opts.jobs),
+        adopted_from: None,
+    };
+    let m = cache.commit(staging, info, job.force)?;
+    let seconds = m.seconds;
+    drop(lock);
+    finished(m, Outcome::Computed { seconds })
+}
+
+/// `--accept-code-change`: commit, under the new key, the outputs of an entry whose key
+/// differs from it only in the code fingerprint (the last one this pipeline's stage used,
+/// else any). Called with the key's lock held.
+fn adopt(dag: &Dag, cache: &Cache, i: usize, comps: &KeyComponents) -> Result<Option<Manifest>> {
+    let s = &dag.pipeline.stages[i];
+    let wanted = components_without_code(comps);
+    let recorded = cache.read_ref(&dag.pipeline.name, &s.name).map(|c| c.key());
+    let Some(old) = cache.find(recorded.as_deref(), |m| {
+        m.kind == s.kind && components_without_code(&m.components) == wanted
+    })?
+    else {
+        return Ok(None);
+    };
+    let staging = cache.staging(&comps.key())?;
+    cache.stage_copy_of(&old.key, &staging)?;
+    let changes = explain_change(&old.components, comps).join("; ");
+    let info = CommitInfo {
+        stage: s.name.clone(),
+        kind: s.kind.clone(),
+        components: comps.clone(),
+        started_unix: now_unix(),
+        metrics: old.metrics.clone(),
+        tool_version: TOOL_VERSION.to_string(),
+        environment: old.environment.clone(),
+        adopted_from: Some(Adoption {
+            key: old.key.clone(),
+            reason: format!("{changes}; accepted with --accept-code-change {}", s.kind),
+        }),
+    };
+    Ok(Some(cache.commit(staging, info, false)?))
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_recovered_for_the_report() {
+        let p = std::panic::catch_unwind(|| panic!("index out of bounds: {}", 7)).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "index out of bounds: 7");
+        let p = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "plain");
+    }
+
+    #[test]
+    fn the_environment_names_what_results_may_depend_on() {
+        let env = environment(2);
+        for k in ["threads", "jobs", "profile", "target"] {
+            assert!(env.contains_key(k), "{k} missing from {env:?}");
+        }
+        assert_eq!(env["jobs"], "2");
+    }
+}
