@@ -10,6 +10,39 @@ pub struct Cell {
     pub col: String,
     pub perplexity: f64,
     pub trainable_params: Option<u64>,
+    /// Which replicate (a seed) this is, when a cell has several; they are shown as
+    /// mean ± standard deviation.
+    pub replicate: Option<String>,
+}
+
+/// Mean and sample standard deviation (n − 1) of `xs`; the deviation is 0 for one value.
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// One table cell's text: a value, or mean ± std over its replicates, with the trainable
+/// parameter count in brackets when known.
+fn cell_text(found: &[&Cell]) -> String {
+    let params = found
+        .iter()
+        .find_map(|c| c.trainable_params)
+        .map(|p| format!(" ({})", human(p)))
+        .unwrap_or_default();
+    match found {
+        [] => "–".to_string(),
+        [one] if one.replicate.is_none() => format!("{:.2}{params}", one.perplexity),
+        many => {
+            let xs: Vec<f64> = many.iter().map(|c| c.perplexity).collect();
+            let (m, sd) = mean_std(&xs);
+            format!("{m:.2} ± {sd:.2} (n={}){params}", xs.len())
+        }
+    }
 }
 
 /// Rows of the paper's Table 2 (C4 validation perplexity): id, label, 60M/130M/250M/350M.
@@ -96,7 +129,13 @@ pub fn markdown(
             cols.push(c.col.clone());
         }
     }
-    let mut s = format!("## {title}\n\nValidation perplexity (trainable parameters).\n\n| |");
+    let replicated = cells.iter().any(|c| c.replicate.is_some());
+    let what = if replicated {
+        "Validation perplexity, mean ± sample standard deviation over n replicates (trainable parameters)."
+    } else {
+        "Validation perplexity (trainable parameters)."
+    };
+    let mut s = format!("## {title}\n\n{what}\n\n| |");
     for c in &cols {
         let _ = write!(s, " {c} |");
     }
@@ -106,17 +145,11 @@ pub fn markdown(
     for r in &rows {
         let _ = write!(s, "| {} |", label_of(r, labels));
         for c in &cols {
-            match cells.iter().find(|x| &x.row == r && &x.col == c) {
-                Some(x) => match x.trainable_params {
-                    Some(p) => {
-                        let _ = write!(s, " {:.2} ({}) |", x.perplexity, human(p));
-                    }
-                    None => {
-                        let _ = write!(s, " {:.2} |", x.perplexity);
-                    }
-                },
-                None => s.push_str(" – |"),
-            }
+            let found: Vec<&Cell> = cells
+                .iter()
+                .filter(|x| &x.row == r && &x.col == c)
+                .collect();
+            let _ = write!(s, " {} |", cell_text(&found));
         }
         s.push('\n');
     }
@@ -148,15 +181,16 @@ pub fn markdown(
 }
 
 pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>) -> String {
-    let mut s = String::from("row,label,column,perplexity,trainable_params\n");
+    let mut s = String::from("row,label,column,replicate,perplexity,trainable_params\n");
     for r in order(cells.iter().map(|c| c.row.clone())) {
         for c in cells.iter().filter(|c| c.row == r) {
             let _ = writeln!(
                 s,
-                "{},{:?},{},{:.4},{}",
+                "{},{:?},{},{},{:.4},{}",
                 c.row,
                 label_of(&c.row, labels),
                 c.col,
+                c.replicate.as_deref().unwrap_or(""),
                 c.perplexity,
                 c.trainable_params
                     .map(|p| p.to_string())
@@ -188,6 +222,7 @@ mod tests {
             col: col.into(),
             perplexity: p,
             trainable_params: Some(n),
+            replicate: None,
         };
         let cells = vec![
             cell("relora", "9M", 210.456, 1_200_000),
@@ -208,7 +243,28 @@ mod tests {
         let c = csv(&cells, &BTreeMap::new());
         assert_eq!(
             c.lines().nth(1).unwrap(),
-            "full,\"Full training\",9M,180.0000,3400000"
+            "full,\"Full training\",9M,,180.0000,3400000"
         );
+    }
+
+    #[test]
+    fn replicates_are_shown_as_mean_and_sample_deviation() {
+        let rep = |seed: &str, p: f64| Cell {
+            row: "relora".into(),
+            col: "2 layers".into(),
+            perplexity: p,
+            trainable_params: Some(603_800),
+            replicate: Some(seed.into()),
+        };
+        assert_eq!(mean_std(&[2.0, 4.0, 6.0]), (4.0, 2.0));
+        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+        let cells = vec![rep("0", 200.0), rep("1", 220.0), rep("2", 240.0)];
+        let md = markdown("Seeds", &cells, &BTreeMap::new(), "none");
+        assert!(
+            md.contains("| Low-rank pre-training with ReLoRA | 220.00 ± 20.00 (n=3) (603.8K) |"),
+            "{md}"
+        );
+        assert!(md.contains("mean ± sample standard deviation"));
+        assert_eq!(csv(&cells, &BTreeMap::new()).lines().count(), 4);
     }
 }

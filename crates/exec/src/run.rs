@@ -101,6 +101,9 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
         "target".into(),
         format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
     );
+    if let Some(commit) = git_commit() {
+        env.insert("commit".into(), commit);
+    }
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         env.insert("host".into(), h.trim().to_string());
     }
@@ -115,9 +118,35 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
     env
 }
 
+/// The git commit of the working folder (the repository the pipeline runs from), with
+/// `-dirty` when tracked files differ from it; None outside a repository.
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let clean = std::process::Command::new("git")
+        .args(["diff", "--quiet", "HEAD", "--"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    Some(if clean {
+        commit
+    } else {
+        format!("{commit}-dirty")
+    })
+}
+
 /// Run the pipeline: every selected stage that is not cached, in dependency order.
 pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunReport> {
     let selected = select(dag, registry, opts)?;
+    let env = environment(opts.jobs);
+    let env = &env;
     let mut s = Scheduler {
         dag,
         registry,
@@ -145,7 +174,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
                         // A panic here must still end in a Done event, or the loop below
                         // would wait for it forever.
                         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            run_one(dag, cache, opts, i, job, &tx)
+                            run_one(dag, cache, opts, env, i, job, &tx)
                         }));
                         let r = match r {
                             Ok(r) => r.map_err(|e| format!("{e:#}")),
@@ -409,6 +438,7 @@ fn run_one(
     dag: &Dag,
     cache: &Cache,
     opts: &RunOptions,
+    env: &BTreeMap<String, String>,
     i: usize,
     job: Job,
     tx: &mpsc::Sender<Event>,
@@ -490,7 +520,7 @@ fn run_one(
         started_unix,
         metrics,
         tool_version: TOOL_VERSION.to_string(),
-        environment: environment(opts.jobs),
+        environment: env.clone(),
         adopted_from: None,
     };
     let m = cache.commit(staging, info, job.force)?;

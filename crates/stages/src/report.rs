@@ -2,7 +2,8 @@
 //!
 //! Inputs are named by what they are:
 //! - `ROW@COLUMN`: an eval stage, one table cell (e.g. `relora@9m`); rows `full`, `control`,
-//!   `lora`, `relora` and the Table 3 ids get the paper's labels;
+//!   `lora`, `relora` and the Table 3 ids get the paper's labels; `ROW@COLUMN#REP` names
+//!   one replicate (a seed) of a cell, and a cell's replicates are shown as mean ± std;
 //! - `curve@LABEL`: a train stage, whose loss and learning rate are plotted;
 //! - `svd@LABEL`: an svd stage, whose spectrum joins the histogram and count figures.
 
@@ -99,6 +100,10 @@ impl StageKind for Report {
                     spectra.push((col.to_string(), s));
                 }
                 _ => {
+                    let (col, replicate) = match col.split_once('#') {
+                        Some((c, r)) => (c, Some(r.to_string())),
+                        None => (col, None),
+                    };
                     let path = dir.join("eval.json");
                     let bytes = std::fs::read(&path).with_context(|| {
                         format!("`{name}` must be an eval stage: no {}", path.display())
@@ -111,6 +116,7 @@ impl StageKind for Report {
                             .as_f64()
                             .context("eval.json has no perplexity")?,
                         trainable_params: v["trainable_params"].as_u64(),
+                        replicate,
                     });
                 }
             }
@@ -156,7 +162,15 @@ impl StageKind for Report {
         std::fs::write(out.join("table.csv"), csv(&cells, &p.labels))?;
         println!("{md}");
         for c in &cells {
-            ctx.metric(&format!("perplexity.{}@{}", c.row, c.col), c.perplexity);
+            let rep = c
+                .replicate
+                .as_ref()
+                .map(|r| format!("#{r}"))
+                .unwrap_or_default();
+            ctx.metric(
+                &format!("perplexity.{}@{}{rep}", c.row, c.col),
+                c.perplexity,
+            );
         }
         Ok(())
     }
