@@ -870,6 +870,44 @@ fn parallel_stages_that_need_a_gpu_never_share_one() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs 1 GPU(s) but 0 are available"));
 }
 
+#[test]
+fn a_stage_that_names_its_gpu_gets_that_one_and_a_missing_one_is_an_error() {
+    let env = Env::new();
+    env.write(
+        "pin.yaml",
+        "pipeline: pin\nstages:\n  p:\n    kind: command\n    resources: {gpus: 1, gpu_ids: [1]}\n    params: {run: \"echo $CUDA_VISIBLE_DEVICES > $OUT/gpu\"}\n",
+    );
+    let o = env
+        .cmd(&["run", "pin.yaml"])
+        .env("RELORA_GPUS", "0,1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = manifest(&env, "pin.yaml", "p", &[]);
+    let dir = env
+        .path()
+        .join("cache/entries")
+        .join(m["key"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("outputs/gpu")).unwrap(),
+        "1\n"
+    );
+    // The train kind's `device: cuda:N` pins GPU N the same way; on a machine whose GPUs
+    // are 0 and 1, GPU 3 is an error naming the stage, before anything runs.
+    tiny_ml(&env);
+    let o = env
+        .cmd(&["run", "tiny.yaml", "--set", "warm.device=cuda:3"])
+        .env("RELORA_GPUS", "0,1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("stage `warm` asks for GPU 3"),
+        "{err}"
+    );
+    assert!(ran(&err).is_empty(), "nothing runs: {err}");
+}
+
 /// Stages of `file` whose plan state is `state`, sorted.
 fn in_state(env: &Env, file: &str, extra_env: &[(&str, &str)], state: &str) -> Vec<String> {
     let mut c = env.cmd(&["plan", file, "--json"]);
@@ -1123,5 +1161,59 @@ fn gc_during_a_run_leaves_the_running_stage_alone() {
             .unwrap()
             .count(),
         0
+    );
+}
+
+#[test]
+fn training_gives_the_same_bytes_on_one_thread_and_on_two() {
+    let env = Env::new();
+    let data = repo().join("examples/data/c4-train.00000-of-01024.first1000.json.gz");
+    // Big enough that the matmuls are split across threads (hidden 128, 1024 tokens).
+    env.write(
+        "t.yaml",
+        &format!(
+            "pipeline: threads\nstages:\n  tokens:\n    kind: tokenize\n    params:\n      train_files: {}\n      limit_docs: 300\n      valid_docs: 20\n      tokenizer: {{type: bpe, vocab_size: 512}}\n  t:\n    kind: train\n    inputs: {{data: tokens}}\n    params: {{method: full, model: {{hidden: 128, intermediate: 352, heads: 4, layers: 2}}, seq_len: 128, micro_batch: 8, steps: 8, lr: 3.0e-3, warmup: 2, eval_sequences: 4}}\n",
+            data.display()
+        ),
+    );
+    let one = [("RAYON_NUM_THREADS", "1")];
+    run_with(&env, &["run", "t.yaml"], &one);
+    let a = manifest(&env, "t.yaml", "t", &one);
+    assert_eq!(a["environment"]["threads"], "1");
+    let two = [("RAYON_NUM_THREADS", "2")];
+    run_with(&env, &["run", "t.yaml", "--force", "t"], &two);
+    let b = manifest(&env, "t.yaml", "t", &two);
+    assert_eq!(b["environment"]["threads"], "2");
+    assert_eq!(
+        a["output_hash"], b["output_hash"],
+        "{}\n{}",
+        a["outputs"], b["outputs"]
+    );
+}
+
+#[test]
+fn a_validation_split_too_small_to_evaluate_fails_before_any_training() {
+    let env = Env::new();
+    tiny_ml(&env);
+    // One held-out document (1,084 tokens) is shorter than a 2,000-token sequence.
+    let o = env.run(&[
+        "run",
+        "tiny.yaml",
+        "--until",
+        "warm",
+        "--set",
+        "tokens.valid_docs=1",
+        "--set",
+        "warm.seq_len=2000",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("holds no whole sequence of 2000 tokens") && err.contains("valid_docs"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("step 1 "),
+        "it failed after training began: {err}"
     );
 }

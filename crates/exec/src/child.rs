@@ -16,6 +16,7 @@ pub(crate) fn run_child(
     job: &Path,
     log_path: &Path,
     gpus: &[u32],
+    threads: Option<usize>,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<()> {
     let log = std::fs::File::create(log_path)?;
@@ -31,6 +32,9 @@ pub(crate) fn run_child(
     if !gpus.is_empty() {
         let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+    }
+    if let Some(n) = threads {
+        cmd.env("RAYON_NUM_THREADS", n.to_string());
     }
     let mut child = cmd
         .spawn()

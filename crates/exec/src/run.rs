@@ -83,10 +83,13 @@ enum Event {
 /// (see the README's cache section), so two entries can be compared by them.
 pub fn environment(jobs: usize) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
+    let threads = threads_per_stage(jobs)
+        .or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .filter(|&n: &usize| n > 0)
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1);
     env.insert("threads".into(), threads.to_string());
@@ -101,6 +104,9 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
         "target".into(),
         format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
     );
+    if let Some(caches) = cpu_caches() {
+        env.insert("cpu_caches".into(), caches);
+    }
     if let Some(commit) = git_commit() {
         env.insert("commit".into(), commit);
     }
@@ -116,6 +122,27 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
         }
     }
     env
+}
+
+/// The CPU's data cache sizes (`L1d 48K, L2 1024K, L3 32768K`). candle's matmuls (gemm)
+/// size their blocks from these, so the order in which long sums are added, and with it
+/// the last bits of a result, depends on them.
+fn cpu_caches() -> Option<String> {
+    let mut out = Vec::new();
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
+        else {
+            continue;
+        };
+        if kind.trim() == "Instruction" {
+            continue;
+        }
+        let d = if kind.trim() == "Data" { "d" } else { "" };
+        out.push(format!("L{}{d} {}", level.trim(), size.trim()));
+    }
+    (!out.is_empty()).then(|| out.join(", "))
 }
 
 /// The git commit of the working folder (the repository the pipeline runs from), with
@@ -433,6 +460,19 @@ fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Compute threads for each stage when `jobs` run at once: the cores shared out, unless the
+/// user set RAYON_NUM_THREADS. Each stage would otherwise start a thread per core, and on 2
+/// cores two training stages at once each ran 8 times slower than one alone, a quarter of
+/// the work in all (threads taking turns). Results do not depend on the thread count
+/// (checked: identical bytes on 1 and 2 threads), so keys are unaffected.
+fn threads_per_stage(jobs: usize) -> Option<usize> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() || jobs <= 1 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / jobs).max(1))
+}
+
 /// One stage: cached, adopted, or computed under its key's lock and committed.
 fn run_one(
     dag: &Dag,
@@ -495,7 +535,8 @@ fn run_one(
     std::fs::write(&job_file, serde_json::to_vec_pretty(&ctx)?)?;
     let started_unix = now_unix();
     let log_path = staging.log_path();
-    let result = run_child(&opts.exe, &job_file, &log_path, &job.gpus, |p| {
+    let threads = threads_per_stage(opts.jobs);
+    let result = run_child(&opts.exe, &job_file, &log_path, &job.gpus, threads, |p| {
         let _ = tx.send(Event::Progress(i, p));
     });
     if let Err(e) = result {
