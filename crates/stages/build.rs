@@ -5,6 +5,24 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// What computes a model and reads token shards: `train` and `eval` both run it.
+const MODEL_CODE: [&str; 4] = [
+    "crates/model",
+    "crates/data",
+    "crates/stages/src/record.rs",
+    "crates/stages/src/device.rs",
+];
+/// The packages whose versions decide a model's numbers and files.
+const MODEL_DEPS: &[&str] = &[
+    "candle-core",
+    "candle-nn",
+    "gemm",
+    "half",
+    "safetensors",
+    "arrow",
+    "parquet",
+];
+
 /// Per kind: the parts of the repository its outputs depend on, and the crates.io packages
 /// whose versions can change its numbers or bytes.
 const KINDS: &[(&str, &[&str], &[&str])] = &[
@@ -22,40 +40,24 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
     (
         "train",
         &[
-            "crates/model",
-            "crates/data",
+            MODEL_CODE[0],
+            MODEL_CODE[1],
+            MODEL_CODE[2],
+            MODEL_CODE[3],
             "crates/stages/src/train.rs",
-            "crates/stages/src/record.rs",
-            "crates/stages/src/device.rs",
         ],
-        &[
-            "candle-core",
-            "candle-nn",
-            "gemm",
-            "half",
-            "safetensors",
-            "arrow",
-            "parquet",
-        ],
+        MODEL_DEPS,
     ),
     (
         "eval",
         &[
-            "crates/model",
-            "crates/data",
+            MODEL_CODE[0],
+            MODEL_CODE[1],
+            MODEL_CODE[2],
+            MODEL_CODE[3],
             "crates/stages/src/eval.rs",
-            "crates/stages/src/record.rs",
-            "crates/stages/src/device.rs",
         ],
-        &[
-            "candle-core",
-            "candle-nn",
-            "gemm",
-            "half",
-            "safetensors",
-            "arrow",
-            "parquet",
-        ],
+        MODEL_DEPS,
     ),
     (
         "svd",
