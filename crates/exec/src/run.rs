@@ -460,6 +460,21 @@ fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The run's environment plus the GPUs this stage held (how `device: auto` resolved).
+fn stage_environment(env: &BTreeMap<String, String>, gpus: &[u32]) -> BTreeMap<String, String> {
+    let mut env = env.clone();
+    let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
+    env.insert(
+        "gpus".into(),
+        if ids.is_empty() {
+            "none".into()
+        } else {
+            ids.join(",")
+        },
+    );
+    env
+}
+
 /// Compute threads for each stage when `jobs` run at once: the cores shared out, unless the
 /// user set RAYON_NUM_THREADS. Each stage would otherwise start a thread per core, and on 2
 /// cores two training stages at once each ran 8 times slower than one alone, a quarter of
@@ -561,7 +576,7 @@ fn run_one(
         started_unix,
         metrics,
         tool_version: TOOL_VERSION.to_string(),
-        environment: env.clone(),
+        environment: stage_environment(env, &job.gpus),
         adopted_from: None,
     };
     let m = cache.commit(staging, info, job.force)?;
