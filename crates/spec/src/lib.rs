@@ -27,13 +27,18 @@ pub struct SpecError {
 
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: ",
-            self.file.display(),
-            self.pos.line,
-            self.pos.col
-        )?;
+        // Line 0: the problem is the file's as a whole (or the command line's), not a place.
+        if self.pos.line == 0 {
+            write!(f, "{}: ", self.file.display())?;
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: ",
+                self.file.display(),
+                self.pos.line,
+                self.pos.col
+            )?;
+        }
         if !self.key_path.is_empty() {
             write!(f, "at `{}`: ", self.key_path)?;
         }
