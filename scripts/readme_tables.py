@@ -35,7 +35,25 @@ def show(binary, stage):
     return json.loads(out.stdout)
 
 
+def head_commit():
+    out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def all_cached(binary):
+    """(cached, total) stages of the pipeline under the keys of the code checked out now."""
+    out = subprocess.run([binary, "plan", PIPELINE, "--json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"relora-pipe plan failed:\n{out.stderr}")
+    plan = json.loads(out.stdout)
+    return sum(s["state"] == "cached" for s in plan), len(plan)
+
+
 def block(binary):
+    cached, total = all_cached(binary)
+    if cached != total:
+        sys.exit(f"only {cached} of {total} stages are cached under this code's keys; run "
+                 f"`relora-pipe run {PIPELINE}` first")
     parts, commits = [], set()
     for stage, what in TABLES:
         entry = show(binary, stage)
@@ -50,8 +68,10 @@ def block(binary):
         table = "\n".join("#" + l if l.startswith("## ") else l for l in table.splitlines())
         parts.append(f"{table}\n\n<sub>{what}: report entry `{manifest['key'][:16]}`.</sub>")
     made = ", ".join(sorted(commits))
-    head = (f"Produced by `relora-pipe run {PIPELINE} --jobs 2` at commit {made} "
-            f"(the reports' manifests), then `python3 scripts/readme_tables.py`.")
+    head = (f"Produced by `relora-pipe run {PIPELINE}`, then `python3 scripts/readme_tables.py`. "
+            f"All {total} stages are cached under the keys of the code at commit {head_commit()} "
+            f"(keys cover the code, so these are the numbers this code computes); the report "
+            f"stages' manifests record commit {made} (`-dirty`: with uncommitted edits).")
     return "\n".join([BEGIN, "", head, "", "\n\n".join(parts), "", END])
 
 

@@ -86,25 +86,31 @@ pub const PAPER_TABLE3: [(&str, &str, Option<f64>); 7] = [
     ),
 ];
 
-fn label_of(row: &str, labels: &BTreeMap<String, String>) -> String {
+/// Row ids and labels of the paper's tables, the one this table is shaped like first (so a
+/// Table 3 lists its rows in the paper's order, and `lora` reads "LoRA alone" there).
+fn known_rows(paper: &str) -> Vec<(&'static str, &'static str)> {
+    let t2 = PAPER_TABLE2.iter().map(|r| (r.0, r.1));
+    let t3 = PAPER_TABLE3.iter().map(|r| (r.0, r.1));
+    if paper == "table3" {
+        t3.chain(t2).collect()
+    } else {
+        t2.chain(t3).collect()
+    }
+}
+
+fn label_of(row: &str, labels: &BTreeMap<String, String>, paper: &str) -> String {
     if let Some(l) = labels.get(row) {
         return l.clone();
     }
-    PAPER_TABLE2
-        .iter()
-        .map(|r| (r.0, r.1))
-        .chain(PAPER_TABLE3.iter().map(|r| (r.0, r.1)))
+    known_rows(paper)
+        .into_iter()
         .find(|(id, _)| *id == row)
         .map(|(_, l)| l.to_string())
         .unwrap_or_else(|| row.to_string())
 }
 
-fn order(ids: impl Iterator<Item = String>) -> Vec<String> {
-    let known: Vec<&str> = PAPER_TABLE2
-        .iter()
-        .map(|r| r.0)
-        .chain(PAPER_TABLE3.iter().map(|r| r.0))
-        .collect();
+fn order(ids: impl Iterator<Item = String>, paper: &str) -> Vec<String> {
+    let known: Vec<&str> = known_rows(paper).into_iter().map(|r| r.0).collect();
     let mut v: Vec<String> = Vec::new();
     for id in ids {
         if !v.contains(&id) {
@@ -122,7 +128,7 @@ pub fn markdown(
     labels: &BTreeMap<String, String>,
     paper: &str,
 ) -> String {
-    let rows = order(cells.iter().map(|c| c.row.clone()));
+    let rows = order(cells.iter().map(|c| c.row.clone()), paper);
     let mut cols: Vec<String> = Vec::new();
     for c in cells {
         if !cols.contains(&c.col) {
@@ -143,7 +149,7 @@ pub fn markdown(
     s.push_str(&"---|".repeat(cols.len()));
     s.push('\n');
     for r in &rows {
-        let _ = write!(s, "| {} |", label_of(r, labels));
+        let _ = write!(s, "| {} |", label_of(r, labels, paper));
         for c in &cols {
             let found: Vec<&Cell> = cells
                 .iter()
@@ -180,15 +186,16 @@ pub fn markdown(
     s
 }
 
-pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>) -> String {
+/// One line per cell (per replicate), rows in the table's order.
+pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>, paper: &str) -> String {
     let mut s = String::from("row,label,column,replicate,perplexity,trainable_params\n");
-    for r in order(cells.iter().map(|c| c.row.clone())) {
+    for r in order(cells.iter().map(|c| c.row.clone()), paper) {
         for c in cells.iter().filter(|c| c.row == r) {
             let _ = writeln!(
                 s,
                 "{},{:?},{},{},{:.4},{}",
                 c.row,
-                label_of(&c.row, labels),
+                label_of(&c.row, labels, paper),
                 c.col,
                 c.replicate.as_deref().unwrap_or(""),
                 c.perplexity,
@@ -240,7 +247,7 @@ mod tests {
         assert!(
             md.contains("| Low-rank pre-training with ReLoRA | 38.28 | 25.04 | 22.48 | 22.48 |")
         );
-        let c = csv(&cells, &BTreeMap::new());
+        let c = csv(&cells, &BTreeMap::new(), "table2");
         assert_eq!(
             c.lines().nth(1).unwrap(),
             "full,\"Full training\",9M,,180.0000,3400000"
@@ -265,6 +272,31 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("mean ± sample standard deviation"));
-        assert_eq!(csv(&cells, &BTreeMap::new()).lines().count(), 4);
+        assert_eq!(csv(&cells, &BTreeMap::new(), "none").lines().count(), 4);
+    }
+
+    #[test]
+    fn a_table3_lists_its_rows_in_the_papers_order_with_its_labels() {
+        let cell = |row: &str, p: f64| Cell {
+            row: row.into(),
+            col: "4 layers".into(),
+            perplexity: p,
+            trainable_params: None,
+            replicate: None,
+        };
+        let cells = vec![cell("relora", 1.0), cell("jagged", 2.0), cell("lora", 3.0)];
+        let md = markdown("T3", &cells, &BTreeMap::new(), "table3");
+        let rows: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| ") && l.contains(".00"))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "| LoRA alone | 3.00 |",
+                "| + jagged schedule | 2.00 |",
+                "| Full ReLoRA (restarts, jagged, reset, warm start) | 1.00 |"
+            ]
+        );
     }
 }

@@ -159,7 +159,7 @@ impl StageKind for Report {
             )?;
         }
         std::fs::write(out.join("table.md"), &md)?;
-        std::fs::write(out.join("table.csv"), csv(&cells, &p.labels))?;
+        std::fs::write(out.join("table.csv"), csv(&cells, &p.labels, &p.paper))?;
         println!("{md}");
         for c in &cells {
             let rep = c
