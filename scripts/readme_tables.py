@@ -71,7 +71,8 @@ def block(binary):
     head = (f"Produced by `relora-pipe run {PIPELINE}`, then `python3 scripts/readme_tables.py`. "
             f"All {total} stages are cached under the keys of the code at commit {head_commit()} "
             f"(keys cover the code, so these are the numbers this code computes); the report "
-            f"stages' manifests record commit {made} (`-dirty`: with uncommitted edits).")
+            f"stages' manifests record commit {made}"
+            + (" (`-dirty`: with uncommitted edits)." if "dirty" in made else "."))
     return "\n".join([BEGIN, "", head, "", "\n\n".join(parts), "", END])
 
 
