@@ -1217,3 +1217,29 @@ fn a_validation_split_too_small_to_evaluate_fails_before_any_training() {
         "it failed after training began: {err}"
     );
 }
+
+#[test]
+fn a_worker_that_panics_fails_its_stage_and_the_run_ends() {
+    let env = Env::new();
+    env.write("p.yaml", CHAIN);
+    // `b` panics in the orchestrator's worker thread; with --keep-going the independent
+    // stages still finish, `c` (after `b`) is skipped, and the run ends with an error.
+    let o = env
+        .cmd(&["run", "p.yaml", "--keep-going", "--jobs", "2"])
+        .env("RELORA_TEST_WORKER_PANIC", "b")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("[b] FAILED: internal error: the worker for this stage panicked (injected"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped: c (because `b` did not finish)"),
+        "{err}"
+    );
+    assert_eq!(ran(&err), ["a", "d"]);
+    // Without the fault the same run completes what is left.
+    assert_eq!(ran(&env.ok(&["run", "p.yaml"])), ["b", "c"]);
+}

@@ -499,6 +499,11 @@ fn run_one(
     tx: &mpsc::Sender<Event>,
 ) -> Result<Finished> {
     let s = &dag.pipeline.stages[i];
+    // A fault the tests inject to check that a panicking worker fails its stage instead of
+    // leaving the scheduler waiting forever.
+    if std::env::var("RELORA_TEST_WORKER_PANIC").is_ok_and(|v| v == s.name) {
+        panic!("injected by RELORA_TEST_WORKER_PANIC");
+    }
     let key = job.comps.key();
     let finished = |m: Manifest, outcome: Outcome| -> Result<Finished> {
         cache.record_ref(&dag.pipeline.name, &s.name, &job.comps)?;
