@@ -6,11 +6,16 @@ use std::collections::BTreeMap;
 
 /// All singular values of a row-major `rows × cols` matrix, largest first, computed in f64
 /// (faer's f32 SVD is unreliable for matrices whose sides differ by 2× or more).
+///
+/// Each SVD runs on one thread: faer's parallel SVD gives results whose last bits depend
+/// on the thread count, and an svd stage's bytes must not (callers parallelise over
+/// matrices instead, which keeps each result the same).
 pub fn singular_values(rows: usize, cols: usize, data: &[f32]) -> Result<Vec<f64>> {
     anyhow::ensure!(
         data.len() == rows * cols,
         "matrix data does not match {rows}×{cols}"
     );
+    faer::set_global_parallelism(faer::Par::Seq);
     let m = faer::Mat::<f64>::from_fn(rows, cols, |i, j| data[i * cols + j] as f64);
     m.singular_values()
         .map_err(|e| anyhow::anyhow!("SVD did not converge: {e:?}"))
@@ -167,6 +172,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn singular_values_do_not_depend_on_the_thread_count() {
+        let sigma: Vec<f64> = (0..128).map(|k| 3.0 / (1.0 + k as f64)).collect();
+        let m = with_spectrum(352, 128, &sigma, 11);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| singular_values(352, 128, &m).unwrap())
+        };
+        let (one, two) = (on(1), on(2));
+        assert!(one
+            .iter()
+            .zip(&two)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
