@@ -5,6 +5,11 @@
 //! YAML, input folders from the cache) and the ML world (relora-data, relora-model,
 //! relora-analysis), which stay ignorant of each other's concerns.
 //!
+//! Beside the kinds: `check` (range checks that report at the YAML key), `device` (what
+//! `device:` holds and opens), `record` (`train.json`, read by eval and continued train
+//! stages) and `code` (each kind's code fingerprint, from `build.rs`, which also names the
+//! files each kind's outputs depend on).
+//!
 //! | kind | inputs | does |
 //! |---|---|---|
 //! | `command` | any | a shell command with declared files and outputs |
