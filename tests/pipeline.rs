@@ -40,10 +40,20 @@ impl Env {
         c
     }
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.run_with(args, &[])
+    }
+    /// Run with extra environment variables (RELORA_CODE_SALT, RAYON_NUM_THREADS, …).
+    fn run_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        let mut c = self.cmd(args);
+        c.envs(vars.iter().copied());
+        c.output().unwrap()
     }
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
+        self.ok_with(args, &[])
+    }
+    /// stdout and stderr of a command that must succeed.
+    fn ok_with(&self, args: &[&str], vars: &[(&str, &str)]) -> String {
+        let o = self.run_with(args, vars);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&o.stdout),
@@ -227,14 +237,9 @@ fn a_killed_run_leaves_nothing_half_written_and_the_rerun_completes() {
         .spawn()
         .unwrap();
     let staging = env.path().join("cache/staging");
-    let t0 = Instant::now();
-    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "stage never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("stage never started", Duration::from_secs(20), || {
+        std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) > 0
+    });
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -909,12 +914,8 @@ fn a_stage_that_names_its_gpu_gets_that_one_and_a_missing_one_is_an_error() {
 }
 
 /// Stages of `file` whose plan state is `state`, sorted.
-fn in_state(env: &Env, file: &str, extra_env: &[(&str, &str)], state: &str) -> Vec<String> {
-    let mut c = env.cmd(&["plan", file, "--json"]);
-    for (k, v) in extra_env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
+fn in_state(env: &Env, file: &str, vars: &[(&str, &str)], state: &str) -> Vec<String> {
+    let o = env.run_with(&["plan", file, "--json"], vars);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
     let mut v: Vec<String> = plan
@@ -926,27 +927,9 @@ fn in_state(env: &Env, file: &str, extra_env: &[(&str, &str)], state: &str) -> V
     v
 }
 
-fn run_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> String {
-    let mut c = env.cmd(args);
-    for (k, v) in vars {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "relora-pipe {args:?} failed:\n{text}");
-    text
-}
-
+/// A stage's manifest (null when it has no entry), as `show --json` gives it.
 fn manifest(env: &Env, file: &str, stage: &str, vars: &[(&str, &str)]) -> Value {
-    let mut c = env.cmd(&["show", file, stage, "--json"]);
-    for (k, v) in vars {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
+    let o = env.run_with(&["show", file, stage, "--json"], vars);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice::<Value>(&o.stdout).unwrap()["manifest"].clone()
 }
@@ -958,7 +941,7 @@ fn entries_made_by_other_code_are_not_reused_unless_the_user_accepts_it() {
     env.ok(&["run", "tiny.yaml"]);
     // RELORA_CODE_SALT stands in for an edit of one kind's code (it can only change keys).
     let report_edit = [("RELORA_CODE_SALT", "report=edit1")];
-    let plan_out = run_with(&env, &["plan", "tiny.yaml"], &report_edit);
+    let plan_out = env.ok_with(&["plan", "tiny.yaml"], &report_edit);
     assert!(
         plan_out.contains("code of kind report changed (crates/stages/src/report.rs)"),
         "{plan_out}"
@@ -973,7 +956,7 @@ fn entries_made_by_other_code_are_not_reused_unless_the_user_accepts_it() {
     );
     // A report-only change re-runs only the report.
     assert_eq!(
-        ran(&run_with(&env, &["run", "tiny.yaml"], &report_edit)),
+        ran(&env.ok_with(&["run", "tiny.yaml"], &report_edit)),
         ["report"]
     );
 
@@ -981,7 +964,7 @@ fn entries_made_by_other_code_are_not_reused_unless_the_user_accepts_it() {
     // (same key inputs, same outputs), so nothing downstream runs again.
     let before = manifest(&env, "tiny.yaml", "relora", &[]);
     let train_edit = [("RELORA_CODE_SALT", "train=edit2")];
-    let r = ran(&run_with(&env, &["run", "tiny.yaml"], &train_edit));
+    let r = ran(&env.ok_with(&["run", "tiny.yaml"], &train_edit));
     assert_eq!(r, ["lora", "relora", "warm"]);
     let after = manifest(&env, "tiny.yaml", "relora", &train_edit);
     assert_ne!(before["key"], after["key"]);
@@ -992,8 +975,7 @@ fn entries_made_by_other_code_are_not_reused_unless_the_user_accepts_it() {
 
     // Another edit, declared harmless: the entries are adopted, visibly, not recomputed.
     let train_edit3 = [("RELORA_CODE_SALT", "train=edit3")];
-    let out = run_with(
-        &env,
+    let out = env.ok_with(
         &["run", "tiny.yaml", "--accept-code-change", "train"],
         &train_edit3,
     );
@@ -1008,7 +990,7 @@ fn entries_made_by_other_code_are_not_reused_unless_the_user_accepts_it() {
         "{reason}"
     );
     assert_eq!(adopted["output_hash"], after["output_hash"]);
-    let shown = run_with(&env, &["show", "tiny.yaml", "relora"], &train_edit3);
+    let shown = env.ok_with(&["show", "tiny.yaml", "relora"], &train_edit3);
     assert!(shown.contains("adopted from"), "{shown}");
     // An unknown kind is refused by name.
     let o = env.run(&["run", "tiny.yaml", "--accept-code-change", "trian"]);
@@ -1087,15 +1069,21 @@ fn alive(pid: &str) -> bool {
             .contains(") Z ")
 }
 
-fn wait_for(path: &Path, what: &str) {
+/// Poll until `done` holds, failing with `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) {
     let t0 = Instant::now();
-    while !path.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{what} never happened"
-        );
+    while !done() {
+        assert!(t0.elapsed() < limit, "{what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn wait_for(path: &Path, what: &str) {
+    wait_until(
+        &format!("{what} never happened"),
+        Duration::from_secs(30),
+        || path.exists(),
+    );
 }
 
 #[test]
@@ -1116,14 +1104,11 @@ fn killing_the_orchestrator_stops_a_command_stage_and_what_it_started() {
     assert!(alive(&shell) && alive(&sleep));
     child.kill().unwrap(); // SIGKILL: the orchestrator gets no chance to clean up
     child.wait().unwrap();
-    let t0 = Instant::now();
-    while alive(&shell) || alive(&sleep) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the stage's shell ({shell}) or its child ({sleep}) outlived the orchestrator"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        &format!("the stage's shell ({shell}) or its child ({sleep}) outlived the orchestrator"),
+        Duration::from_secs(10),
+        || !alive(&shell) && !alive(&sleep),
+    );
 }
 
 #[test]
@@ -1177,11 +1162,11 @@ fn training_gives_the_same_bytes_on_one_thread_and_on_two() {
         ),
     );
     let one = [("RAYON_NUM_THREADS", "1")];
-    run_with(&env, &["run", "t.yaml"], &one);
+    env.ok_with(&["run", "t.yaml"], &one);
     let a = manifest(&env, "t.yaml", "t", &one);
     assert_eq!(a["environment"]["threads"], "1");
     let two = [("RAYON_NUM_THREADS", "2")];
-    run_with(&env, &["run", "t.yaml", "--force", "t"], &two);
+    env.ok_with(&["run", "t.yaml", "--force", "t"], &two);
     let b = manifest(&env, "t.yaml", "t", &two);
     assert_eq!(b["environment"]["threads"], "2");
     assert_eq!(

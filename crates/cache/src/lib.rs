@@ -200,7 +200,8 @@ impl Staging {
     }
 }
 
-fn now_unix() -> f64 {
+/// Seconds since the Unix epoch (0 if the clock is before it), for manifests.
+pub fn now_unix() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

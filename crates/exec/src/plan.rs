@@ -251,10 +251,9 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                             if r.is_empty() {
                                 r.push("key changed".into());
                             }
-                            let old_entry = cache.lookup(&old.key()).ok().flatten().is_some();
-                            if old_entry
-                                && components_without_code(old) == components_without_code(&c)
-                            {
+                            let only_code =
+                                components_without_code(old) == components_without_code(&c);
+                            if only_code && cache.lookup(&old.key()).ok().flatten().is_some() {
                                 r.push(format!(
                                     "if the change cannot alter its outputs: run with \
                                      --accept-code-change {} to reuse the old entry",

@@ -6,7 +6,7 @@ use crate::plan::{components, components_without_code, explain_change};
 use crate::progress::Display;
 use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
 use anyhow::{anyhow, bail, Context, Result};
-use relora_cache::{Adoption, Cache, CommitInfo, KeyComponents, Manifest};
+use relora_cache::{now_unix, Adoption, Cache, CommitInfo, KeyComponents, Manifest};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -83,16 +83,7 @@ enum Event {
 /// (see the README's cache section), so two entries can be compared by them.
 pub fn environment(jobs: usize) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    let threads = threads_per_stage(jobs)
-        .or_else(|| {
-            std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        })
-        .filter(|&n: &usize| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1);
-    env.insert("threads".into(), threads.to_string());
+    env.insert("threads".into(), stage_threads(jobs).to_string());
     env.insert("jobs".into(), jobs.to_string());
     let profile = if cfg!(debug_assertions) {
         "debug"
@@ -453,13 +444,6 @@ impl Scheduler<'_> {
     }
 }
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 /// The run's environment plus the GPUs this stage held (how `device: auto` resolved).
 fn stage_environment(env: &BTreeMap<String, String>, gpus: &[u32]) -> BTreeMap<String, String> {
     let mut env = env.clone();
@@ -484,8 +468,24 @@ fn threads_per_stage(jobs: usize) -> Option<usize> {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() || jobs <= 1 {
         return None;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Some((cores / jobs).max(1))
+    Some((cores() / jobs).max(1))
+}
+
+/// The threads a stage computes with: ours, else the user's RAYON_NUM_THREADS, else one
+/// per core (rayon's own default).
+fn stage_threads(jobs: usize) -> usize {
+    threads_per_stage(jobs)
+        .or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| n > 0)
+        })
+        .unwrap_or_else(cores)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One stage: cached, adopted, or computed under its key's lock and committed.
@@ -530,9 +530,7 @@ fn run_one(
             return finished(m, Outcome::Cached);
         }
         if opts.accept_code_change.contains(&s.kind) {
-            if let Some(m) = adopt(dag, cache, i, &job.comps)? {
-                let from = m.adopted_from.as_ref().map(|a| a.key.clone());
-                let from = from.unwrap_or_default();
+            if let Some((m, from)) = adopt(dag, cache, i, &job.comps)? {
                 return finished(m, Outcome::Adopted { from });
             }
         }
@@ -592,8 +590,13 @@ fn run_one(
 
 /// `--accept-code-change`: commit, under the new key, the outputs of an entry whose key
 /// differs from it only in the code fingerprint (the last one this pipeline's stage used,
-/// else any). Called with the key's lock held.
-fn adopt(dag: &Dag, cache: &Cache, i: usize, comps: &KeyComponents) -> Result<Option<Manifest>> {
+/// else any). Called with the key's lock held. Returns the new entry and the old key.
+fn adopt(
+    dag: &Dag,
+    cache: &Cache,
+    i: usize,
+    comps: &KeyComponents,
+) -> Result<Option<(Manifest, String)>> {
     let s = &dag.pipeline.stages[i];
     let wanted = components_without_code(comps);
     let recorded = cache.read_ref(&dag.pipeline.name, &s.name).map(|c| c.key());
@@ -619,7 +622,7 @@ fn adopt(dag: &Dag, cache: &Cache, i: usize, comps: &KeyComponents) -> Result<Op
             reason: format!("{changes}; accepted with --accept-code-change {}", s.kind),
         }),
     };
-    Ok(Some(cache.commit(staging, info, false)?))
+    Ok(Some((cache.commit(staging, info, false)?, old.key)))
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
