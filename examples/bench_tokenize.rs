@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
     let bytes: u64 = w
         .shards
         .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .map(|s| std::fs::metadata(dir.path().join(&s.file)).map_or(0, |m| m.len()))
         .sum();
     println!("RESULT parquet-write tokens={n} bytes={bytes} seconds={secs:.4} tokens_per_s={:.0} MiB_per_s={:.1}", n as f64 / secs, (n * 4) as f64 / secs / 1048576.0);
     Ok(())

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use relora_exec::{plan, Dag, Outcome, Registry, RunOptions, State};
+use relora_exec::{estimates, plan, Dag, Outcome, Registry, RunOptions, State};
 use relora_stages::registry;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,13 +60,16 @@ enum Cmd {
     },
     /// Say, for each stage, whether it is cached or will run, and why.
     #[command(
-        after_help = "Example:\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=1e-3\n  relora-pipe plan pipelines/quickstart.yaml --json"
+        after_help = "Example:\n  relora-pipe plan pipelines/quickstart.yaml --set warm.lr=1e-3\n  relora-pipe plan pipelines/paper.yaml --estimate\n  relora-pipe plan pipelines/quickstart.yaml --json"
     )]
     Plan {
         #[command(flatten)]
         p: PipelineArgs,
         #[arg(long)]
         json: bool,
+        /// Also show what each stage will read and compute: tokens, FLOPs, data.
+        #[arg(long)]
+        estimate: bool,
     },
     /// Print the stage graph as a text tree, or as Graphviz DOT.
     #[command(
@@ -204,27 +207,10 @@ fn real_main() -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Plan { p, json } | Cmd::Status { p, json } => {
-            let dag = load(&p, &reg)?;
-            let plans = plan(&dag, &reg, &cache)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&plans)?);
-            } else {
-                for s in &plans {
-                    let key = s.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
-                    println!(
-                        "{:<7} {:<32} {:<9} {key}",
-                        state_word(s.state),
-                        s.name,
-                        s.kind
-                    );
-                    for r in &s.reasons {
-                        println!("          - {r}");
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+        Cmd::Plan { p, json, estimate } => {
+            print_plan(&load(&p, &reg)?, &reg, &cache, json, estimate)
         }
+        Cmd::Status { p, json } => print_plan(&load(&p, &reg)?, &reg, &cache, json, false),
         Cmd::Dag { p, dot } => {
             let dag = load(&p, &reg)?;
             print!("{}", if dot { dag.dot() } else { dag.text() });
@@ -341,6 +327,71 @@ fn show(
             "\n{}:\n{}",
             o.path,
             std::fs::read_to_string(dir.join("outputs").join(&o.path))?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `plan` and `status`: each stage's state and reasons, and with `estimate` its size.
+fn print_plan(
+    dag: &Dag,
+    reg: &Registry,
+    cache: &relora_cache::Cache,
+    json: bool,
+    estimate: bool,
+) -> Result<ExitCode> {
+    let plans = plan(dag, reg, cache)?;
+    let sizes = if estimate {
+        estimates(dag, reg, cache, &plans)?
+    } else {
+        Vec::new()
+    };
+    if json {
+        let rows: Vec<serde_json::Value> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                if let Some(e) = sizes.get(i) {
+                    v["estimate"] = serde_json::to_value(e).unwrap_or_default();
+                }
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, s) in plans.iter().enumerate() {
+        let key = s.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
+        println!(
+            "{:<7} {:<32} {:<9} {key}",
+            state_word(s.state),
+            s.name,
+            s.kind
+        );
+        for r in &s.reasons {
+            println!("          - {r}");
+        }
+        for line in sizes.get(i).map(|e| e.lines.as_slice()).unwrap_or(&[]) {
+            println!("          = {line}");
+        }
+    }
+    if estimate {
+        // A stage's estimated compute is its `flops` fact (see StageKind::estimate).
+        let flops: f64 = sizes
+            .iter()
+            .filter_map(|e| e.facts.get("flops").and_then(|f| f.as_f64()))
+            .sum();
+        let to_run: f64 = sizes
+            .iter()
+            .zip(&plans)
+            .filter(|(_, p)| p.state != State::Cached)
+            .filter_map(|(e, _)| e.facts.get("flops").and_then(|f| f.as_f64()))
+            .sum();
+        println!(
+            "total: {flops:.3e} FLOPs, {to_run:.3e} of them in stages that would run \
+             (≈ {:.1} H100-hours at 40% of 989 TFLOP/s)",
+            to_run / (0.4 * 989e12) / 3600.0
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -325,6 +325,8 @@ defaults:
     eval_every: 10
     eval_sequences: 8
     log_every: 10
+    # Windows of 64 sequences over shards of ~3,000 tokens: runs cross both boundaries often.
+    shuffle_window: 64
 stages:
   tokens:
     kind: tokenize
@@ -332,6 +334,7 @@ stages:
       train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
       limit_docs: 200
       valid_docs: 20
+      shard_tokens: 3000
       tokenizer: {type: bpe, vocab_size: 300}
   warm:
     kind: train
@@ -1227,4 +1230,134 @@ fn a_worker_that_panics_fails_its_stage_and_the_run_ends() {
     assert_eq!(ran(&err), ["a", "d"]);
     // Without the fault the same run completes what is left.
     assert_eq!(ran(&env.ok(&["run", "p.yaml"])), ["b", "c"]);
+}
+
+/// The tiny pipeline plus a second corpus tokenized with `tokens`' tokenizer, a third with a
+/// tokenizer of its own, and an evaluation of the warm start on each.
+const SECOND_CORPUS: &str = r#"
+  more:
+    kind: tokenize
+    inputs: {tokenizer: tokens}
+    params:
+      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
+      limit_docs: 60
+      valid_docs: 30
+  foreign:
+    kind: tokenize
+    params:
+      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
+      limit_docs: 60
+      valid_docs: 30
+      tokenizer: {type: bpe, vocab_size: 280}
+  eval-more:
+    kind: eval
+    inputs: {model: warm, data: more}
+    params: {tokens: 512}
+  eval-foreign:
+    kind: eval
+    inputs: {model: warm, data: foreign}
+    params: {tokens: 512}
+"#;
+
+#[test]
+fn a_second_corpus_shares_the_tokenizer_of_another_stage_and_eval_refuses_a_foreign_one() {
+    let env = Env::new();
+    let data = repo().join("examples/data");
+    let text = TINY_ML.replace("DATA", data.to_str().unwrap())
+        + &SECOND_CORPUS.replace("DATA", data.to_str().unwrap());
+    env.write("two.yaml", &text);
+    env.ok(&["run", "two.yaml", "--until", "eval-more"]);
+    let out_of = |stage: &str| -> PathBuf {
+        let v: Value =
+            serde_json::from_str(&env.ok(&["show", "two.yaml", stage, "--json"])).unwrap();
+        PathBuf::from(v["path"].as_str().unwrap()).join("outputs")
+    };
+    let (tokens, more) = (out_of("tokens"), out_of("more"));
+    assert_eq!(
+        std::fs::read(tokens.join("tokenizer.json")).unwrap(),
+        std::fs::read(more.join("tokenizer.json")).unwrap(),
+        "the second corpus is tokenized with the same tokenizer"
+    );
+    let manifest = |d: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(d.join("dataset.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        manifest(&tokens)["tokenizer_blake3"],
+        manifest(&more)["tokenizer_blake3"]
+    );
+    assert_eq!(manifest(&more)["valid"]["documents"], 30);
+    let eval: Value =
+        serde_json::from_slice(&std::fs::read(out_of("eval-more").join("eval.json")).unwrap())
+            .unwrap();
+    assert!(eval["perplexity"].as_f64().unwrap() > 1.0);
+
+    let o = env.run(&["run", "two.yaml", "--until", "eval-foreign"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("input `model` (stage `warm`) was trained with tokenizer blake3:")
+            && err.contains("but input `data` (stage `foreign`) was tokenized with blake3:")
+            && err.contains("inputs: {tokenizer: STAGE}"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plan_estimate_gives_each_stage_its_tokens_flops_and_data() {
+    let env = Env::new();
+    tiny_ml(&env);
+    env.ok(&["run", "tiny.yaml", "--until", "tokens"]);
+    let plans = env.plan("tiny.yaml", &["--estimate"]);
+    let stage = |name: &str| plans.iter().find(|p| p["name"] == name).unwrap().clone();
+    let tokens = stage("tokens");
+    let facts = &tokens["estimate"]["facts"];
+    assert_eq!(
+        facts["exact"], true,
+        "the data stage is cached: its figures are exact"
+    );
+    let (vocab, train_tokens) = (
+        facts["vocab_size"].as_u64().unwrap() as f64,
+        facts["train_tokens"].as_u64().unwrap(),
+    );
+    // warm: full-rank, hidden 32, intermediate 64, 2 layers, seq_len 32, 10 steps of 4
+    // sequences, evaluated once (step 10 is both a multiple of eval_every and the last) on 8
+    // sequences.
+    let weights = 2.0 * (4.0 * 32.0 * 32.0 + 3.0 * 32.0 * 64.0) + vocab * 32.0;
+    let attention = 4.0 * 2.0 * 32.0 * 32.0;
+    let tokens_read = 10.0 * 4.0 * 32.0;
+    let want =
+        (6.0 * weights + 3.0 * attention) * tokens_read + (2.0 * weights + attention) * 8.0 * 32.0;
+    let warm = stage("warm");
+    assert_eq!(warm["estimate"]["facts"]["flops"].as_f64().unwrap(), want);
+    assert_eq!(
+        warm["estimate"]["facts"]["tokens"].as_f64().unwrap(),
+        tokens_read
+    );
+    let lines: Vec<String> = warm["estimate"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    let reads = lines.iter().find(|l| l.starts_with("reads")).unwrap();
+    assert!(
+        reads.contains(&format!(
+            "of the {:.3}k training tokens",
+            train_tokens as f64 / 1e3
+        )),
+        "{reads}"
+    );
+    // ReLoRA's frozen W costs 4 FLOPs a token, not 6: its estimate is below full-rank's
+    // per token although it runs more matmuls (the factors).
+    let relora = stage("relora");
+    let per_token = |s: &Value| {
+        s["estimate"]["facts"]["flops"].as_f64().unwrap()
+            / s["estimate"]["facts"]["tokens"].as_f64().unwrap()
+    };
+    assert!(per_token(&relora) < per_token(&warm));
+    let text = env.ok(&["plan", "tiny.yaml", "--estimate"]);
+    assert!(
+        text.contains("total: ") && text.contains("H100-hours"),
+        "{text}"
+    );
 }

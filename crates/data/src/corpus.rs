@@ -95,13 +95,14 @@ fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead>> {
     }
 }
 
-/// Call `f` with each document of `path` in order; returns the counts.
+/// Call `f` with each document of `path` in order until it returns false; returns the
+/// counts of what was read.
 pub fn for_each_doc(
     path: &Path,
     format: Format,
     text_field: &str,
     on_bad: OnBadRecord,
-    mut f: impl FnMut(Doc) -> Result<()>,
+    mut f: impl FnMut(Doc) -> Result<bool>,
 ) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
     if format == Format::Parquet {
@@ -127,7 +128,9 @@ pub fn for_each_doc(
             Ok(None) => {}
             Ok(Some(text)) => {
                 stats.documents += 1;
-                f(Doc { text, line })?;
+                if !f(Doc { text, line })? {
+                    return Ok(stats);
+                }
             }
             Err(why) => match on_bad {
                 OnBadRecord::Error => bail!(
@@ -169,7 +172,7 @@ fn read_parquet(
     path: &Path,
     text_field: &str,
     stats: &mut ReadStats,
-    f: &mut dyn FnMut(Doc) -> Result<()>,
+    f: &mut dyn FnMut(Doc) -> Result<bool>,
 ) -> Result<()> {
     use arrow::array::{Array, LargeStringArray, StringArray};
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -201,7 +204,9 @@ fn read_parquet(
             row += 1;
             if let Some(text) = t {
                 stats.documents += 1;
-                f(Doc { text, line: row })?;
+                if !f(Doc { text, line: row })? {
+                    return Ok(());
+                }
             }
         }
     }

@@ -1,11 +1,42 @@
-//! Packing documents into fixed-length sequences, and the training data loader.
+//! The training loader: shards streamed in a seeded order, packed into sequences, shuffled
+//! within a bounded window, prefetched on a background thread, and resumable at an exact
+//! position.
 //!
-//! The loader's position is a small serialisable value, so a resumed run, or a ReLoRA phase
-//! continuing after the data its warm start consumed, picks up exactly where it left off.
+//! # Order
+//! Epoch `e` reads the shards in a permutation drawn from `(seed, e)`, packs them into
+//! sequences as one stream, and cuts that stream into windows of `window` sequences. Each
+//! window is shuffled with a permutation drawn from `(seed, e, window index)`, and rank `r`
+//! of `world` takes the window's positions `r, r + world, …`. So the order depends only on
+//! the seed, the shard list and the packing; never on threads or timing.
+//!
+//! Why this is enough for pre-training: a corpus such as C4 is already shuffled across and
+//! within its files, so what a loader must break up is the local correlation packing
+//! creates (one long document filling consecutive sequences) and any order of the shard
+//! list. The shard permutation removes the second, and a window of thousands of sequences
+//! scatters the first across many batches. When an epoch fits in one window the order is a
+//! full shuffle of it.
+//!
+//! # Memory
+//! At most `PREFETCH_WINDOWS + 2` windows of `window × seq_len` tokens (the one being
+//! consumed, those queued, the one being built) plus `threads` decoded row groups of about
+//! [`ROW_GROUP_TOKENS`](crate::shards::ROW_GROUP_TOKENS) ids each, whatever the dataset's
+//! size: with the defaults and seq_len 256, about 45 MB.
+//!
+//! # Resume
+//! [`LoaderState`] names the current window by its first sequence's position (shard in the
+//! epoch's order, row, token offset) and how many of its sequences were taken. Restoring
+//! re-reads that window from its position and skips what was taken, so a resumed run sees
+//! exactly the tokens an uninterrupted one would have.
 
-use crate::shards::TokenDocs;
+use crate::shards::ShardInfo;
+use crate::stream::{PackSpec, Packer, Position};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 
+/// How documents become sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Packing {
@@ -35,35 +66,12 @@ impl Sequences {
         let r = i * self.seq_len..(i + 1) * self.seq_len;
         (&self.tokens[r.clone()], &self.mask[r])
     }
-}
-
-pub fn pack(docs: &TokenDocs, seq_len: usize, packing: Packing, pad_id: u32) -> Sequences {
-    match packing {
-        Packing::Concat => {
-            let n = docs.tokens.len() / seq_len;
-            Sequences {
-                seq_len,
-                tokens: docs.tokens[..n * seq_len].to_vec(),
-                mask: vec![1; n * seq_len],
-            }
-        }
-        Packing::Pad => {
-            let mut tokens = Vec::with_capacity(docs.len() * seq_len);
-            let mut mask = Vec::with_capacity(docs.len() * seq_len);
-            for i in 0..docs.len() {
-                let d = docs.doc(i);
-                let k = d.len().min(seq_len);
-                tokens.extend_from_slice(&d[..k]);
-                mask.extend(std::iter::repeat_n(1u8, k));
-                tokens.extend(std::iter::repeat_n(pad_id, seq_len - k));
-                mask.extend(std::iter::repeat_n(0u8, seq_len - k));
-            }
-            Sequences {
-                seq_len,
-                tokens,
-                mask,
-            }
-        }
+    /// The first `max` sequences as batches of up to `micro_batch`.
+    pub fn batches(&self, max: usize, micro_batch: usize) -> impl Iterator<Item = Batch> + '_ {
+        let n = self.len().min(max);
+        (0..n)
+            .step_by(micro_batch.max(1))
+            .map(move |i| Batch::from_rows((i..(i + micro_batch).min(n)).map(|k| self.row(k))))
     }
 }
 
@@ -103,21 +111,102 @@ impl Batch {
     }
 }
 
-/// Where a loader is: which pass over the data, and how far into it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct LoaderState {
-    pub epoch: u64,
-    pub index: u64,
+/// A split on disk: its folder's parent (paths in `shards` are relative to it) and its shards
+/// in manifest order.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub root: PathBuf,
+    pub shards: Vec<ShardInfo>,
 }
 
-/// Deterministic shuffled batches; rank `r` of `world` sees a disjoint share of each epoch.
-pub struct Loader {
+impl Split {
+    pub fn new(root: &Path, shards: Vec<ShardInfo>) -> Split {
+        Split {
+            root: root.to_path_buf(),
+            shards,
+        }
+    }
+    fn paths(&self) -> Arc<Vec<PathBuf>> {
+        Arc::new(
+            self.shards
+                .iter()
+                .map(|s| self.root.join(&s.file))
+                .collect(),
+        )
+    }
+    /// Tokens in the split.
+    pub fn tokens(&self) -> u64 {
+        self.shards.iter().map(|s| s.tokens).sum()
+    }
+    pub fn documents(&self) -> u64 {
+        self.shards.iter().map(|s| s.documents).sum()
+    }
+    /// Whole sequences one pass yields (a lower bound for concat packing across shards).
+    pub fn sequences(&self, seq_len: usize, packing: Packing) -> u64 {
+        match packing {
+            Packing::Concat => self.tokens() / seq_len as u64,
+            Packing::Pad => self.documents(),
+        }
+    }
+}
+
+/// Everything that decides the loader's order, apart from the data.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub seq_len: usize,
+    pub packing: Packing,
+    pub pad_id: u32,
+    /// Ids at or above this are reported as corruption.
+    pub vocab_size: Option<u32>,
+    pub seed: u64,
+    /// Sequences per shuffle window.
+    pub window: usize,
+    pub rank: usize,
+    pub world: usize,
+    /// Threads decoding parquet (does not change the order).
+    pub threads: usize,
+}
+
+/// Default sequences per shuffle window.
+pub const DEFAULT_WINDOW: usize = 8192;
+
+/// Windows queued ahead of the trainer.
+const PREFETCH_WINDOWS: usize = 2;
+
+/// The most bytes a loader holds, whatever the split's size: the windows in flight (ids and
+/// mask, 5 bytes a token) and the row groups being decoded (4 bytes a token).
+pub fn memory_bound(window: usize, seq_len: usize, threads: usize) -> u64 {
+    let windows = (PREFETCH_WINDOWS + 2) * window * seq_len * 5;
+    let groups = threads.max(1) * crate::shards::ROW_GROUP_TOKENS * 4;
+    (windows + groups) as u64
+}
+
+/// Where a loader is: the current window (epoch, its index in the epoch, the position of its
+/// first sequence) and how many of its sequences this rank has taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoaderState {
+    pub epoch: u64,
+    pub window: u64,
+    /// Position in the epoch's shard order of the window's first sequence.
+    pub shard: u64,
+    /// Its row in that shard.
+    pub row: u64,
+    /// Its first token's offset in that row's document.
+    pub offset: u64,
+    /// Sequences of the window this rank has taken.
+    pub taken: u64,
+    /// What the position is a position in (shards, sequence length, packing, window);
+    /// empty before the first batch.
+    pub layout: String,
+}
+
+/// One shuffled window: its sequences, and the order in which this rank takes them.
+struct Window {
+    epoch: u64,
+    index: u64,
+    start: Position,
     seqs: Sequences,
-    seed: u64,
-    rank: usize,
-    world: usize,
-    order: Vec<usize>,
-    state: LoaderState,
+    picks: Vec<u32>,
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -128,131 +217,345 @@ fn splitmix(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A Fisher–Yates permutation of `0..n` drawn from `seed`.
+fn permutation(n: usize, mut seed: u64) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (splitmix(&mut seed) % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+const EPOCH_MIX: u64 = 0xA24B_AED4_963E_E407;
+const WINDOW_MIX: u64 = 0x9FB2_1C65_1E98_DF25;
+const SHARD_MIX: u64 = 0xD6E8_FEB8_6659_FD93;
+
+fn shard_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    permutation(n, seed ^ SHARD_MIX ^ epoch.wrapping_mul(EPOCH_MIX))
+}
+
+fn window_seed(seed: u64, epoch: u64, window: u64) -> u64 {
+    seed ^ epoch.wrapping_mul(EPOCH_MIX) ^ window.wrapping_mul(WINDOW_MIX)
+}
+
+/// Deterministic shuffled batches from a split, read as they are needed.
+pub struct Loader {
+    split: Split,
+    cfg: LoaderConfig,
+    layout: String,
+    state: LoaderState,
+    /// Windows from the background reader; started at the first batch after a restore.
+    incoming: Option<Receiver<Result<Window>>>,
+    current: Option<Window>,
+}
+
 impl Loader {
-    pub fn new(seqs: Sequences, seed: u64, rank: usize, world: usize) -> Loader {
-        assert!(world >= 1 && rank < world, "rank must be below world size");
-        let mut l = Loader {
-            seqs,
-            seed,
-            rank,
-            world,
-            order: Vec::new(),
-            state: LoaderState::default(),
-        };
-        l.shuffle();
-        l
-    }
-
-    /// Sequences per epoch for this rank.
-    pub fn epoch_len(&self) -> usize {
-        self.seqs.len() / self.world
-    }
-
-    fn shuffle(&mut self) {
-        let n = self.seqs.len();
-        let mut perm: Vec<usize> = (0..n).collect();
-        let mut s = self.seed ^ self.state.epoch.wrapping_mul(0xA24B_AED4_963E_E407);
-        for i in (1..n).rev() {
-            let j = (splitmix(&mut s) % (i as u64 + 1)) as usize;
-            perm.swap(i, j);
+    pub fn new(split: Split, cfg: LoaderConfig) -> Result<Loader> {
+        if cfg.world == 0 || cfg.rank >= cfg.world {
+            bail!("rank {} is not below world size {}", cfg.rank, cfg.world);
         }
-        let per_rank = n / self.world;
-        self.order = perm
-            .into_iter()
-            .skip(self.rank)
-            .step_by(self.world)
-            .take(per_rank)
-            .collect();
+        if split.shards.is_empty() {
+            bail!("{}: the split has no shards", split.root.display());
+        }
+        let mut h = blake3::Hasher::new();
+        for s in &split.shards {
+            h.update(format!("{}:{}:{}\n", s.file, s.documents, s.tokens).as_bytes());
+        }
+        h.update(
+            format!(
+                "{} {:?} {} {}",
+                cfg.seq_len, cfg.packing, cfg.window, cfg.world
+            )
+            .as_bytes(),
+        );
+        let layout = h.finalize().to_hex()[..16].to_string();
+        Ok(Loader {
+            split,
+            cfg,
+            layout,
+            state: LoaderState::default(),
+            incoming: None,
+            current: None,
+        })
     }
 
     pub fn state(&self) -> LoaderState {
-        self.state
+        let mut s = self.state.clone();
+        s.layout = self.layout.clone();
+        s
     }
 
-    pub fn restore(&mut self, state: LoaderState) {
-        let reshuffle = state.epoch != self.state.epoch;
-        self.state = state;
-        if reshuffle {
-            self.shuffle();
+    /// Whether `state` is a position in this loader's data, order and packing.
+    pub fn can_restore(&self, state: &LoaderState) -> bool {
+        state.layout.is_empty() || state.layout == self.layout
+    }
+
+    /// Continue from `state`; the next batch starts where that state's run stopped.
+    pub fn restore(&mut self, state: &LoaderState) -> Result<()> {
+        if !self.can_restore(state) {
+            bail!(
+                "the saved loader position belongs to other data or another sequence length, \
+                 packing, window or world size"
+            );
         }
+        self.state = state.clone();
+        self.incoming = None;
+        self.current = None;
+        Ok(())
     }
 
-    pub fn next_batch(&mut self, batch_size: usize) -> Batch {
-        let mut idx = Vec::with_capacity(batch_size);
-        while idx.len() < batch_size {
-            if self.state.index as usize >= self.order.len() {
-                self.state.epoch += 1;
-                self.state.index = 0;
-                self.shuffle();
+    fn start_reader(&self) -> Result<Receiver<Result<Window>>> {
+        let (tx, rx) = sync_channel(PREFETCH_WINDOWS);
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(self.cfg.threads.max(1))
+                .thread_name(|i| format!("relora-decode-{i}"))
+                .build()
+                .context("starting the loader's decode threads")?,
+        );
+        let (paths, cfg, s) = (self.split.paths(), self.cfg.clone(), self.state.clone());
+        std::thread::Builder::new()
+            .name("relora-loader".into())
+            .spawn(move || {
+                let mut start = Position {
+                    shard: s.shard,
+                    row: s.row,
+                    offset: s.offset,
+                };
+                let (mut epoch, mut index) = (s.epoch, s.window);
+                loop {
+                    let produced = produce_epoch(&paths, &cfg, &pool, epoch, index, start, |w| {
+                        tx.send(Ok(w)).is_ok()
+                    });
+                    match produced {
+                        Ok(Some(0)) if start == Position::default() && index == 0 => {
+                            let _ = tx.send(Err(anyhow::anyhow!(
+                                "one pass over the training split yields fewer than {} whole \
+                                 sequences of {} tokens; give it more data or lower seq_len",
+                                cfg.world,
+                                cfg.seq_len
+                            )));
+                            return;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    epoch += 1;
+                    index = 0;
+                    start = Position::default();
+                }
+            })
+            .context("starting the loader thread")?;
+        Ok(rx)
+    }
+
+    /// The next `batch_size` sequences.
+    pub fn next_batch(&mut self, batch_size: usize) -> Result<Batch> {
+        let mut rows: Vec<(Vec<u32>, Vec<u8>)> = Vec::with_capacity(batch_size);
+        while rows.len() < batch_size {
+            let exhausted = self
+                .current
+                .as_ref()
+                .is_none_or(|w| self.state.taken as usize >= w.picks.len());
+            if exhausted {
+                self.next_window()?;
+                continue;
             }
-            idx.push(self.order[self.state.index as usize]);
-            self.state.index += 1;
+            let w = self.current.as_ref().expect("checked above");
+            let (t, m) = w.seqs.row(w.picks[self.state.taken as usize] as usize);
+            rows.push((t.to_vec(), m.to_vec()));
+            self.state.taken += 1;
         }
-        Batch::from_rows(idx.into_iter().map(|i| self.seqs.row(i)))
+        Ok(Batch::from_rows(
+            rows.iter().map(|(t, m)| (t.as_slice(), m.as_slice())),
+        ))
+    }
+
+    fn next_window(&mut self) -> Result<()> {
+        // After a restore the first window is the saved one, with `taken` already counted.
+        let resuming = self.current.is_none() && self.incoming.is_none();
+        if self.incoming.is_none() {
+            self.incoming = Some(self.start_reader()?);
+        }
+        let w = self
+            .incoming
+            .as_ref()
+            .expect("started above")
+            .recv()
+            .context("the loader thread stopped")??;
+        if !resuming {
+            self.state.taken = 0;
+        }
+        self.state.epoch = w.epoch;
+        self.state.window = w.index;
+        self.state.shard = w.start.shard;
+        self.state.row = w.start.row;
+        self.state.offset = w.start.offset;
+        self.current = Some(w);
+        Ok(())
+    }
+}
+
+/// Produce the windows of `epoch` from window `index` at `start`, handing each to `send`
+/// (false: the consumer is gone). Returns the windows produced, or None when told to stop.
+fn produce_epoch(
+    paths: &Arc<Vec<PathBuf>>,
+    cfg: &LoaderConfig,
+    pool: &Arc<rayon::ThreadPool>,
+    epoch: u64,
+    mut index: u64,
+    start: Position,
+    mut send: impl FnMut(Window) -> bool,
+) -> Result<Option<u64>> {
+    let spec = PackSpec {
+        seq_len: cfg.seq_len,
+        packing: cfg.packing,
+        pad_id: cfg.pad_id,
+        vocab_size: cfg.vocab_size,
+    };
+    let order = shard_order(cfg.seed, epoch, paths.len());
+    let mut packer = Packer::new(paths.clone(), order, spec, pool.clone(), start);
+    let mut produced = 0;
+    loop {
+        let mut seqs = Sequences {
+            seq_len: cfg.seq_len,
+            tokens: Vec::with_capacity(cfg.window * cfg.seq_len),
+            mask: Vec::with_capacity(cfg.window * cfg.seq_len),
+        };
+        let mut first = None;
+        while seqs.len() < cfg.window {
+            match packer.next_sequence(&mut seqs.tokens, &mut seqs.mask)? {
+                Some(p) => {
+                    first.get_or_insert(p);
+                }
+                None => break,
+            }
+        }
+        let n = seqs.len();
+        let per_rank = n / cfg.world;
+        if per_rank == 0 {
+            return Ok(Some(produced));
+        }
+        let perm = permutation(n, window_seed(cfg.seed, epoch, index));
+        let picks = perm
+            .into_iter()
+            .skip(cfg.rank)
+            .step_by(cfg.world)
+            .take(per_rank)
+            .map(|i| i as u32)
+            .collect();
+        let w = Window {
+            epoch,
+            index,
+            start: first.expect("a window with sequences has a first one"),
+            seqs,
+            picks,
+        };
+        if !send(w) {
+            return Ok(None);
+        }
+        produced += 1;
+        index += 1;
+        if n < cfg.window {
+            return Ok(Some(produced));
+        }
+    }
+}
+
+/// The first `max` sequences of a split, in order (no shuffle): the evaluation set.
+pub fn read_sequences(split: &Split, spec: &PackSpec, max: usize) -> Result<Sequences> {
+    let mut r = SequenceReader::new(split, spec.clone(), 1)?;
+    let mut seqs = Sequences {
+        seq_len: spec.seq_len,
+        tokens: Vec::new(),
+        mask: Vec::new(),
+    };
+    while seqs.len() < max {
+        if r.packer
+            .next_sequence(&mut seqs.tokens, &mut seqs.mask)?
+            .is_none()
+        {
+            break;
+        }
+    }
+    Ok(seqs)
+}
+
+/// A split's sequences in order, for streaming evaluation.
+pub struct SequenceReader {
+    packer: Packer,
+    seq_len: usize,
+}
+
+impl SequenceReader {
+    pub fn new(split: &Split, spec: PackSpec, threads: usize) -> Result<SequenceReader> {
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.max(1))
+                .build()
+                .context("starting decode threads")?,
+        );
+        let order = (0..split.shards.len()).collect();
+        let seq_len = spec.seq_len;
+        Ok(SequenceReader {
+            packer: Packer::new(split.paths(), order, spec, pool, Position::default()),
+            seq_len,
+        })
+    }
+
+    /// Up to `n` next sequences as one batch; None at the end.
+    pub fn next_batch(&mut self, n: usize) -> Result<Option<Batch>> {
+        let mut seqs = Sequences {
+            seq_len: self.seq_len,
+            tokens: Vec::with_capacity(n * self.seq_len),
+            mask: Vec::with_capacity(n * self.seq_len),
+        };
+        while seqs.len() < n {
+            if self
+                .packer
+                .next_sequence(&mut seqs.tokens, &mut seqs.mask)?
+                .is_none()
+            {
+                break;
+            }
+        }
+        Ok((!seqs.is_empty()).then(|| Batch::from_rows((0..seqs.len()).map(|i| seqs.row(i)))))
+    }
+
+    /// Batches of up to `micro_batch` covering the first `max` sequences, read on a
+    /// background thread a few batches ahead of the consumer.
+    pub fn prefetch(
+        mut self,
+        max: usize,
+        micro_batch: usize,
+    ) -> impl Iterator<Item = Result<Batch>> {
+        let (tx, rx) = sync_channel(4);
+        std::thread::spawn(move || {
+            let mut left = max;
+            while left > 0 {
+                let r = self.next_batch(micro_batch.min(left));
+                let stop = !matches!(r, Ok(Some(_)));
+                let item = match r {
+                    Ok(Some(b)) => {
+                        left -= b.batch_size;
+                        Ok(b)
+                    }
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        rx.into_iter()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn docs(lens: &[usize]) -> TokenDocs {
-        let mut d = TokenDocs {
-            tokens: vec![],
-            offsets: vec![0],
-        };
-        let mut next = 10;
-        for &l in lens {
-            for _ in 0..l - 1 {
-                d.tokens.push(next);
-                next += 1;
-            }
-            d.tokens.push(1);
-            d.offsets.push(d.tokens.len());
-        }
-        d
-    }
-
-    #[test]
-    fn concat_packs_all_tokens_and_pad_masks_padding() {
-        let d = docs(&[3, 5, 4]);
-        let c = pack(&d, 4, Packing::Concat, 0);
-        assert_eq!(c.len(), 3);
-        assert_eq!(&c.tokens[..4], &[10, 11, 1, 12]);
-        let p = pack(&d, 4, Packing::Pad, 0);
-        assert_eq!(p.len(), 3);
-        assert_eq!(p.row(0), (&[10, 11, 1, 0][..], &[1, 1, 1, 0][..]));
-        let b = Batch::from_rows([p.row(0)].into_iter());
-        assert_eq!(b.inputs, [10, 11, 1]);
-        assert_eq!(b.targets, [11, 1, 0]);
-        assert_eq!(b.weights, [1.0, 1.0, 0.0]);
-    }
-
-    #[test]
-    fn loader_is_deterministic_resumable_and_rank_disjoint() {
-        let d = docs(&[8; 40]);
-        let seqs = pack(&d, 8, Packing::Concat, 0);
-        let mut a = Loader::new(seqs.clone(), 7, 0, 1);
-        let first: Vec<Batch> = (0..7).map(|_| a.next_batch(4)).collect();
-        let mut b = Loader::new(seqs.clone(), 7, 0, 1);
-        for _ in 0..3 {
-            b.next_batch(4);
-        }
-        let st = b.state();
-        let mut c = Loader::new(seqs.clone(), 7, 0, 1);
-        c.restore(st);
-        for batch in &first[3..] {
-            assert_eq!(&c.next_batch(4), batch);
-        }
-        // Crossing an epoch boundary (40 sequences, 28 taken) and restoring there too.
-        let st = c.state();
-        let next = c.next_batch(4);
-        let mut d2 = Loader::new(seqs.clone(), 7, 0, 1);
-        d2.restore(st);
-        assert_eq!(d2.next_batch(4), next);
-        let r0 = Loader::new(seqs.clone(), 7, 0, 2);
-        let r1 = Loader::new(seqs, 7, 1, 2);
-        assert!(r0.order.iter().all(|i| !r1.order.contains(i)));
-        assert_eq!(r0.epoch_len(), 20);
-    }
-}
+mod tests;

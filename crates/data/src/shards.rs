@@ -1,18 +1,32 @@
 //! Parquet shards of token ids: one row per document, column `input_ids: list<uint32>`.
+//!
+//! Shards are written in row groups of about [`ROW_GROUP_TOKENS`] tokens, and read one row
+//! group at a time, so neither side ever holds more than a row group of a shard in memory
+//! however large the shard is.
 
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, ListArray, ListBuilder, UInt32Array, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The column that holds each document's ids.
 pub const IDS_COLUMN: &str = "input_ids";
 
+/// Tokens per parquet row group: the unit a reader decodes at once (4 MiB of ids).
+pub const ROW_GROUP_TOKENS: usize = 1 << 20;
+
+/// Rows per record batch while writing; bounds the writer's unencoded buffer.
+const WRITE_BATCH_ROWS: usize = 1024;
+
+/// The shard schema: one non-null list of non-null u32 per row.
 pub fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![Field::new(
         IDS_COLUMN,
@@ -21,89 +35,132 @@ pub fn schema() -> Arc<Schema> {
     )]))
 }
 
-/// Writes documents into numbered shards, starting a new one past `shard_tokens`.
+/// One shard as a dataset manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// Path relative to the dataset folder (`train/00000-00000.parquet`).
+    pub file: String,
+    pub documents: u64,
+    pub tokens: u64,
+}
+
+/// Writes documents into numbered shards `{prefix}-{n:05}.parquet`, starting a new one past
+/// `shard_tokens`.
 pub struct ShardWriter {
     dir: PathBuf,
+    prefix: String,
     shard_tokens: usize,
     writer: Option<ArrowWriter<File>>,
     builder: ListBuilder<UInt32Builder>,
     pending_rows: usize,
-    tokens_in_shard: usize,
-    pub shards: Vec<PathBuf>,
+    tokens_in_group: usize,
+    current: Option<ShardInfo>,
+    /// Every shard closed so far; `file` is the bare file name.
+    pub shards: Vec<ShardInfo>,
     pub documents: u64,
     pub tokens: u64,
 }
 
 impl ShardWriter {
+    /// Shards named `shard-{n:05}.parquet` in `dir`.
     pub fn new(dir: &Path, shard_tokens: usize) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        Self::with_prefix(dir, "shard", shard_tokens)
+    }
+
+    /// Shards named `{prefix}-{n:05}.parquet` in `dir`.
+    pub fn with_prefix(dir: &Path, prefix: &str, shard_tokens: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(ShardWriter {
             dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
             shard_tokens: shard_tokens.max(1),
             writer: None,
             builder: new_builder(),
             pending_rows: 0,
-            tokens_in_shard: 0,
+            tokens_in_group: 0,
+            current: None,
             shards: Vec::new(),
             documents: 0,
             tokens: 0,
         })
     }
 
+    /// Append one document.
     pub fn push(&mut self, ids: &[u32]) -> Result<()> {
         if self.writer.is_none() {
-            let path = self
-                .dir
-                .join(format!("shard-{:05}.parquet", self.shards.len()));
+            let name = format!("{}-{:05}.parquet", self.prefix, self.shards.len());
+            let path = self.dir.join(&name);
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .build();
             let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             self.writer = Some(ArrowWriter::try_new(f, schema(), Some(props))?);
-            self.shards.push(path);
+            self.current = Some(ShardInfo {
+                file: name,
+                documents: 0,
+                tokens: 0,
+            });
         }
         self.builder.values().append_slice(ids);
         self.builder.append(true);
         self.pending_rows += 1;
-        self.tokens_in_shard += ids.len();
+        self.tokens_in_group += ids.len();
+        let cur = self.current.as_mut().expect("a shard is open");
+        cur.documents += 1;
+        cur.tokens += ids.len() as u64;
         self.documents += 1;
         self.tokens += ids.len() as u64;
-        if self.pending_rows >= 1024 {
-            self.flush_batch()?;
+        if self.pending_rows >= WRITE_BATCH_ROWS {
+            self.write_batch()?;
         }
-        if self.tokens_in_shard >= self.shard_tokens {
+        if cur_tokens(&self.current) >= self.shard_tokens as u64 {
             self.close_shard()?;
+        } else if self.tokens_in_group >= ROW_GROUP_TOKENS {
+            self.write_batch()?;
+            self.writer_mut()?.flush()?;
+            self.tokens_in_group = 0;
         }
         Ok(())
     }
 
-    fn flush_batch(&mut self) -> Result<()> {
+    fn writer_mut(&mut self) -> Result<&mut ArrowWriter<File>> {
+        self.writer
+            .as_mut()
+            .context("a shard is open while rows are pending")
+    }
+
+    fn write_batch(&mut self) -> Result<()> {
         if self.pending_rows == 0 {
             return Ok(());
         }
         let list = std::mem::replace(&mut self.builder, new_builder()).finish();
         let batch = RecordBatch::try_new(schema(), vec![Arc::new(list)])?;
-        self.writer
-            .as_mut()
-            .context("a shard is open while rows are pending")?
-            .write(&batch)?;
+        self.writer_mut()?.write(&batch)?;
         self.pending_rows = 0;
         Ok(())
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        self.flush_batch()?;
+        self.write_batch()?;
         if let Some(w) = self.writer.take() {
             w.close()?;
         }
-        self.tokens_in_shard = 0;
+        if let Some(info) = self.current.take() {
+            self.shards.push(info);
+        }
+        self.tokens_in_group = 0;
         Ok(())
     }
 
+    /// Close the open shard; the writer's counts and shard list are final.
     pub fn finish(mut self) -> Result<ShardWriter> {
         self.close_shard()?;
         Ok(self)
     }
+}
+
+fn cur_tokens(cur: &Option<ShardInfo>) -> u64 {
+    cur.as_ref().map_or(0, |c| c.tokens)
 }
 
 fn new_builder() -> ListBuilder<UInt32Builder> {
@@ -133,8 +190,166 @@ impl TokenDocs {
     }
 }
 
-/// Read every `shard-*.parquet` in `dir`, in order.
+/// A run of consecutive documents decoded from one shard: `first_row` is the row of the
+/// first one. Documents are `tokens[offsets[i]..offsets[i + 1]]`.
+#[derive(Debug, Clone, Default)]
+pub struct DocRun {
+    pub first_row: u64,
+    pub tokens: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl DocRun {
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn doc(&self, i: usize) -> &[u32] {
+        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
+    }
+}
+
+/// The row groups of a shard, for reading it a piece at a time from any row.
+#[derive(Debug, Clone)]
+pub struct ShardLayout {
+    pub path: PathBuf,
+    /// Rows in each row group.
+    pub group_rows: Vec<u64>,
+}
+
+impl ShardLayout {
+    /// Read a shard's footer (no data pages).
+    pub fn open(path: &Path) -> Result<ShardLayout> {
+        let f =
+            File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| {
+            format!(
+                "{}: not a readable parquet shard (truncated or overwritten?)",
+                path.display()
+            )
+        })?;
+        let group_rows = b
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows() as u64)
+            .collect();
+        Ok(ShardLayout {
+            path: path.to_path_buf(),
+            group_rows,
+        })
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.group_rows.iter().sum()
+    }
+
+    /// The row group holding `row`, and the first row of that group.
+    pub fn group_of(&self, row: u64) -> Option<(usize, u64)> {
+        let mut start = 0;
+        for (g, &n) in self.group_rows.iter().enumerate() {
+            if row < start + n {
+                return Some((g, start));
+            }
+            start += n;
+        }
+        None
+    }
+
+    /// Decode the documents of row group `group` from row `from` (a row of that group) to
+    /// the group's end. Errors name the shard and the rows that failed.
+    pub fn read_group(&self, group: usize, from: u64) -> Result<DocRun> {
+        let group_start: u64 = self.group_rows[..group].iter().sum();
+        let group_end = group_start + self.group_rows[group];
+        let what = || {
+            format!(
+                "{}: rows {from}..{group_end} (row group {group})",
+                self.path.display()
+            )
+        };
+        let f = File::open(&self.path)
+            .with_context(|| format!("cannot open shard {}", self.path.display()))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            .with_context(|| format!("{}: not a readable parquet shard", self.path.display()))?
+            .with_row_groups(vec![group])
+            .with_offset((from - group_start) as usize)
+            .with_batch_size(WRITE_BATCH_ROWS)
+            .build()
+            .with_context(what)?;
+        let mut run = DocRun {
+            first_row: from,
+            tokens: Vec::new(),
+            offsets: vec![0],
+        };
+        for batch in reader {
+            let batch = batch.with_context(|| format!("{}: cannot decode", what()))?;
+            let row = from + run.len() as u64;
+            let (values, offs) =
+                ids_of(&batch).with_context(|| format!("{}: row {row}", self.path.display()))?;
+            run.tokens.reserve(values.len());
+            for w in offs.windows(2) {
+                run.tokens
+                    .extend_from_slice(&values[w[0] as usize..w[1] as usize]);
+                run.offsets.push(run.tokens.len());
+            }
+        }
+        if run.first_row + run.len() as u64 != group_end {
+            bail!(
+                "{}: row group {group} ended after {} of its {} rows from row {from}",
+                self.path.display(),
+                run.len(),
+                group_end - from
+            );
+        }
+        Ok(run)
+    }
+}
+
+/// The id values and list offsets of a record batch of shard rows.
+fn ids_of(batch: &RecordBatch) -> Result<(&[u32], &[i32])> {
+    let col = batch
+        .column_by_name(IDS_COLUMN)
+        .with_context(|| format!("no `{IDS_COLUMN}` column; is this a token shard?"))?;
+    let list = col
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .with_context(|| format!("`{IDS_COLUMN}` is not a list column"))?;
+    let values = list
+        .values()
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .context("token ids are not uint32")?;
+    // The offsets index into the child array, whose buffer `values()` already slices.
+    Ok((values.values(), list.value_offsets()))
+}
+
+/// Every document of `dir`'s `*.parquet` shards, in file-name order, in memory.
+/// For small splits and tests; training and evaluation stream instead.
 pub fn read_split(dir: &Path) -> Result<TokenDocs> {
+    let files = list_shards(dir)?;
+    let mut docs = TokenDocs {
+        tokens: Vec::new(),
+        offsets: vec![0],
+    };
+    for path in files {
+        let layout = ShardLayout::open(&path)?;
+        let mut start = 0;
+        for g in 0..layout.group_rows.len() {
+            let run = layout.read_group(g, start)?;
+            start += layout.group_rows[g];
+            for i in 0..run.len() {
+                docs.tokens.extend_from_slice(run.doc(i));
+                docs.offsets.push(docs.tokens.len());
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// The `*.parquet` files of `dir`, sorted by name.
+pub fn list_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading token shards in {}", dir.display()))?
         .flatten()
@@ -145,36 +360,18 @@ pub fn read_split(dir: &Path) -> Result<TokenDocs> {
     if files.is_empty() {
         bail!("{} holds no parquet shards", dir.display());
     }
-    let mut docs = TokenDocs {
-        tokens: Vec::new(),
-        offsets: vec![0],
-    };
-    for path in files {
-        let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a parquet file", path.display()))?
-            .build()?;
-        for batch in reader {
-            let batch = batch?;
-            let col = batch
-                .column_by_name(IDS_COLUMN)
-                .with_context(|| format!("{}: no `{IDS_COLUMN}` column", path.display()))?;
-            let list = col
-                .as_any()
-                .downcast_ref::<ListArray>()
-                .with_context(|| format!("{}: `{IDS_COLUMN}` is not a list", path.display()))?;
-            let values = list
-                .values()
-                .as_any()
-                .downcast_ref::<UInt32Array>()
-                .with_context(|| format!("{}: ids are not uint32", path.display()))?;
-            let offs = list.value_offsets();
-            for i in 0..list.len() {
-                let (a, b) = (offs[i] as usize, offs[i + 1] as usize);
-                docs.tokens.extend_from_slice(&values.values()[a..b]);
-                docs.offsets.push(docs.tokens.len());
-            }
-        }
+    Ok(files)
+}
+
+/// Write `docs` into shards of about `shard_tokens` under `dir`; for tests and benchmarks.
+pub fn write_docs<'a>(
+    dir: &Path,
+    docs: impl IntoIterator<Item = &'a [u32]>,
+    shard_tokens: usize,
+) -> Result<Vec<ShardInfo>> {
+    let mut w = ShardWriter::new(dir, shard_tokens)?;
+    for d in docs {
+        w.push(d)?;
     }
-    Ok(docs)
+    Ok(w.finish()?.shards)
 }

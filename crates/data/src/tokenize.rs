@@ -1,11 +1,17 @@
 //! Corpus → tokenizer → parquet shards, with a manifest of what was made from what.
+//!
+//! Files are tokenized in parallel, each into its own shards (`train/FFFFF-NNNNN.parquet`
+//! for file F), so the output does not depend on the thread count and memory stays bounded:
+//! a file in progress holds one batch of documents and one open row group. Within a file,
+//! each batch is encoded in parallel too, so one large file also uses every core.
 
-use crate::corpus::{detect_format, for_each_doc, Format, OnBadRecord, ReadStats};
-use crate::shards::ShardWriter;
+use crate::corpus::{detect_format, for_each_doc, Format, OnBadRecord};
+use crate::shards::{ShardInfo, ShardWriter};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
@@ -18,10 +24,26 @@ use tokenizers::{AddedToken, Tokenizer};
 pub enum TokenizerSource {
     /// A Hugging Face `tokenizer.json`.
     File { path: PathBuf },
-    /// Byte-level BPE trained on the training split.
-    Bpe { vocab_size: usize },
-    /// Unigram trained on the training split.
-    Unigram { vocab_size: usize },
+    /// Byte-level BPE trained on the first `sample_docs` training documents.
+    Bpe {
+        vocab_size: usize,
+        #[serde(default = "default_sample_docs")]
+        sample_docs: usize,
+    },
+    /// Unigram trained on the first `sample_docs` training documents.
+    Unigram {
+        vocab_size: usize,
+        #[serde(default = "default_sample_docs")]
+        sample_docs: usize,
+    },
+}
+
+/// Documents a tokenizer is trained on by default: enough for a stable vocabulary, and a
+/// bound on the text held in memory while training it.
+pub const DEFAULT_SAMPLE_DOCS: usize = 100_000;
+
+fn default_sample_docs() -> usize {
+    DEFAULT_SAMPLE_DOCS
 }
 
 pub const SPECIAL_TOKENS: [&str; 3] = ["<pad>", "</s>", "<unk>"];
@@ -41,11 +63,12 @@ pub struct TokenizeConfig {
     pub shard_tokens: usize,
 }
 
+/// One split of a dataset: its counts and its shards, in reading order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SplitInfo {
     pub documents: u64,
     pub tokens: u64,
-    pub shards: Vec<String>,
+    pub shards: Vec<ShardInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +121,7 @@ fn special_tokens() -> Vec<AddedToken> {
 
 fn train_tokenizer(source: &TokenizerSource, texts: &[String]) -> Result<Tokenizer> {
     let (mut tok, mut trainer) = match source {
-        TokenizerSource::Bpe { vocab_size } => {
+        TokenizerSource::Bpe { vocab_size, .. } => {
             let mut t = Tokenizer::new(BPE::default());
             t.with_pre_tokenizer(Some(ByteLevel::default()));
             t.with_decoder(Some(ByteLevel::default()));
@@ -111,7 +134,7 @@ fn train_tokenizer(source: &TokenizerSource, texts: &[String]) -> Result<Tokeniz
                 .build();
             (t, TrainerWrapper::BpeTrainer(trainer))
         }
-        TokenizerSource::Unigram { vocab_size } => {
+        TokenizerSource::Unigram { vocab_size, .. } => {
             let mut t = Tokenizer::new(Unigram::default());
             t.with_pre_tokenizer(Some(
                 tokenizers::pre_tokenizers::metaspace::Metaspace::default(),
@@ -146,85 +169,208 @@ pub fn encode_doc(tok: &Tokenizer, text: &str, eos: u32) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn count_docs(cfg: &TokenizeConfig, files: &[PathBuf]) -> Result<u64> {
-    let mut n = 0;
+fn format_of(cfg: &TokenizeConfig, file: &Path) -> Format {
+    cfg.format.unwrap_or_else(|| detect_format(file))
+}
+
+/// Documents per file, counted in parallel.
+fn count_docs(cfg: &TokenizeConfig, files: &[PathBuf]) -> Result<Vec<u64>> {
+    files
+        .par_iter()
+        .map(|f| {
+            let fmt = format_of(cfg, f);
+            Ok(for_each_doc(f, fmt, &cfg.text_field, cfg.on_bad_record, |_| Ok(true))?.documents)
+        })
+        .collect()
+}
+
+/// The first `n` documents' texts of `files`, in order.
+fn first_texts(cfg: &TokenizeConfig, files: &[PathBuf], n: usize) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
     for f in files {
-        let fmt = cfg.format.unwrap_or_else(|| detect_format(f));
-        n += for_each_doc(f, fmt, &cfg.text_field, cfg.on_bad_record, |_| Ok(()))?.documents;
+        if texts.len() >= n {
+            break;
+        }
+        for_each_doc(
+            f,
+            format_of(cfg, f),
+            &cfg.text_field,
+            cfg.on_bad_record,
+            |d| {
+                texts.push(d.text);
+                Ok(texts.len() < n)
+            },
+        )?;
     }
-    Ok(n)
+    Ok(texts)
 }
 
-/// Streams documents from `files` in batches, calling `f` with (first doc index, texts).
-fn for_each_batch(
+/// What to do with one file's documents: `[0, train)` go to the training split,
+/// `[train, keep)` to the validation split, the rest are not read.
+#[derive(Debug, Clone, Copy)]
+struct FilePlan {
+    train: u64,
+    keep: u64,
+}
+
+/// Split the training files' documents: the first `limit` of them, the last `valid_docs` of
+/// those held out when there are no validation files. Counts the documents only when needed.
+fn plan_train_files(cfg: &TokenizeConfig) -> Result<Vec<FilePlan>> {
+    let hold_out = cfg.valid_files.is_empty();
+    if !hold_out && cfg.limit_docs.is_none() {
+        return Ok(vec![
+            FilePlan {
+                train: u64::MAX,
+                keep: u64::MAX
+            };
+            cfg.train_files.len()
+        ]);
+    }
+    let counts = count_docs(cfg, &cfg.train_files)?;
+    let total: u64 = counts.iter().sum();
+    let kept = cfg.limit_docs.map_or(total, |l| total.min(l as u64));
+    let n_train = if hold_out {
+        if cfg.valid_docs as u64 >= kept {
+            bail!(
+                "valid_docs = {} but the training files hold only {kept} documents",
+                cfg.valid_docs
+            );
+        }
+        kept - cfg.valid_docs as u64
+    } else {
+        kept
+    };
+    let mut before = 0u64;
+    Ok(counts
+        .iter()
+        .map(|&c| {
+            let plan = FilePlan {
+                train: n_train.saturating_sub(before).min(c),
+                keep: kept.saturating_sub(before).min(c),
+            };
+            before += c;
+            plan
+        })
+        .collect())
+}
+
+/// Everything one file contributed.
+struct FileOutput {
+    train: Vec<ShardInfo>,
+    valid: Vec<ShardInfo>,
+    skipped: u64,
+}
+
+/// Documents encoded per parallel batch within a file.
+const ENCODE_BATCH: usize = 256;
+
+/// Tokenize one file into its own shards under `out/train` and `out/valid`.
+fn tokenize_file(
     cfg: &TokenizeConfig,
-    files: &[PathBuf],
-    limit: u64,
-    mut f: impl FnMut(u64, Vec<String>) -> Result<()>,
-) -> Result<ReadStats> {
-    let mut total = ReadStats::default();
-    let mut batch = Vec::with_capacity(512);
-    let mut first = 0u64;
-    let mut seen = 0u64;
-    for file in files {
-        let fmt = cfg.format.unwrap_or_else(|| detect_format(file));
-        let r = for_each_doc(file, fmt, &cfg.text_field, cfg.on_bad_record, |doc| {
-            if seen >= limit {
-                return Ok(());
+    tok: &Tokenizer,
+    eos: u32,
+    (index, file, plan): (usize, &Path, FilePlan),
+    out: &Path,
+    (done, total): (&AtomicU64, u64),
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<FileOutput> {
+    let prefix = format!("{index:05}");
+    let mut train = ShardWriter::with_prefix(&out.join("train"), &prefix, cfg.shard_tokens)?;
+    let mut valid = ShardWriter::with_prefix(&out.join("valid"), &prefix, cfg.shard_tokens)?;
+    let mut texts = Vec::with_capacity(ENCODE_BATCH);
+    let mut next = 0u64;
+    let mut flush = |texts: &mut Vec<String>, next: &mut u64| -> Result<()> {
+        let ids: Vec<Vec<u32>> = texts
+            .par_iter()
+            .map(|t| encode_doc(tok, t, eos))
+            .collect::<Result<_>>()
+            .with_context(|| format!("{}", file.display()))?;
+        for d in &ids {
+            if *next < plan.train {
+                train.push(d)?;
+            } else {
+                valid.push(d)?;
             }
-            seen += 1;
-            batch.push(doc.text);
-            if batch.len() == 512 {
-                f(first, std::mem::take(&mut batch))?;
-                first = seen;
-            }
-            Ok(())
-        })?;
-        total.documents += r.documents;
-        total.skipped += r.skipped;
-    }
-    if !batch.is_empty() {
-        f(first, batch)?;
-    }
-    Ok(total)
+            *next += 1;
+        }
+        let n = ids.len() as u64;
+        progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+        texts.clear();
+        Ok(())
+    };
+    let mut read = 0u64;
+    let stats = if plan.keep == 0 {
+        Default::default()
+    } else {
+        for_each_doc(
+            file,
+            format_of(cfg, file),
+            &cfg.text_field,
+            cfg.on_bad_record,
+            |d| {
+                texts.push(d.text);
+                read += 1;
+                if texts.len() == ENCODE_BATCH {
+                    flush(&mut texts, &mut next)?;
+                }
+                Ok(read < plan.keep)
+            },
+        )?
+    };
+    flush(&mut texts, &mut next)?;
+    let rel = |split: &str, w: ShardWriter| -> Vec<ShardInfo> {
+        w.shards
+            .into_iter()
+            .map(|s| ShardInfo {
+                file: format!("{split}/{}", s.file),
+                ..s
+            })
+            .collect()
+    };
+    Ok(FileOutput {
+        train: rel("train", train.finish()?),
+        valid: rel("valid", valid.finish()?),
+        skipped: stats.skipped,
+    })
 }
 
-/// Tokenize the corpus into `out/{train,valid}/shard-*.parquet`, `out/tokenizer.json` and
-/// `out/dataset.json`. `progress(docs_done, docs_total)` is called as batches finish.
+fn split_info(shards: Vec<ShardInfo>) -> SplitInfo {
+    SplitInfo {
+        documents: shards.iter().map(|s| s.documents).sum(),
+        tokens: shards.iter().map(|s| s.tokens).sum(),
+        shards,
+    }
+}
+
+/// Tokenize the corpus into `out/{train,valid}/*.parquet`, `out/tokenizer.json` and
+/// `out/dataset.json`. `progress(docs_done, docs_total)` is called from worker threads as
+/// batches finish; the total is 0 when it is not known in advance (it is counted only when
+/// documents must be held out or limited).
 pub fn tokenize(
     cfg: &TokenizeConfig,
     out: &Path,
-    mut progress: impl FnMut(u64, u64),
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<DatasetManifest> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads.max(1))
         .build()?;
-    let train_total = count_docs(cfg, &cfg.train_files)?;
-    let train_total = cfg
-        .limit_docs
-        .map_or(train_total, |l| train_total.min(l as u64));
-    let (n_train, hold_out) = if cfg.valid_files.is_empty() {
-        if cfg.valid_docs as u64 >= train_total {
-            bail!(
-                "valid_docs = {} but the training files hold only {train_total} documents",
-                cfg.valid_docs
-            );
-        }
-        (train_total - cfg.valid_docs as u64, true)
-    } else {
-        (train_total, false)
-    };
+    pool.install(|| tokenize_in_pool(cfg, out, progress))
+}
 
+fn tokenize_in_pool(
+    cfg: &TokenizeConfig,
+    out: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<DatasetManifest> {
+    let plans = plan_train_files(cfg)?;
     let tok = match &cfg.tokenizer {
         TokenizerSource::File { path } => load_tokenizer(path)?,
-        src => {
-            let mut texts = Vec::new();
-            for_each_batch(cfg, &cfg.train_files, n_train, |_, b| {
-                texts.extend(b);
-                Ok(())
-            })?;
-            train_tokenizer(src, &texts)?
+        src @ (TokenizerSource::Bpe { sample_docs, .. }
+        | TokenizerSource::Unigram { sample_docs, .. }) => {
+            let n_train: u64 = plans.iter().map(|p| p.train).fold(0, u64::saturating_add);
+            let n = (*sample_docs as u64).min(n_train) as usize;
+            train_tokenizer(src, &first_texts(cfg, &cfg.train_files, n)?)?
         }
     };
     let eos = tok
@@ -236,81 +382,60 @@ pub fn tokenize(
     tok.save(&tok_path, false)
         .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
 
-    let mut train_w = ShardWriter::new(&out.join("train"), cfg.shard_tokens)?;
-    let mut valid_w = ShardWriter::new(&out.join("valid"), cfg.shard_tokens)?;
-    let grand_total = if hold_out {
-        train_total
+    // Training files, then validation files (all of whose documents are validation ones).
+    let valid_only = FilePlan {
+        train: 0,
+        keep: u64::MAX,
+    };
+    let jobs: Vec<(usize, &Path, FilePlan)> = cfg
+        .train_files
+        .iter()
+        .zip(plans)
+        .chain(cfg.valid_files.iter().map(|f| (f, valid_only)))
+        .enumerate()
+        .map(|(i, (f, p))| (i, f.as_path(), p))
+        .collect();
+    let done = AtomicU64::new(0);
+    let known = cfg.valid_files.is_empty() && jobs.iter().all(|j| j.2.keep < u64::MAX);
+    let total = if known {
+        jobs.iter().map(|j| j.2.keep).sum()
     } else {
-        train_total + count_docs(cfg, &cfg.valid_files)?
+        0
     };
-    let mut done = 0u64;
-    let encode = |texts: Vec<String>| -> Result<Vec<Vec<u32>>> {
-        pool.install(|| texts.par_iter().map(|t| encode_doc(&tok, t, eos)).collect())
-    };
-    let stats = for_each_batch(cfg, &cfg.train_files, train_total, |first, texts| {
-        let n = texts.len() as u64;
-        for (k, ids) in encode(texts)?.iter().enumerate() {
-            if first + (k as u64) < n_train {
-                train_w.push(ids)?;
-            } else {
-                valid_w.push(ids)?;
-            }
-        }
-        done += n;
-        progress(done, grand_total);
-        Ok(())
-    })?;
-    let mut skipped = stats.skipped;
-    if !hold_out {
-        let s = for_each_batch(cfg, &cfg.valid_files, u64::MAX, |_, texts| {
-            let n = texts.len() as u64;
-            for ids in encode(texts)? {
-                valid_w.push(&ids)?;
-            }
-            done += n;
-            progress(done, grand_total);
-            Ok(())
-        })?;
-        skipped += s.skipped;
+    let outputs: Vec<FileOutput> = jobs
+        .par_iter()
+        .map(|&job| tokenize_file(cfg, &tok, eos, job, out, (&done, total), progress))
+        .collect::<Result<_>>()?;
+    let mut train = Vec::new();
+    let mut valid = Vec::new();
+    let mut skipped = 0;
+    for o in outputs {
+        train.extend(o.train);
+        valid.extend(o.valid);
+        skipped += o.skipped;
     }
-    let train_w = train_w.finish()?;
-    let valid_w = valid_w.finish()?;
-    if valid_w.documents == 0 {
+    let (train, valid) = (split_info(train), split_info(valid));
+    if valid.documents == 0 {
         bail!("the validation split is empty: set `valid_docs` or `valid_files`");
     }
-    let rel = |paths: &[PathBuf]| -> Vec<String> {
-        paths
-            .iter()
-            .map(|p| {
-                p.strip_prefix(out)
-                    .unwrap_or(p)
+    let sources = cfg
+        .train_files
+        .iter()
+        .chain(&cfg.valid_files)
+        .map(|f| {
+            Ok(SourceFile {
+                path: f
+                    .file_name()
+                    .unwrap_or_default()
                     .to_string_lossy()
-                    .to_string()
+                    .to_string(),
+                blake3: hash_file(f)?,
             })
-            .collect()
-    };
-    let mut sources = Vec::new();
-    for f in cfg.train_files.iter().chain(&cfg.valid_files) {
-        sources.push(SourceFile {
-            path: f
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .to_string(),
-            blake3: hash_file(f)?,
-        });
-    }
+        })
+        .collect::<Result<_>>()?;
     let manifest = DatasetManifest {
-        train: SplitInfo {
-            documents: train_w.documents,
-            tokens: train_w.tokens,
-            shards: rel(&train_w.shards),
-        },
-        valid: SplitInfo {
-            documents: valid_w.documents,
-            tokens: valid_w.tokens,
-            shards: rel(&valid_w.shards),
-        },
+        train,
+        valid,
         vocab_size,
         eos_id: eos,
         pad_id: pad,
@@ -325,9 +450,13 @@ pub fn tokenize(
     Ok(manifest)
 }
 
+/// blake3 of a file, streamed.
 fn hash_file(p: &Path) -> Result<String> {
-    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(blake3::hash(&bytes).to_hex().to_string())
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+    h.update_reader(f)
+        .with_context(|| format!("reading {}", p.display()))?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]
@@ -365,7 +494,7 @@ mod tests {
                 path: dir.join("t5-base/tokenizer.json"),
             },
         );
-        let m = tokenize(&cfg, out.path(), |_, _| {}).unwrap();
+        let m = tokenize(&cfg, out.path(), &|_, _| {}).unwrap();
         assert_eq!((m.train.documents, m.valid.documents), (900, 100));
         assert_eq!(m.train.tokens + m.valid.tokens, 513_612);
         assert_eq!((m.vocab_size, m.eos_id), (32100, 1));
@@ -397,11 +526,14 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let mut cfg = config(
             vec![dir.join("c4-train.00000-of-01024.first1000.json.gz")],
-            TokenizerSource::Bpe { vocab_size: 1000 },
+            TokenizerSource::Bpe {
+                vocab_size: 1000,
+                sample_docs: DEFAULT_SAMPLE_DOCS,
+            },
         );
         cfg.limit_docs = Some(300);
         cfg.valid_docs = 30;
-        let m = tokenize(&cfg, out.path(), |_, _| {}).unwrap();
+        let m = tokenize(&cfg, out.path(), &|_, _| {}).unwrap();
         assert_eq!(m.vocab_size, 1000);
         let docs = read_split(&out.path().join("train")).unwrap();
         assert_eq!(docs.len(), 270);
@@ -455,7 +587,7 @@ mod tests {
             cfg.valid_docs = 1;
             let e = format!(
                 "{:#}",
-                tokenize(&cfg, &dir.path().join("o"), |_, _| {}).unwrap_err()
+                tokenize(&cfg, &dir.path().join("o"), &|_, _| {}).unwrap_err()
             );
             assert!(e.contains(want), "{name}: {e}");
         }
@@ -471,7 +603,7 @@ mod tests {
             tokenize(
                 &config(vec![p], tok.clone()),
                 &dir.path().join("o"),
-                |_, _| {}
+                &|_, _| {}
             )
             .unwrap_err()
         );
@@ -488,7 +620,7 @@ mod tests {
         let mut cfg = config(vec![p], tok);
         cfg.valid_docs = 1;
         cfg.on_bad_record = OnBadRecord::Skip;
-        let m = tokenize(&cfg, &dir.path().join("ok"), |_, _| {}).unwrap();
+        let m = tokenize(&cfg, &dir.path().join("ok"), &|_, _| {}).unwrap();
         assert_eq!(
             (m.skipped_records, m.train.documents, m.valid.documents),
             (1, 2, 1)
@@ -509,7 +641,7 @@ mod tests {
         let mut w = ShardWriter::new(dir.path(), 1000).unwrap();
         w.push(&[5, 6, 1]).unwrap();
         let w = w.finish().unwrap();
-        let f = std::fs::File::open(&w.shards[0]).unwrap();
+        let f = std::fs::File::open(dir.path().join(&w.shards[0].file)).unwrap();
         let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
         let field = b.schema().field_with_name("input_ids").unwrap().clone();
         assert!(!field.is_nullable());
@@ -554,12 +686,15 @@ mod tests {
         for (file, field) in [(pq, "body"), (txt, "text")] {
             let mut cfg = config(
                 vec![file.clone()],
-                TokenizerSource::Unigram { vocab_size: 60 },
+                TokenizerSource::Unigram {
+                    vocab_size: 60,
+                    sample_docs: DEFAULT_SAMPLE_DOCS,
+                },
             );
             cfg.text_field = field.into();
             cfg.valid_docs = 10;
             let out = dir.path().join(format!("out-{field}"));
-            let m = tokenize(&cfg, &out, |_, _| {}).unwrap();
+            let m = tokenize(&cfg, &out, &|_, _| {}).unwrap();
             assert_eq!(
                 (m.train.documents, m.valid.documents),
                 (50, 10),

@@ -35,8 +35,35 @@ pub trait StageKind: Send + Sync {
     fn resources(&self, _params: &Value) -> Resources {
         Resources::default()
     }
+    /// What the stage will read, compute and make (`plan --estimate`), from its parameters,
+    /// what is known of its inputs, and its own outputs when it is already cached. A fact
+    /// named `flops` is summed over the pipeline by `plan`.
+    fn estimate(
+        &self,
+        _stage: &StageSpec,
+        _inputs: &BTreeMap<String, InputEstimate>,
+        _cached: Option<&Path>,
+    ) -> Result<Estimate> {
+        Ok(Estimate::default())
+    }
     /// Compute the outputs into `ctx.out_dir` (in the stage's own process).
     fn run(&self, ctx: &mut StageContext) -> Result<()>;
+}
+
+/// A stage's size before it runs: lines for the user, and facts for the stages downstream
+/// (a vocabulary size, a token count), which the executor passes on without reading them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Estimate {
+    pub lines: Vec<String>,
+    pub facts: Value,
+}
+
+/// What is known of one input before the stage runs: the upstream stage's estimated facts,
+/// and its outputs folder when its entry is already in the cache (exact figures).
+#[derive(Debug, Clone, Default)]
+pub struct InputEstimate {
+    pub facts: Value,
+    pub outputs: Option<PathBuf>,
 }
 
 /// Parse a stage's params into the kind's own struct; errors point at the offending key.
@@ -79,6 +106,10 @@ pub struct StageContext {
     pub base_dir: PathBuf,
     /// Input name → the outputs folder of the upstream entry.
     pub inputs: BTreeMap<String, PathBuf>,
+    /// Input name → the upstream stage's name, for messages (never for outputs: names are
+    /// not in keys).
+    #[serde(default)]
+    pub input_stages: BTreeMap<String, String>,
     /// Write every output here; it becomes the entry's `outputs/`.
     pub out_dir: PathBuf,
     /// Survives a failed attempt; for checkpoints to resume from.
@@ -112,6 +143,14 @@ impl StageContext {
             .get(name)
             .map(PathBuf::as_path)
             .ok_or_else(|| anyhow::anyhow!("stage `{}` needs an input named `{name}`", self.stage))
+    }
+
+    /// `input `data` (stage `tokens`)`: an input as messages name it.
+    pub fn describe_input(&self, name: &str) -> String {
+        match self.input_stages.get(name) {
+            Some(stage) => format!("input `{name}` (stage `{stage}`)"),
+            None => format!("input `{name}`"),
+        }
     }
 
     pub fn resolve(&self, path: &str) -> PathBuf {

@@ -19,8 +19,12 @@ mod run;
 
 pub use child::child_main;
 pub use graph::Dag;
-pub use kind::{parse_params, Progress, StageContext, StageKind, PROGRESS_PREFIX};
-pub use plan::{code_salt_note, components, explain_change, key_params, plan, StagePlan, State};
+pub use kind::{
+    parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind, PROGRESS_PREFIX,
+};
+pub use plan::{
+    code_salt_note, components, estimates, explain_change, key_params, plan, StagePlan, State,
+};
 pub use run::{environment, run, Outcome, RunOptions, RunReport};
 
 use anyhow::Result;

@@ -1,5 +1,6 @@
 //! Keys and plans: what each stage's key is made of, and why a stage must run.
 
+use crate::kind::{Estimate, InputEstimate};
 use crate::{Dag, Registry};
 use anyhow::{Context, Result};
 use relora_cache::{Cache, KeyComponents};
@@ -279,5 +280,45 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
     }
     Ok((0..dag.pipeline.stages.len())
         .filter_map(|i| plans.remove(&i))
+        .collect())
+}
+
+/// Each stage's estimate (`plan --estimate`), in stage order: every stage sees its inputs'
+/// estimated facts, and the outputs of those already cached.
+pub fn estimates(
+    dag: &Dag,
+    registry: &Registry,
+    cache: &Cache,
+    plans: &[StagePlan],
+) -> Result<Vec<Estimate>> {
+    let mut done: BTreeMap<usize, Estimate> = BTreeMap::new();
+    for &i in &dag.order {
+        let s = &dag.pipeline.stages[i];
+        let kind = registry
+            .get(&s.kind)
+            .with_context(|| format!("unknown kind `{}`", s.kind))?;
+        let mut inputs = BTreeMap::new();
+        for (name, target) in &s.inputs {
+            let j = dag
+                .index_of(target)
+                .context("input names a missing stage")?;
+            let outputs = match (&plans[j].state, &plans[j].key) {
+                (State::Cached, Some(key)) => Some(cache.entry_dir(key).join("outputs")),
+                _ => None,
+            };
+            let facts = done.get(&j).map(|e| e.facts.clone()).unwrap_or_default();
+            inputs.insert(name.clone(), InputEstimate { facts, outputs });
+        }
+        let own = match (&plans[i].state, &plans[i].key) {
+            (State::Cached, Some(key)) => Some(cache.entry_dir(key).join("outputs")),
+            _ => None,
+        };
+        let e = kind
+            .estimate(s, &inputs, own.as_deref())
+            .with_context(|| format!("estimating stage `{}`", s.name))?;
+        done.insert(i, e);
+    }
+    Ok((0..dag.pipeline.stages.len())
+        .map(|i| done.remove(&i).unwrap_or_default())
         .collect())
 }

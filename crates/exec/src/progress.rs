@@ -84,7 +84,13 @@ impl Display {
             .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
         if due || p.step == p.total {
             self.last_plain.insert(stage.to_string(), now);
-            eprintln!("[{stage}] {}/{} {}", p.step, p.total, describe(p));
+            // A total of 0 means the stage cannot know it in advance.
+            let total = if p.total == 0 {
+                String::new()
+            } else {
+                format!("/{}", p.total)
+            };
+            eprintln!("[{stage}] {}{total} {}", p.step, describe(p));
         }
     }
 

@@ -543,6 +543,11 @@ fn run_one(
         kind: s.kind.clone(),
         params: s.params.clone(),
         base_dir: std::fs::canonicalize(&s.base_dir).unwrap_or_else(|_| s.base_dir.clone()),
+        input_stages: s
+            .inputs
+            .iter()
+            .map(|(name, stage)| (name.clone(), stage.clone()))
+            .collect(),
         inputs: job.inputs,
         out_dir: staging.outputs(),
         scratch_dir: scratch.clone(),

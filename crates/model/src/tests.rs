@@ -9,7 +9,7 @@ use crate::schedule::Schedule;
 use crate::train::{batch_loss, evaluate, Restarts, TrainConfig, Trainer};
 use crate::LlamaConfig;
 use candle_core::{DType, Device, Tensor};
-use relora_data::{pack, Batch, Loader, Packing, Sequences, TokenDocs};
+use relora_data::{Batch, Loader, LoaderConfig, Packing, Sequences, Split};
 
 const TINY: LlamaConfig = LlamaConfig {
     vocab_size: 11,
@@ -237,7 +237,7 @@ fn perplexity_of_a_uniform_model_is_the_vocabulary_size() {
         tokens: toks,
         mask: vec![1; 64],
     };
-    let (loss, n) = evaluate(&model, &seqs, 100, 3, &Device::Cpu).unwrap();
+    let (loss, n) = evaluate(&model, seqs.batches(100, 3).map(Ok), &Device::Cpu).unwrap();
     assert_eq!(n, 56.0);
     assert!(
         (loss.exp() - 11.0).abs() < 1e-4,
@@ -246,22 +246,36 @@ fn perplexity_of_a_uniform_model_is_the_vocabulary_size() {
     );
 }
 
-fn synthetic_loader(seed: u64) -> Loader {
-    // Documents of a repeating pattern, so a tiny model can learn something.
-    let mut d = TokenDocs {
-        tokens: vec![],
-        offsets: vec![0],
-    };
+/// A loader over documents of a repeating pattern, so a tiny model can learn something;
+/// the shards live in the returned folder.
+fn synthetic_loader(seed: u64) -> (Loader, tempfile::TempDir) {
     let mut rng = Rng::new(seed);
-    for _ in 0..64 {
-        let start = rng.next_u32() % 10;
-        for k in 0..15 {
-            d.tokens.push((start + k) % 10 + 1);
-        }
-        d.tokens.push(0);
-        d.offsets.push(d.tokens.len());
-    }
-    Loader::new(pack(&d, 16, Packing::Concat, 0), seed, 0, 1)
+    let docs: Vec<Vec<u32>> = (0..64)
+        .map(|_| {
+            let start = rng.next_u32() % 10;
+            let mut d: Vec<u32> = (0..15).map(|k| (start + k) % 10 + 1).collect();
+            d.push(0);
+            d
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let shards =
+        relora_data::shards::write_docs(dir.path(), docs.iter().map(Vec::as_slice), 300).unwrap();
+    let cfg = LoaderConfig {
+        seq_len: 16,
+        packing: Packing::Concat,
+        pad_id: 0,
+        vocab_size: Some(TINY.vocab_size as u32),
+        seed,
+        window: relora_data::DEFAULT_WINDOW,
+        rank: 0,
+        world: 1,
+        threads: 1,
+    };
+    (
+        Loader::new(Split::new(dir.path(), shards), cfg).unwrap(),
+        dir,
+    )
 }
 
 fn config(steps: u64, restarts: Option<Restarts>) -> TrainConfig {
@@ -300,7 +314,7 @@ fn a_resumed_run_continues_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     // Uninterrupted.
     let mut a = relora_trainer(7, 8);
-    let mut la = synthetic_loader(7);
+    let (mut la, _la_dir) = synthetic_loader(7);
     let ma = dir.path().join("a.jsonl");
     a.run(&mut la, None, &dir.path().join("ca"), &ma, 8, |_| {})
         .unwrap();
@@ -308,10 +322,10 @@ fn a_resumed_run_continues_bit_identically() {
     let ckpt = dir.path().join("cb");
     let mb = dir.path().join("b.jsonl");
     let mut b = relora_trainer(7, 8);
-    let mut lb = synthetic_loader(7);
+    let (mut lb, _lb_dir) = synthetic_loader(7);
     b.run(&mut lb, None, &ckpt, &mb, 4, |_| {}).unwrap();
     let mut c = relora_trainer(7, 8);
-    let mut lc = synthetic_loader(7);
+    let (mut lc, _lc_dir) = synthetic_loader(7);
     assert_eq!(c.resume(&ckpt, &mut lc, &mb).unwrap(), Some(3));
     c.run(&mut lc, None, &ckpt, &mb, 8, |_| {}).unwrap();
     for ((n, x, _), (_, y, _)) in a.model.trainable().iter().zip(c.model.trainable()) {
@@ -337,7 +351,7 @@ fn a_resumed_run_continues_bit_identically() {
 fn checkpoint_round_trip_restores_every_tensor_and_state() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = relora_trainer(8, 4);
-    let mut l = synthetic_loader(8);
+    let (mut l, _l_dir) = synthetic_loader(8);
     t.run(
         &mut l,
         None,
@@ -394,7 +408,7 @@ fn loss_falls_and_non_finite_loss_stops_with_the_step() {
     let mut rng = Rng::new(10);
     let model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
     let mut t = Trainer::new(model, config(40, None), 10, Device::Cpu).unwrap();
-    let mut l = synthetic_loader(10);
+    let (mut l, _l_dir) = synthetic_loader(10);
     let h = t
         .run(
             &mut l,
@@ -497,7 +511,7 @@ fn relora_trains_in_bf16_as_it_does_in_f32() {
     for dtype in [DType::F32, DType::BF16] {
         let mut t = relora_trainer(5, 40);
         t.model.compute = dtype;
-        let mut l = synthetic_loader(5);
+        let (mut l, _l_dir) = synthetic_loader(5);
         let sub = dir.path().join(format!("{dtype:?}"));
         std::fs::create_dir_all(&sub).unwrap();
         let h = t

@@ -91,28 +91,22 @@ pub fn batch_loss(
     cross_entropy(&logits, &targets, &weights)
 }
 
-/// exp(mean token cross-entropy) over the first `max_sequences` validation sequences,
-/// with dropout off. Returns (mean loss, tokens scored).
+/// exp(mean token cross-entropy) over `batches`, with dropout off. Returns (mean loss,
+/// tokens scored). The batches may be streamed: nothing is kept but two sums.
 pub fn evaluate(
     model: &Llama,
-    seqs: &Sequences,
-    max_sequences: usize,
-    micro_batch: usize,
+    batches: impl IntoIterator<Item = Result<Batch>>,
     dev: &Device,
 ) -> Result<(f64, f64)> {
-    let n = seqs.len().min(max_sequences);
     let (mut sum, mut count) = (0f64, 0f64);
-    let mut i = 0;
-    while i < n {
-        let j = (i + micro_batch).min(n);
-        let b = Batch::from_rows((i..j).map(|k| seqs.row(k)));
+    for b in batches {
+        let b = b?;
         let tokens = b.target_tokens();
         let loss = batch_loss(model, &b, dev, None)?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
         sum += loss * tokens;
         count += tokens;
-        i = j;
     }
     if count == 0.0 {
         bail!("the validation set has no tokens to score");
@@ -160,7 +154,7 @@ impl Trainer {
             return Ok(None);
         };
         self.state = checkpoint::load(&ckpt, &self.model, &mut self.opt, &self.device)?;
-        loader.restore(self.state.loader);
+        loader.restore(&self.state.loader)?;
         // Drop metrics lines written after the checkpoint; they will be written again.
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(metrics) {
             f.set_len(self.state.metrics_len)?;
@@ -195,7 +189,7 @@ impl Trainer {
             let mut loss_sum = 0f64;
             let mut tokens = 0u64;
             for _ in 0..self.cfg.accum {
-                let b = loader.next_batch(self.cfg.micro_batch);
+                let b = loader.next_batch(self.cfg.micro_batch)?;
                 tokens += (b.batch_size * b.len) as u64;
                 let loss = batch_loss(
                     &self.model,
@@ -270,13 +264,10 @@ impl Trainer {
                 if (self.cfg.eval_every > 0 && self.state.step.is_multiple_of(self.cfg.eval_every))
                     || is_last
                 {
-                    let (l, _) = evaluate(
-                        &self.model,
-                        v,
-                        self.cfg.eval_sequences,
-                        self.cfg.micro_batch,
-                        &self.device,
-                    )?;
+                    let batches = v
+                        .batches(self.cfg.eval_sequences, self.cfg.micro_batch)
+                        .map(Ok);
+                    let (l, _) = evaluate(&self.model, batches, &self.device)?;
                     m.eval_loss = Some(l);
                     m.perplexity = Some(l.exp());
                 }

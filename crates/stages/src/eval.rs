@@ -3,14 +3,16 @@
 use crate::device::DeviceParam;
 use crate::train::TrainInfo;
 use anyhow::{Context, Result};
-use relora_data::{pack, read_split, DatasetManifest};
-use relora_exec::{parse_params, StageContext, StageKind};
+use relora_data::{DatasetManifest, PackSpec, SequenceReader, Split};
+use relora_exec::{parse_params, Estimate, InputEstimate, StageContext, StageKind};
 use relora_model::checkpoint::load_tensors;
 use relora_model::precision::Precision;
 use relora_model::{evaluate, Llama};
 use relora_spec::{Resources, SpecError, StageSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +79,15 @@ impl StageKind for Eval {
         }
         c.finish()
     }
+    fn estimate(
+        &self,
+        stage: &StageSpec,
+        inputs: &BTreeMap<String, InputEstimate>,
+        _cached: Option<&Path>,
+    ) -> Result<Estimate> {
+        let p: EvalParams = serde_json::from_value(stage.params.clone())?;
+        crate::estimate::eval(&p, inputs)
+    }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: EvalParams = serde_json::from_value(ctx.params.clone())?;
         let device = p.device.open(&ctx.gpus)?;
@@ -84,35 +95,40 @@ impl StageKind for Eval {
         let data_dir = ctx.input("data")?.to_path_buf();
         let info = TrainInfo::read(&model_dir)?;
         let data = DatasetManifest::read(&data_dir)?;
-        if info.tokenizer_blake3 != data.tokenizer_blake3 {
-            anyhow::bail!(
-                "the model was trained with another tokenizer than this evaluation data uses"
-            );
-        }
+        crate::record::same_tokenizer(
+            (&ctx.describe_input("model"), &info.tokenizer_blake3),
+            (&ctx.describe_input("data"), &data.tokenizer_blake3),
+        )?;
         let weights = model_dir.join("model.safetensors");
         let mut model = Llama::from_tensors(info.model, &load_tensors(&weights, &device)?)
             .with_context(|| format!("loading {}", weights.display()))?;
         model.compute = p.dtype.dtype();
         let seq_len = p.seq_len.unwrap_or(info.seq_len);
-        let seqs = pack(
-            &read_split(&data_dir.join("valid"))?,
-            seq_len,
-            info.packing,
-            data.pad_id,
-        );
+        let valid = Split::new(&data_dir, data.valid.shards.clone());
+        let available = valid.sequences(seq_len, info.packing);
         let n = (p.tokens / seq_len).max(1);
-        if seqs.len() < n {
+        if available < n as u64 {
             println!(
-                "note: the validation split holds {} sequences of {seq_len}; scoring all of them",
-                seqs.len()
+                "note: the validation split holds about {available} sequences of {seq_len}; \
+                 scoring all of them"
             );
         }
-        let (loss, tokens) = evaluate(&model, &seqs, n, p.micro_batch, &device)?;
+        let spec = PackSpec {
+            seq_len,
+            packing: info.packing,
+            pad_id: data.pad_id,
+            vocab_size: Some(data.vocab_size as u32),
+        };
+        // Streamed: memory holds a few micro-batches, whatever `tokens` is.
+        let batches = SequenceReader::new(&valid, spec, 1)?.prefetch(n, p.micro_batch);
+        let mut sequences = 0;
+        let batches = batches.inspect(|b| sequences += b.as_ref().map_or(0, |b| b.batch_size));
+        let (loss, tokens) = evaluate(&model, batches, &device)?;
         let result = json!({
             "eval_loss": loss,
             "perplexity": loss.exp(),
             "tokens": tokens,
-            "sequences": seqs.len().min(n),
+            "sequences": sequences,
             "seq_len": seq_len,
             "method": info.method,
             "model": info.model,

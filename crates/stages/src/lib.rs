@@ -25,6 +25,7 @@ pub mod code;
 mod command;
 pub mod device;
 mod download;
+mod estimate;
 mod eval;
 mod record;
 mod report;

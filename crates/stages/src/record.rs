@@ -46,3 +46,25 @@ impl TrainInfo {
         .with_context(|| format!("{} is not a train stage's record", p.display()))
     }
 }
+
+/// Fail unless two stages' tokenizers are the same file: `(what, blake3)` for each side,
+/// where `what` names the input and its stage.
+pub fn same_tokenizer(model: (&str, &str), data: (&str, &str)) -> Result<()> {
+    if model.1 != data.1 {
+        anyhow::bail!(
+            "{} was trained with tokenizer {} but {} was tokenized with {}; token ids mean \
+             different things under different tokenizers. Tokenize this data with the model's \
+             tokenizer: give its tokenize stage `inputs: {{tokenizer: STAGE}}`, naming the \
+             stage that made the model's training data",
+            model.0,
+            short(model.1),
+            data.0,
+            short(data.1)
+        );
+    }
+    Ok(())
+}
+
+fn short(hash: &str) -> String {
+    format!("blake3:{}", &hash[..hash.len().min(12)])
+}

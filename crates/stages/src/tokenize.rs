@@ -3,9 +3,10 @@
 use anyhow::Result;
 use relora_data::corpus::{expand_globs, Format, OnBadRecord};
 use relora_data::{tokenize, TokenizeConfig, TokenizerSource};
-use relora_exec::{parse_params, Progress, StageContext, StageKind};
+use relora_exec::{parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind};
 use relora_spec::{SpecError, StageSpec};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Deserialize)]
@@ -16,7 +17,7 @@ pub enum Files {
 }
 
 impl Files {
-    fn list(&self) -> Vec<String> {
+    pub(crate) fn list(&self) -> Vec<String> {
         match self {
             Files::One(s) => vec![s.clone()],
             Files::Many(v) => v.clone(),
@@ -52,7 +53,10 @@ pub struct TokenizeParams {
     pub text_field: String,
     #[serde(default)]
     pub on_bad_record: OnBadRecord,
-    pub tokenizer: TokenizerSource,
+    /// Where the tokenizer comes from; absent when a `tokenizer` input supplies it (the
+    /// `tokenizer.json` of another stage's outputs, such as another tokenize stage).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSource>,
     /// Tokenizer threads (does not change the output).
     #[serde(default = "default_threads")]
     pub threads: usize,
@@ -95,7 +99,7 @@ impl StageKind for Tokenize {
         crate::code::TOKENIZE
     }
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]> {
-        Some(&[("corpus", false)])
+        Some(&[("corpus", false), ("tokenizer", false)])
     }
     fn cosmetic_params(&self) -> &'static [&'static str] {
         &["threads"]
@@ -134,19 +138,56 @@ impl StageKind for Tokenize {
             }
         }
         match p.tokenizer {
-            TokenizerSource::Bpe { vocab_size } => c.at_least(
-                &["tokenizer", "vocab_size"],
-                vocab_size as u64,
-                259,
-                "byte-level BPE starts from 256 byte tokens and 3 special tokens",
-            ),
-            TokenizerSource::Unigram { vocab_size } => c.at_least(
-                &["tokenizer", "vocab_size"],
-                vocab_size as u64,
-                8,
-                "the 3 special tokens and at least a few pieces",
-            ),
-            TokenizerSource::File { .. } => {}
+            Some(TokenizerSource::Bpe {
+                vocab_size,
+                sample_docs,
+            }) => {
+                c.at_least(
+                    &["tokenizer", "vocab_size"],
+                    vocab_size as u64,
+                    259,
+                    "byte-level BPE starts from 256 byte tokens and 3 special tokens",
+                );
+                c.at_least(
+                    &["tokenizer", "sample_docs"],
+                    sample_docs as u64,
+                    1,
+                    "documents to train the tokenizer on",
+                );
+            }
+            Some(TokenizerSource::Unigram {
+                vocab_size,
+                sample_docs,
+            }) => {
+                c.at_least(
+                    &["tokenizer", "vocab_size"],
+                    vocab_size as u64,
+                    8,
+                    "the 3 special tokens and at least a few pieces",
+                );
+                c.at_least(
+                    &["tokenizer", "sample_docs"],
+                    sample_docs as u64,
+                    1,
+                    "documents to train the tokenizer on",
+                );
+            }
+            Some(TokenizerSource::File { .. }) | None => {}
+        }
+        let from_input = stage.inputs.contains_key("tokenizer");
+        match (&p.tokenizer, from_input) {
+            (Some(_), true) => c.extend(vec![stage.error(
+                &["params", "tokenizer"],
+                "the tokenizer comes from the `tokenizer` input; drop `params.tokenizer` or \
+                 the input",
+            )]),
+            (None, false) => c.extend(vec![stage.error(
+                &["params"],
+                "say where the tokenizer comes from: `tokenizer: {type: file, path: …}`, \
+                 `{type: bpe, vocab_size: N}` or `{type: unigram, vocab_size: N}`, or an \
+                 input `tokenizer: STAGE` to reuse another stage's tokenizer",
+            )]),
+            _ => {}
         }
         let mut errors = match c.finish() {
             Ok(()) => Vec::new(),
@@ -157,7 +198,7 @@ impl StageKind for Tokenize {
         } else if let Err(e) = files(&p, &stage.base_dir) {
             errors.push(stage.error(&["params", "train_files"], format!("{e:#}")));
         }
-        if let TokenizerSource::File { path } = &p.tokenizer {
+        if let Some(TokenizerSource::File { path }) = &p.tokenizer {
             if !stage.base_dir.join(path).is_file() {
                 errors.push(stage.error(
                     &["params", "tokenizer", "path"],
@@ -174,7 +215,7 @@ impl StageKind for Tokenize {
     fn external_files(&self, stage: &StageSpec) -> Result<Vec<(String, PathBuf)>> {
         let p: TokenizeParams = serde_json::from_value(stage.params.clone())?;
         let mut out: Vec<(String, PathBuf)> = Vec::new();
-        if let TokenizerSource::File { path } = &p.tokenizer {
+        if let Some(TokenizerSource::File { path }) = &p.tokenizer {
             out.push(("tokenizer".into(), stage.base_dir.join(path)));
         }
         // Files from a `corpus` input are covered by its output hash.
@@ -192,6 +233,15 @@ impl StageKind for Tokenize {
         out.extend(valid.iter().map(|f| (label("valid", f), f.clone())));
         Ok(out)
     }
+    fn estimate(
+        &self,
+        stage: &StageSpec,
+        inputs: &BTreeMap<String, InputEstimate>,
+        cached: Option<&Path>,
+    ) -> Result<Estimate> {
+        let p: TokenizeParams = serde_json::from_value(stage.params.clone())?;
+        crate::estimate::tokenize(&p, &stage.base_dir, inputs, cached)
+    }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: TokenizeParams = serde_json::from_value(ctx.params.clone())?;
         let corpus_dir = match ctx.inputs.get("corpus") {
@@ -200,10 +250,21 @@ impl StageKind for Tokenize {
         };
         let (train_files, valid_files) = files(&p, &corpus_dir)?;
         let tokenizer = match p.tokenizer {
-            TokenizerSource::File { path } => TokenizerSource::File {
+            Some(TokenizerSource::File { path }) => TokenizerSource::File {
                 path: ctx.resolve(&path.to_string_lossy()),
             },
-            other => other,
+            Some(other) => other,
+            None => {
+                let path = ctx.input("tokenizer")?.join("tokenizer.json");
+                if !path.is_file() {
+                    anyhow::bail!(
+                        "{} has no tokenizer.json in its outputs; a `tokenizer` input must be a \
+                         stage that writes one (a tokenize stage)",
+                        ctx.describe_input("tokenizer")
+                    );
+                }
+                TokenizerSource::File { path }
+            }
         };
         let cfg = TokenizeConfig {
             train_files,
@@ -223,10 +284,11 @@ impl StageKind for Tokenize {
             shard_tokens: p.shard_tokens,
         };
         let started = std::time::Instant::now();
-        let m = tokenize(&cfg, &ctx.out_dir, |done, total| {
+        let m = tokenize(&cfg, &ctx.out_dir, &|done, total| {
             ctx.progress(&Progress {
                 step: done,
                 total,
+                note: Some("documents".into()),
                 ..Default::default()
             })
         })?;

@@ -8,8 +8,10 @@ use crate::check::Checks;
 use crate::device::DeviceParam;
 pub use crate::record::{Method, TrainInfo};
 use anyhow::{bail, Context, Result};
-use relora_data::{pack, read_split, DatasetManifest, Loader, Packing, Sequences};
-use relora_exec::{parse_params, Progress, StageContext, StageKind};
+use relora_data::{
+    read_sequences, DatasetManifest, Loader, LoaderConfig, PackSpec, Packing, Sequences, Split,
+};
+use relora_exec::{parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind};
 use relora_model::checkpoint::{self, load_tensors, save_tensors};
 use relora_model::precision::Precision;
 use relora_model::{
@@ -19,6 +21,7 @@ use relora_model::{
 use relora_spec::{Resources, SpecError, StageSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// `model:` a named size (`llama_130m`) or explicit dimensions.
@@ -184,6 +187,12 @@ pub struct TrainParams {
     pub seed: u64,
     #[serde(default)]
     pub packing: Packing,
+    /// Sequences shuffled together; the loader holds a few windows in memory.
+    #[serde(default = "d_window")]
+    pub shuffle_window: usize,
+    /// Threads decoding parquet ahead of the trainer (cosmetic: the order is the same).
+    #[serde(default = "d_loader_threads")]
+    pub loader_threads: usize,
     #[serde(default)]
     pub device: DeviceParam,
     #[serde(default)]
@@ -205,6 +214,12 @@ pub struct TrainParams {
     pub log_every: Option<u64>,
 }
 
+fn d_window() -> usize {
+    relora_data::DEFAULT_WINDOW
+}
+fn d_loader_threads() -> usize {
+    1
+}
 fn d_rank() -> usize {
     128
 }
@@ -373,6 +388,18 @@ impl TrainParams {
             1,
             "the final evaluation scores at least one sequence",
         );
+        c.at_least(
+            &["shuffle_window"],
+            self.shuffle_window as u64,
+            1,
+            "sequences shuffled together",
+        );
+        c.at_least(
+            &["loader_threads"],
+            self.loader_threads as u64,
+            1,
+            "threads decoding the training shards",
+        );
         c.require(
             self.init_mode != InitMode::Continue || has_init,
             &["init_mode"],
@@ -490,13 +517,29 @@ impl StageKind for Train {
         Some(&[("data", true), ("init", false)])
     }
     fn cosmetic_params(&self) -> &'static [&'static str] {
-        &["log_every", "checkpoint_every"]
+        &["log_every", "checkpoint_every", "loader_threads"]
     }
     fn resources(&self, params: &Value) -> Resources {
         crate::device::resources_of(params)
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         parse_params::<TrainParams>(stage)?.check(stage)
+    }
+    fn estimate(
+        &self,
+        stage: &StageSpec,
+        inputs: &BTreeMap<String, InputEstimate>,
+        _cached: Option<&Path>,
+    ) -> Result<Estimate> {
+        let p: TrainParams = serde_json::from_value(stage.params.clone())?;
+        let vocab = inputs
+            .get("data")
+            .and_then(|d| d.facts.get("vocab_size"))
+            .and_then(Value::as_u64);
+        let cfg = vocab
+            .map(|v| stage_model_config(&p, v as usize))
+            .transpose()?;
+        crate::estimate::train(&p, cfg, inputs)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         run_train(ctx)
@@ -511,12 +554,7 @@ fn stage_model_config(p: &TrainParams, vocab: usize) -> Result<LlamaConfig> {
     }
     let rank = p.lora.clone().unwrap_or_default().rank;
     let target = relora_trainable(&base, rank);
-    let c = control_config(base, target);
-    println!(
-        "Control: hidden {} intermediate {} ({} trainable parameters; ReLoRA rank {rank} on {:?} trains {target})",
-        c.hidden, c.intermediate, c.param_count(), p.model
-    );
-    Ok(c)
+    Ok(control_config(base, target))
 }
 
 /// The warm-start weights or a fresh init, then a LoRA branch on every projection where the
@@ -607,37 +645,34 @@ fn train_config(p: &TrainParams, start_step: u64) -> TrainConfig {
     }
 }
 
-/// Training sequences (a loader that continues after what the init consumed, with its
-/// shuffle seed) and validation sequences. Fails before any training when either split
-/// is too small, so a rerun never repeats a long run to fail at its last step.
+/// The training loader (continuing after what the init consumed, with its shuffle seed) and
+/// the validation sequences of the periodic evaluation. Fails before any training when
+/// either split is too small, so a rerun never repeats a long run to fail at its last step.
 fn load_data(
     p: &TrainParams,
     data_dir: &Path,
     data: &DatasetManifest,
     init: Option<&TrainInfo>,
 ) -> Result<(Loader, Sequences)> {
-    let train_seqs = pack(
-        &read_split(&data_dir.join("train"))?,
-        p.seq_len,
-        p.packing,
-        data.pad_id,
-    );
-    let valid_seqs = pack(
-        &read_split(&data_dir.join("valid"))?,
-        p.seq_len,
-        p.packing,
-        data.pad_id,
-    );
-    if train_seqs.len() < p.micro_batch {
+    let spec = PackSpec {
+        seq_len: p.seq_len,
+        packing: p.packing,
+        pad_id: data.pad_id,
+        vocab_size: Some(data.vocab_size as u32),
+    };
+    let train = Split::new(data_dir, data.train.shards.clone());
+    let available = train.sequences(p.seq_len, p.packing);
+    if available < p.micro_batch as u64 {
         bail!(
-            "the training split ({}) holds {} sequences of {} tokens, fewer than one \
+            "the training split ({}) holds {available} sequences of {} tokens, fewer than one \
              micro-batch of {}",
             data_dir.join("train").display(),
-            train_seqs.len(),
             p.seq_len,
             p.micro_batch
         );
     }
+    let valid = Split::new(data_dir, data.valid.shards.clone());
+    let valid_seqs = read_sequences(&valid, &spec, p.eval_sequences.max(1))?;
     if valid_seqs.is_empty() {
         bail!(
             "the validation split ({}) holds no whole sequence of {} tokens, so the final \
@@ -647,18 +682,36 @@ fn load_data(
             p.seq_len
         );
     }
-    let data_seed = init.map_or(p.seed, |i| i.data_seed);
-    let mut loader = Loader::new(train_seqs, data_seed, 0, 1);
+    let mut loader = Loader::new(
+        train,
+        LoaderConfig {
+            seq_len: p.seq_len,
+            packing: p.packing,
+            pad_id: data.pad_id,
+            vocab_size: spec.vocab_size,
+            seed: data_seed(p, init),
+            window: p.shuffle_window,
+            rank: 0,
+            world: 1,
+            threads: p.loader_threads,
+        },
+    )?;
     if let Some(info) = init {
-        if info.seq_len == p.seq_len && info.packing == p.packing {
-            loader.restore(info.loader);
+        if loader.can_restore(&info.loader) {
+            loader.restore(&info.loader)?;
         } else {
             println!(
-                "note: seq_len or packing differ from the init run; data starts from the beginning"
+                "note: the data, seq_len, packing or shuffle_window differ from the init run's; \
+                 data starts from the beginning"
             );
         }
     }
     Ok((loader, valid_seqs))
+}
+
+/// The loader's seed: a stage that continues an init keeps reading in the init's order.
+fn data_seed(p: &TrainParams, init: Option<&TrainInfo>) -> u64 {
+    init.map_or(p.seed, |i| i.data_seed)
 }
 
 fn run_train(ctx: &mut StageContext) -> Result<()> {
@@ -670,6 +723,17 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     let init_info = init_dir.as_deref().map(TrainInfo::read).transpose()?;
 
     let cfg = stage_model_config(&p, data.vocab_size)?;
+    if p.method == Method::Control {
+        let rank = p.lora.clone().unwrap_or_default().rank;
+        println!(
+            "Control: hidden {} intermediate {} ({} trainable parameters, as many as ReLoRA \
+             rank {rank} on {:?} trains)",
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.param_count(),
+            p.model
+        );
+    }
     if let Some(info) = &init_info {
         if info.model != cfg {
             bail!(
@@ -691,7 +755,6 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         p.dtype.name()
     );
     let (mut loader, valid_seqs) = load_data(&p, &data_dir, &data, init_info.as_ref())?;
-    let data_seed = init_info.as_ref().map_or(p.seed, |i| i.data_seed);
 
     let start_step = match (&init_info, p.init_mode) {
         (Some(i), InitMode::Continue) => i.step,
@@ -702,7 +765,7 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         let ckpt = dir.join("checkpoint");
         trainer.state = checkpoint::load(&ckpt, &trainer.model, &mut trainer.opt, &device)
             .with_context(|| format!("continuing from {}", dir.display()))?;
-        loader.restore(trainer.state.loader);
+        loader.restore(&trainer.state.loader)?;
     }
     let scratch = ctx.scratch_dir.clone();
     let metrics_path = scratch.join("metrics.jsonl");
@@ -738,7 +801,7 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         step: trainer.state.step,
         tokens: trainer.state.tokens,
         loader: loader.state(),
-        data_seed,
+        data_seed: data_seed(&p, init_info.as_ref()),
         seq_len: p.seq_len,
         packing: p.packing,
         tokenizer_blake3: data.tokenizer_blake3.clone(),

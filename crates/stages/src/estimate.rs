@@ -1,0 +1,319 @@
+//! `plan --estimate`: what tokenize, train and eval stages will read and compute, before
+//! they run, so a user sees the size of a pipeline such as paper.yaml before starting it.
+//!
+//! Exact where the inputs are cached (a dataset's manifest), estimated otherwise, and
+//! labelled so. No kind's code fingerprint covers this module: estimates never reach outputs.
+//!
+//! FLOPs follow the usual accounting (Kaplan et al.; PaLM's MFU): a matmul weight costs 2
+//! FLOPs per token forward and 4 backward (input and weight gradients), attention
+//! `4·layers·hidden·seq_len` forward and twice that backward, counted without the causal
+//! mask's saving. A frozen weight (LoRA, ReLoRA) needs no weight gradient: 4 per token, not 6.
+
+use crate::eval::EvalParams;
+use crate::record::Method;
+use crate::tokenize::TokenizeParams;
+use crate::train::{LoraBase, TrainParams};
+use anyhow::Result;
+use relora_data::{DatasetManifest, TokenizerSource};
+use relora_exec::{Estimate, InputEstimate};
+use relora_model::LlamaConfig;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// T5 tokens per byte of C4's gzip JSON lines, measured on the bundled sample (513,612
+/// tokens from 911,942 bytes); per uncompressed byte, 0.220.
+const TOKENS_PER_GZIP_BYTE: f64 = 0.563;
+const TOKENS_PER_TEXT_BYTE: f64 = 0.220;
+/// Mean T5 tokens per C4 document in the sample.
+const TOKENS_PER_DOC: f64 = 513.6;
+
+/// An H100/H200 SXM's dense bf16 peak, and the utilisation assumed for hours.
+const H100_FLOPS: f64 = 989e12;
+const ASSUMED_MFU: f64 = 0.4;
+
+fn si(x: f64) -> String {
+    let (v, unit) = match x.abs() {
+        a if a >= 1e12 => (x / 1e12, "T"),
+        a if a >= 1e9 => (x / 1e9, "B"),
+        a if a >= 1e6 => (x / 1e6, "M"),
+        a if a >= 1e3 => (x / 1e3, "k"),
+        _ => return format!("{x:.0}"),
+    };
+    format!("{v:.3}{unit}")
+}
+
+/// Seconds at the assumed utilisation of one H100, in the unit that reads best.
+fn h100_time(flops: f64) -> String {
+    let secs = flops / (ASSUMED_MFU * H100_FLOPS);
+    match secs {
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
+fn dataset_of(input: Option<&InputEstimate>) -> Option<DatasetManifest> {
+    DatasetManifest::read(input?.outputs.as_deref()?).ok()
+}
+
+/// A tokenize stage: its vocabulary, and its splits' tokens (exact once cached).
+pub fn tokenize(
+    p: &TokenizeParams,
+    base: &Path,
+    inputs: &BTreeMap<String, InputEstimate>,
+    me_cached: Option<&Path>,
+) -> Result<Estimate> {
+    if let Some(m) = me_cached.and_then(|d| DatasetManifest::read(d).ok()) {
+        return Ok(dataset_estimate(&m));
+    }
+    let vocab = match (&p.tokenizer, inputs.get("tokenizer")) {
+        (Some(TokenizerSource::Bpe { vocab_size, .. }), _)
+        | (Some(TokenizerSource::Unigram { vocab_size, .. }), _) => Some(*vocab_size as u64),
+        (Some(TokenizerSource::File { path }), _) => {
+            relora_data::tokenize::load_tokenizer(&base.join(path))
+                .ok()
+                .map(|t| t.get_vocab_size(true) as u64)
+        }
+        (None, Some(i)) => i.facts.get("vocab_size").and_then(Value::as_u64),
+        (None, None) => None,
+    };
+    let mut lines = Vec::new();
+    let mut facts = json!({ "vocab_size": vocab });
+    if inputs.contains_key("corpus") && inputs["corpus"].outputs.is_none() {
+        lines.push("corpus not downloaded yet: its size is known once it runs".into());
+        return Ok(Estimate { lines, facts });
+    }
+    let corpus_dir = inputs
+        .get("corpus")
+        .and_then(|i| i.outputs.clone())
+        .unwrap_or_else(|| base.to_path_buf());
+    let files = |globs: Option<&crate::tokenize::Files>| -> Vec<std::path::PathBuf> {
+        globs
+            .and_then(|g| relora_data::corpus::expand_globs(&g.list(), &corpus_dir).ok())
+            .unwrap_or_default()
+    };
+    let tokens_in = |fs: &[std::path::PathBuf]| -> (u64, f64) {
+        let bytes: u64 = fs
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok().map(|m| m.len()))
+            .sum();
+        let tokens: f64 = fs
+            .iter()
+            .filter_map(|f| {
+                let len = std::fs::metadata(f).ok()?.len() as f64;
+                let gz = f.to_string_lossy().ends_with(".gz");
+                Some(
+                    len * if gz {
+                        TOKENS_PER_GZIP_BYTE
+                    } else {
+                        TOKENS_PER_TEXT_BYTE
+                    },
+                )
+            })
+            .sum();
+        (bytes, tokens)
+    };
+    let train_files = files(Some(&p.train_files));
+    let (bytes, mut train_tokens) = tokens_in(&train_files);
+    if let Some(l) = p.limit_docs {
+        train_tokens = train_tokens.min(l as f64 * TOKENS_PER_DOC);
+    }
+    let valid_tokens = match &p.valid_files {
+        Some(v) => tokens_in(&files(Some(v))).1,
+        None => {
+            let held = (p.valid_docs as f64 * TOKENS_PER_DOC).min(train_tokens);
+            train_tokens -= held;
+            held
+        }
+    };
+    lines.push(format!(
+        "reads {} corpus file(s), {:.1} MB; ≈ {} training and {} validation tokens \
+         (estimated at C4/T5's tokens per byte; exact once it runs)",
+        train_files.len(),
+        bytes as f64 / 1e6,
+        si(train_tokens),
+        si(valid_tokens)
+    ));
+    facts["train_tokens"] = json!(train_tokens.round() as u64);
+    facts["valid_tokens"] = json!(valid_tokens.round() as u64);
+    facts["exact"] = json!(false);
+    Ok(Estimate { lines, facts })
+}
+
+fn dataset_estimate(m: &DatasetManifest) -> Estimate {
+    let bytes_per_token = 4.0;
+    Estimate {
+        lines: vec![format!(
+            "made {} training tokens in {} shard(s) and {} validation tokens (vocabulary {}; \
+             {:.1} GB as u32 ids)",
+            si(m.train.tokens as f64),
+            m.train.shards.len(),
+            si(m.valid.tokens as f64),
+            m.vocab_size,
+            (m.train.tokens + m.valid.tokens) as f64 * bytes_per_token / 1e9
+        )],
+        facts: json!({
+            "vocab_size": m.vocab_size,
+            "train_tokens": m.train.tokens,
+            "valid_tokens": m.valid.tokens,
+            "exact": true,
+        }),
+    }
+}
+
+/// Matmul weights of a LLaMA's blocks and LM head.
+fn block_and_head(cfg: &LlamaConfig) -> (f64, f64) {
+    let (h, i) = (cfg.hidden as f64, cfg.intermediate as f64);
+    (
+        cfg.layers as f64 * (4.0 * h * h + 3.0 * h * i),
+        cfg.vocab_size as f64 * h,
+    )
+}
+
+/// (trainable, frozen) matmul weights of the model a train stage trains.
+fn matmul_weights(p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
+    let (blocks, head) = block_and_head(cfg);
+    match p.method {
+        Method::Full | Method::Control => (blocks + head, 0.0),
+        Method::Relora | Method::Lora => {
+            let lora = p.lora.clone().unwrap_or_default();
+            let (h, i, r) = (cfg.hidden as f64, cfg.intermediate as f64, lora.rank as f64);
+            let factors = cfg.layers as f64 * (4.0 * r * 2.0 * h + 3.0 * r * (h + i));
+            let frozen = if lora.base == LoraBase::None && !has_init {
+                0.0
+            } else {
+                blocks
+            };
+            (factors + head, frozen)
+        }
+    }
+}
+
+/// A train stage: its model, tokens, FLOPs and the data it reads.
+pub fn train(
+    p: &TrainParams,
+    cfg: Option<LlamaConfig>,
+    inputs: &BTreeMap<String, InputEstimate>,
+) -> Result<Estimate> {
+    let data = inputs.get("data");
+    let dataset = dataset_of(data);
+    let Some(cfg) = cfg else {
+        return Ok(Estimate {
+            lines: vec!["the vocabulary is known once the data stage runs".into()],
+            facts: Value::Null,
+        });
+    };
+    let accum = p
+        .batch_tokens
+        .map_or(1, |b| (b / (p.micro_batch * p.seq_len)).max(1));
+    let step_tokens = (accum * p.micro_batch * p.seq_len) as f64;
+    let tokens = p.steps as f64 * step_tokens;
+    let (trainable, frozen) = matmul_weights(p, &cfg, inputs.contains_key("init"));
+    let s = p.seq_len as f64;
+    let attention = 4.0 * cfg.layers as f64 * cfg.hidden as f64 * s;
+    let per_token = 6.0 * trainable + 4.0 * frozen + 3.0 * attention;
+    let forward = 2.0 * (trainable + frozen) + attention;
+    // At every multiple of eval_every, and at the last step.
+    let evals = match p.eval_every {
+        0 => 1,
+        every => p.steps.div_ceil(every),
+    };
+    let eval_tokens = (evals * p.eval_sequences as u64) as f64 * s;
+    let flops = per_token * tokens + forward * eval_tokens;
+    let mut lines = vec![
+        format!(
+            "model: hidden {} × {} layers, vocabulary {}: {} parameters; {} trainable and {} \
+             frozen matmul weights",
+            cfg.hidden,
+            cfg.layers,
+            cfg.vocab_size,
+            si(cfg.param_count() as f64),
+            si(trainable),
+            si(frozen)
+        ),
+        format!(
+            "{} tokens: {} steps × {step_tokens} tokens ({}{} sequences of {})",
+            si(tokens),
+            p.steps,
+            if accum > 1 {
+                format!("{accum} micro-batches of ")
+            } else {
+                String::new()
+            },
+            p.micro_batch,
+            p.seq_len
+        ),
+        format!(
+            "{flops:.3e} FLOPs: {} per token (6·trainable + 4·frozen + attention), plus {} \
+             evaluation tokens; ≈ {} on one H100 at 40% MFU",
+            si(per_token),
+            si(eval_tokens),
+            h100_time(flops)
+        ),
+    ];
+    let split = dataset
+        .as_ref()
+        .map(|m| (m.train.tokens as f64, true))
+        .or_else(|| {
+            data.and_then(|d| d.facts.get("train_tokens"))
+                .and_then(Value::as_f64)
+                .map(|t| (t, false))
+        });
+    match split {
+        Some((t, exact)) => lines.push(format!(
+            "reads {} of the {}{} training tokens: {:.2} epoch(s); loader memory ≤ {:.0} MB \
+             whatever the split's size",
+            si(tokens),
+            if exact { "" } else { "≈ " },
+            si(t),
+            tokens / t.max(1.0),
+            relora_data::loader::memory_bound(p.shuffle_window, p.seq_len, p.loader_threads) as f64
+                / 1e6
+        )),
+        None => lines.push("the training split's size is known once the data stage runs".into()),
+    }
+    let (blocks, head) = block_and_head(&cfg);
+    Ok(Estimate {
+        lines,
+        facts: json!({
+            "flops": flops,
+            "tokens": tokens,
+            "seq_len": p.seq_len,
+            // Evaluation runs the merged model.
+            "forward_flops_per_token": 2.0 * (blocks + head) + attention,
+        }),
+    })
+}
+
+/// An eval stage: the validation tokens it scores and their forward FLOPs.
+pub fn eval(p: &EvalParams, inputs: &BTreeMap<String, InputEstimate>) -> Result<Estimate> {
+    let model = inputs.get("model").map(|i| &i.facts);
+    let valid = dataset_of(inputs.get("data"))
+        .map(|m| m.valid.tokens as f64)
+        .or_else(|| {
+            inputs
+                .get("data")
+                .and_then(|d| d.facts.get("valid_tokens"))
+                .and_then(Value::as_f64)
+        });
+    let tokens = valid.map_or(p.tokens as f64, |v| v.min(p.tokens as f64));
+    let Some(fwd) = model
+        .and_then(|m| m.get("forward_flops_per_token"))
+        .and_then(Value::as_f64)
+    else {
+        return Ok(Estimate {
+            lines: vec![format!("scores up to {} validation tokens", si(tokens))],
+            facts: Value::Null,
+        });
+    };
+    let flops = fwd * tokens;
+    Ok(Estimate {
+        lines: vec![format!(
+            "scores {} validation tokens{}, streamed: {flops:.3e} FLOPs",
+            si(tokens),
+            valid.map_or(String::new(), |v| format!(" (of {})", si(v)))
+        )],
+        facts: json!({ "flops": flops }),
+    })
+}
