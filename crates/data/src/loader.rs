@@ -141,7 +141,7 @@ impl Split {
     pub fn documents(&self) -> u64 {
         self.shards.iter().map(|s| s.documents).sum()
     }
-    /// Whole sequences one pass yields (a lower bound for concat packing across shards).
+    /// Whole sequences one pass over the split yields.
     pub fn sequences(&self, seq_len: usize, packing: Packing) -> u64 {
         match packing {
             Packing::Concat => self.tokens() / seq_len as u64,
@@ -248,6 +248,8 @@ pub struct Loader {
     /// Windows from the background reader; started at the first batch after a restore.
     incoming: Option<Receiver<Result<Window>>>,
     current: Option<Window>,
+    /// Time the consumer spent blocked on the background reader.
+    waited: std::time::Duration,
 }
 
 impl Loader {
@@ -277,7 +279,14 @@ impl Loader {
             state: LoaderState::default(),
             incoming: None,
             current: None,
+            waited: std::time::Duration::ZERO,
         })
+    }
+
+    /// How long `next_batch` has waited for the background reader in total: near zero when
+    /// the reader keeps ahead of the trainer.
+    pub fn waited(&self) -> std::time::Duration {
+        self.waited
     }
 
     pub fn state(&self) -> LoaderState {
@@ -382,12 +391,14 @@ impl Loader {
         if self.incoming.is_none() {
             self.incoming = Some(self.start_reader()?);
         }
+        let started = std::time::Instant::now();
         let w = self
             .incoming
             .as_ref()
             .expect("started above")
             .recv()
             .context("the loader thread stopped")??;
+        self.waited += started.elapsed();
         if !resuming {
             self.state.taken = 0;
         }

@@ -7,14 +7,15 @@
 //!
 //! Beside the kinds: `check` (range checks that report at the YAML key), `device` (what
 //! `device:` holds and opens), `record` (`train.json`, read by eval and continued train
-//! stages) and `code` (each kind's code fingerprint, from `build.rs`, which also names the
-//! files each kind's outputs depend on).
+//! stages), `estimate` (what `plan --estimate` says of a stage's size; in no kind's
+//! fingerprint, as it never reaches outputs) and `code` (each kind's code fingerprint, from
+//! `build.rs`, which also names the files each kind's outputs depend on).
 //!
 //! | kind | inputs | does |
 //! |---|---|---|
 //! | `command` | any | a shell command with declared files and outputs |
 //! | `download` | – | http(s) files pinned by sha256, resumable |
-//! | `tokenize` | `corpus`? | corpus → tokenizer → parquet shards |
+//! | `tokenize` | `corpus`?, `tokenizer`? | corpus → tokenizer → parquet shards |
 //! | `train` | `data`, `init`? | full / relora / lora / control training |
 //! | `eval` | `model`, `data` | validation perplexity |
 //! | `svd` | `final`, `base`? | singular values of the weight updates |

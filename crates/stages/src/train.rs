@@ -813,6 +813,10 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     };
     write_outputs(&ctx.out_dir, &trainer, &metrics_path, &info)?;
     record_metrics(ctx, &info, &history);
+    // A timing: for the log and the manifest only.
+    let waited = loader.waited().as_secs_f64();
+    println!("waited {waited:.2}s in total for training data");
+    ctx.metric("data_wait_s", waited);
     Ok(())
 }
 
