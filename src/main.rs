@@ -98,6 +98,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a trained model as a Hugging Face transformers checkpoint directory.
+    #[command(
+        after_help = "Example:\n  relora-pipe export pipelines/quickstart.yaml train-relora --to hf/relora\n\nThe stage must be a cached train (or import) stage with a `data` input; the\ndirectory loads with LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained."
+    )]
+    Export {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stage: String,
+        /// The directory to write (replaced if it exists).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Remove cache entries that none of the given pipelines reference.
     #[command(
         after_help = "Example:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml"
@@ -217,6 +229,7 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Show { p, stage, json } => show(&load(&p, &reg)?, &reg, &cache, &stage, json),
+        Cmd::Export { p, stage, to } => export(&p, &load(&p, &reg)?, &reg, &cache, &stage, &to),
         Cmd::Gc { keep, all } => {
             if keep.is_empty() && !all {
                 bail!("name the pipelines whose entries to keep with --keep FILE, or pass --all to empty the cache");
@@ -394,5 +407,65 @@ fn print_plan(
             to_run / (0.4 * 989e12) / 3600.0
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `export`: the cached entry of a train stage, with its data input's tokenizer, as a
+/// transformers directory; written beside `to` and renamed into place.
+fn export(
+    args: &PipelineArgs,
+    dag: &Dag,
+    reg: &Registry,
+    cache: &relora_cache::Cache,
+    stage: &str,
+    to: &std::path::Path,
+) -> Result<ExitCode> {
+    let plans = plan(dag, reg, cache)?;
+    let entry = |name: &str| -> Result<(PathBuf, String)> {
+        let p = plans.iter().find(|p| p.name == name).with_context(|| {
+            format!(
+                "this pipeline has no stage `{name}`{}",
+                relora_spec::did_you_mean(name, plans.iter().map(|p| p.name.as_str()))
+            )
+        })?;
+        match (&p.state, &p.key) {
+            (State::Cached, Some(key)) => Ok((cache.entry_dir(key).join("outputs"), key.clone())),
+            _ => bail!(
+                "stage `{name}` is not computed yet: run `relora-pipe run {} --until {name}` first",
+                args.file.display()
+            ),
+        }
+    };
+    let (model_dir, key) = entry(stage)?;
+    let spec = dag
+        .index_of(stage)
+        .map(|i| &dag.pipeline.stages[i])
+        .context("the stage exists")?;
+    let data = spec.inputs.get("data").with_context(|| {
+        format!(
+            "stage `{stage}` has no `data` input to take the tokenizer from; export a train stage"
+        )
+    })?;
+    let (data_dir, _) = entry(data)?;
+    let tmp = to.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let provenance = format!(
+        "pipeline `{}` ({}), stage `{stage}`, cache key {key}",
+        dag.pipeline.name,
+        args.file.display()
+    );
+    relora_stages::export::export_entry(
+        &model_dir,
+        &data_dir,
+        (&format!("stage `{stage}`"), &format!("stage `{data}`")),
+        None,
+        Some(&provenance),
+        &tmp,
+    )?;
+    if to.exists() {
+        std::fs::remove_dir_all(to).with_context(|| format!("replacing {}", to.display()))?;
+    }
+    std::fs::rename(&tmp, to).with_context(|| format!("moving the export to {}", to.display()))?;
+    println!("exported stage `{stage}` to {}", to.display());
     Ok(ExitCode::SUCCESS)
 }

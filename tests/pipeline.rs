@@ -1361,3 +1361,133 @@ fn plan_estimate_gives_each_stage_its_tokens_flops_and_data() {
         "{text}"
     );
 }
+
+#[test]
+fn export_and_import_round_trip_a_model_through_the_transformers_layout() {
+    let env = Env::new();
+    let data = repo().join("examples/data");
+    let d = data.to_str().unwrap();
+    let one = TINY_ML.replace("DATA", d)
+        + r#"
+  export-warm:
+    kind: export
+    inputs: {model: warm, tokenizer: tokens}
+  eval-warm:
+    kind: eval
+    inputs: {model: warm, data: tokens}
+    params: {tokens: 2048}
+"#;
+    env.write("one.yaml", &one);
+    env.ok(&["run", "one.yaml", "--until", "eval-warm"]);
+    env.ok(&["run", "one.yaml", "--until", "export-warm"]);
+    let out_of = |file: &str, stage: &str| -> PathBuf {
+        let v: Value = serde_json::from_str(&env.ok(&["show", file, stage, "--json"])).unwrap();
+        PathBuf::from(v["path"].as_str().unwrap()).join("outputs")
+    };
+    let staged = out_of("one.yaml", "export-warm");
+    let text = env.ok(&["export", "one.yaml", "warm", "--to", "hf-warm"]);
+    assert!(text.contains("exported stage `warm`"), "{text}");
+    let hf = env.path().join("hf-warm");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    ] {
+        assert!(staged.join(f).is_file() && hf.join(f).is_file(), "{f}");
+    }
+    assert_eq!(
+        std::fs::read(staged.join("model.safetensors")).unwrap(),
+        std::fs::read(hf.join("model.safetensors")).unwrap(),
+        "the stage and the command write the same weights"
+    );
+    let card = std::fs::read_to_string(hf.join("README.md")).unwrap();
+    assert!(
+        card.contains("stage `warm`, cache key") && card.contains("| steps | 10"),
+        "{card}"
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["hidden_size"], 32);
+
+    let two = TINY_ML.replace("DATA", d)
+        + &r#"
+  imported:
+    kind: import
+    params: {path: hf-warm}
+  eval-warm:
+    kind: eval
+    inputs: {model: warm, data: tokens}
+    params: {tokens: 2048}
+  eval-imported:
+    kind: eval
+    inputs: {model: imported, data: tokens}
+    params: {tokens: 2048}
+  more:
+    kind: tokenize
+    inputs: {tokenizer: imported}
+    params:
+      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
+      limit_docs: 60
+      valid_docs: 10
+  continued:
+    kind: train
+    inputs: {data: more, init: imported}
+    params:
+      method: relora
+      steps: 4
+      lr: 1.0e-2
+      lora: {rank: 4, alpha: 8, dropout: 0.0}
+      relora: {merge_every: 2, restart_warmup: 1}
+"#
+        .replace("DATA", d);
+    env.write("two.yaml", &two);
+    env.ok(&["run", "two.yaml", "--until", "eval-imported"]);
+    let eval = |stage: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(out_of("two.yaml", stage).join("eval.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        eval("eval-imported")["perplexity"],
+        eval("eval-warm")["perplexity"],
+        "the imported model is the same function"
+    );
+    let tensors = |stage: &str| {
+        candle_core::safetensors::load(
+            out_of("two.yaml", stage).join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (tensors("warm"), tensors("imported"));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(x == y, "{name} differs after the round trip");
+    }
+    // ReLoRA continues pre-training the imported checkpoint, on data tokenized with its
+    // tokenizer.
+    let out = env.ok(&["run", "two.yaml", "--until", "continued"]);
+    assert!(ran(&out).contains(&"continued".to_string()), "{out}");
+
+    // A directory of another architecture is refused at plan time, naming the file.
+    std::fs::create_dir_all(env.path().join("gpt2")).unwrap();
+    env.write(
+        "gpt2/config.json",
+        r#"{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}"#,
+    );
+    env.write(
+        "three.yaml",
+        "pipeline: three\nstages:\n  imported:\n    kind: import\n    params: {path: gpt2}\n",
+    );
+    let o = env.run(&["plan", "three.yaml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("three.yaml:5") && err.contains("config.json: model_type is `gpt2`"),
+        "{err}"
+    );
+}

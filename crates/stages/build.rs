@@ -73,6 +73,28 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
         &["crates/analysis", "crates/stages/src/report.rs"],
         &["plotters", "ab_glyph"],
     ),
+    (
+        "export",
+        &[
+            "crates/hf",
+            "crates/model",
+            "crates/data",
+            "crates/stages/src/export.rs",
+            "crates/stages/src/record.rs",
+        ],
+        &["safetensors", "candle-core", "tokenizers"],
+    ),
+    (
+        "import",
+        &[
+            "crates/hf",
+            "crates/model",
+            "crates/data",
+            "crates/stages/src/import.rs",
+            "crates/stages/src/record.rs",
+        ],
+        &["safetensors", "candle-core", "tokenizers"],
+    ),
 ];
 
 fn main() {

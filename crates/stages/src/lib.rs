@@ -20,6 +20,8 @@
 //! | `eval` | `model`, `data` | validation perplexity |
 //! | `svd` | `final`, `base`? | singular values of the weight updates |
 //! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |
+//! | `export` | `model`, `tokenizer` | a Hugging Face transformers checkpoint directory |
+//! | `import` | – | a transformers LLaMA checkpoint as a model entry |
 
 mod check;
 pub mod code;
@@ -28,6 +30,8 @@ pub mod device;
 mod download;
 mod estimate;
 mod eval;
+pub mod export;
+mod import;
 mod record;
 mod report;
 mod svd;
@@ -48,6 +52,8 @@ pub fn registry() -> Registry {
     r.register(Box::new(eval::Eval));
     r.register(Box::new(svd::Svd));
     r.register(Box::new(report::Report));
+    r.register(Box::new(export::Export));
+    r.register(Box::new(import::Import));
     r
 }
 
