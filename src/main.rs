@@ -100,7 +100,7 @@ enum Cmd {
     },
     /// Write a trained model as a Hugging Face transformers checkpoint directory.
     #[command(
-        after_help = "Example:\n  relora-pipe export pipelines/quickstart.yaml train-relora --to hf/relora\n\nThe stage must be a cached train (or import) stage with a `data` input; the\ndirectory loads with LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained."
+        after_help = "Example:\n  relora-pipe export pipelines/quickstart.yaml train-relora --to hf/relora\n\nThe stage must be a cached train stage (the tokenizer is its `data` input's) or import stage; the\ndirectory loads with LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained."
     )]
     Export {
         #[command(flatten)]
@@ -441,12 +441,14 @@ fn export(
         .index_of(stage)
         .map(|i| &dag.pipeline.stages[i])
         .context("the stage exists")?;
-    let data = spec.inputs.get("data").with_context(|| {
-        format!(
-            "stage `{stage}` has no `data` input to take the tokenizer from; export a train stage"
-        )
-    })?;
-    let (data_dir, _) = entry(data)?;
+    // The tokenizer of the model's data; an import stage carries its own.
+    let (data_dir, data) = match spec.inputs.get("data") {
+        Some(data) => (entry(data)?.0, data.clone()),
+        None if model_dir.join("tokenizer.json").is_file() => (model_dir.clone(), stage.to_string()),
+        None => bail!(
+            "stage `{stage}` has no `data` input to take the tokenizer from; export a train or import stage"
+        ),
+    };
     let tmp = to.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let provenance = format!(

@@ -1468,6 +1468,12 @@ fn export_and_import_round_trip_a_model_through_the_transformers_layout() {
         let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
         assert!(x == y, "{name} differs after the round trip");
     }
+    // Exported again from the import, the weights are the same bytes.
+    env.ok(&["export", "two.yaml", "imported", "--to", "hf-again"]);
+    assert_eq!(
+        std::fs::read(env.path().join("hf-again/model.safetensors")).unwrap(),
+        std::fs::read(hf.join("model.safetensors")).unwrap()
+    );
     // ReLoRA continues pre-training the imported checkpoint, on data tokenized with its
     // tokenizer.
     let out = env.ok(&["run", "two.yaml", "--until", "continued"]);

@@ -2,8 +2,11 @@
 //!
 //! Files are tokenized in parallel, each into its own shards (`train/FFFFF-NNNNN.parquet`
 //! for file F), so the output does not depend on the thread count and memory stays bounded:
-//! a file in progress holds one batch of documents and one open row group. Within a file,
-//! each batch is encoded in parallel too, so one large file also uses every core.
+//! a file in progress holds one batch of 256 documents, their ids and one open row group
+//! (about 1M tokens). Within a file each batch is encoded in parallel too, so one large file
+//! also uses every core. About `threads` files are in progress at once; a worker waiting for
+//! its batch's encoding may start another file (rayon's work stealing), so the bound is per
+//! file in progress, at worst every file.
 
 use crate::corpus::{detect_format, for_each_doc, Format, OnBadRecord};
 use crate::shards::{ShardInfo, ShardWriter};
