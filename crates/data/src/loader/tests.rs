@@ -118,37 +118,45 @@ fn an_epoch_yields_every_sequence_once_in_an_order_set_by_the_seed() {
 fn a_restored_loader_continues_on_the_same_next_token_at_every_point() {
     let dir = tempfile::tempdir().unwrap();
     let split = split_of(dir.path(), &[13; 30], 40);
-    let cfg = config(3, 5);
-    let mut full = Loader::new(split.clone(), cfg.clone()).unwrap();
-    let mut states = Vec::new();
-    let mut all = Vec::new();
-    // 48 sequences per epoch: 40 batches of 3 cross shard, window and epoch boundaries.
-    for _ in 0..40 {
-        states.push(full.state());
-        all.push(full.next_batch(3).unwrap());
-    }
-    let mut crossed_shard_mid_document = false;
-    for (k, st) in states.iter().enumerate() {
-        crossed_shard_mid_document |= st.shard > 0 && st.offset > 0 && st.taken > 0;
-        let mut r = Loader::new(split.clone(), cfg.clone()).unwrap();
-        r.restore(st).unwrap();
-        for (j, want) in all[k..(k + 4).min(all.len())].iter().enumerate() {
-            assert_eq!(
-                &r.next_batch(3).unwrap(),
-                want,
-                "restored at batch {k}, +{j}"
+    for packing in [Packing::Concat, Packing::Pad] {
+        let cfg = LoaderConfig {
+            packing,
+            ..config(3, 5)
+        };
+        let mut full = Loader::new(split.clone(), cfg.clone()).unwrap();
+        let mut states = Vec::new();
+        let mut all = Vec::new();
+        // 48 (concat) or 30 (pad) sequences per epoch: 40 batches of 3 cross shard, window
+        // and epoch boundaries.
+        for _ in 0..40 {
+            states.push(full.state());
+            all.push(full.next_batch(3).unwrap());
+        }
+        let mut crossed_shard_mid_document = false;
+        for (k, st) in states.iter().enumerate() {
+            crossed_shard_mid_document |= st.shard > 0 && st.offset > 0 && st.taken > 0;
+            let mut r = Loader::new(split.clone(), cfg.clone()).unwrap();
+            r.restore(st).unwrap();
+            for (j, want) in all[k..(k + 4).min(all.len())].iter().enumerate() {
+                assert_eq!(
+                    &r.next_batch(3).unwrap(),
+                    want,
+                    "{packing:?}: restored at batch {k}, +{j}"
+                );
+            }
+        }
+        if packing == Packing::Concat {
+            assert!(
+                crossed_shard_mid_document,
+                "the sweep covers a window starting mid-document in a later shard"
             );
         }
+        assert!(states.iter().any(|s| s.epoch >= 1), "and an epoch boundary");
+        // A position in other data is refused rather than misread.
+        let other = split_of(&dir.path().join(format!("other-{packing:?}")), &[9; 30], 40);
+        let mut o = Loader::new(other, cfg).unwrap();
+        assert!(o.restore(&states[5]).is_err());
     }
-    assert!(
-        crossed_shard_mid_document,
-        "the sweep covers a window starting mid-document in a later shard"
-    );
-    assert!(states.iter().any(|s| s.epoch == 1), "and an epoch boundary");
-    // A position in other data is refused rather than misread.
-    let other = split_of(&dir.path().join("other"), &[9; 30], 40);
-    let mut o = Loader::new(other, cfg).unwrap();
-    assert!(o.restore(&states[5]).is_err());
 }
 
 #[test]
