@@ -194,3 +194,45 @@ fn bad_checkpoints_are_errors_naming_the_file_and_the_field_or_tensor() {
         b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
 }
+
+#[test]
+fn a_sharded_checkpoint_is_read_through_its_index() {
+    let d = exported();
+    let path = d.path().join("model.safetensors");
+    let all = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (k, (name, t)) in all.iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k % 2 + 1);
+        shards[k % 2].insert(name.clone(), t.to_dtype(DType::BF16).unwrap());
+        weight_map.insert(name.clone(), json!(file));
+    }
+    for (k, s) in shards.iter().enumerate() {
+        let file = d
+            .path()
+            .join(format!("model-0000{}-of-00002.safetensors", k + 1));
+        candle_core::safetensors::save(s, file).unwrap();
+    }
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        serde_json::to_vec(&json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
+    )
+    .unwrap();
+    let back = import(d.path(), &Device::Cpu).unwrap();
+    // bf16 on disk, f32 in memory: each weight rounded to bf16 and no further.
+    for (name, t) in fixture::tensors() {
+        let want: Vec<f32> = t
+            .to_dtype(DType::BF16)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap();
+        let got: Vec<f32> = back.tensors[&name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(want == got, "{name}");
+    }
+}
