@@ -20,6 +20,6 @@ pub use loader::{
     read_sequences, Batch, Loader, LoaderConfig, LoaderState, Packing, SequenceReader, Sequences,
     Split, DEFAULT_WINDOW,
 };
-pub use shards::{read_split, ShardInfo, TokenDocs};
+pub use shards::{read_split, DocRun, ShardInfo};
 pub use stream::PackSpec;
 pub use tokenize::{tokenize, DatasetManifest, TokenizeConfig, TokenizerSource};

@@ -171,27 +171,8 @@ fn new_builder() -> ListBuilder<UInt32Builder> {
     )))
 }
 
-/// Documents as one flat token array with offsets: doc i is `tokens[offsets[i]..offsets[i+1]]`.
-#[derive(Debug, Clone, Default)]
-pub struct TokenDocs {
-    pub tokens: Vec<u32>,
-    pub offsets: Vec<usize>,
-}
-
-impl TokenDocs {
-    pub fn len(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn doc(&self, i: usize) -> &[u32] {
-        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
-    }
-}
-
-/// A run of consecutive documents decoded from one shard: `first_row` is the row of the
-/// first one. Documents are `tokens[offsets[i]..offsets[i + 1]]`.
+/// Consecutive documents as one flat token array: document i is
+/// `tokens[offsets[i]..offsets[i + 1]]`, and came from row `first_row + i` of its shard.
 #[derive(Debug, Clone, Default)]
 pub struct DocRun {
     pub first_row: u64,
@@ -325,11 +306,12 @@ fn ids_of(batch: &RecordBatch) -> Result<(&[u32], &[i32])> {
     Ok((values.values(), list.value_offsets()))
 }
 
-/// Every document of `dir`'s `*.parquet` shards, in file-name order, in memory.
-/// For small splits and tests; training and evaluation stream instead.
-pub fn read_split(dir: &Path) -> Result<TokenDocs> {
+/// Every document of `dir`'s `*.parquet` shards, in file-name order, in memory (numbered
+/// from 0 across the shards). For small splits and tests; training and evaluation stream.
+pub fn read_split(dir: &Path) -> Result<DocRun> {
     let files = list_shards(dir)?;
-    let mut docs = TokenDocs {
+    let mut docs = DocRun {
+        first_row: 0,
         tokens: Vec::new(),
         offsets: vec![0],
     };

@@ -137,42 +137,36 @@ impl StageKind for Tokenize {
                 );
             }
         }
-        match p.tokenizer {
+        // A trained tokenizer: its vocabulary's floor, and documents to train it on.
+        let trained = match p.tokenizer {
             Some(TokenizerSource::Bpe {
                 vocab_size,
                 sample_docs,
-            }) => {
-                c.at_least(
-                    &["tokenizer", "vocab_size"],
-                    vocab_size as u64,
-                    259,
-                    "byte-level BPE starts from 256 byte tokens and 3 special tokens",
-                );
-                c.at_least(
-                    &["tokenizer", "sample_docs"],
-                    sample_docs as u64,
-                    1,
-                    "documents to train the tokenizer on",
-                );
-            }
+            }) => Some((
+                vocab_size,
+                sample_docs,
+                259,
+                "byte-level BPE starts from 256 byte tokens and 3 special tokens",
+            )),
             Some(TokenizerSource::Unigram {
                 vocab_size,
                 sample_docs,
-            }) => {
-                c.at_least(
-                    &["tokenizer", "vocab_size"],
-                    vocab_size as u64,
-                    8,
-                    "the 3 special tokens and at least a few pieces",
-                );
-                c.at_least(
-                    &["tokenizer", "sample_docs"],
-                    sample_docs as u64,
-                    1,
-                    "documents to train the tokenizer on",
-                );
-            }
-            Some(TokenizerSource::File { .. }) | None => {}
+            }) => Some((
+                vocab_size,
+                sample_docs,
+                8,
+                "the 3 special tokens and at least a few pieces",
+            )),
+            Some(TokenizerSource::File { .. }) | None => None,
+        };
+        if let Some((vocab_size, sample_docs, floor, why)) = trained {
+            c.at_least(&["tokenizer", "vocab_size"], vocab_size as u64, floor, why);
+            c.at_least(
+                &["tokenizer", "sample_docs"],
+                sample_docs as u64,
+                1,
+                "documents to train the tokenizer on",
+            );
         }
         let from_input = stage.inputs.contains_key("tokenizer");
         match (&p.tokenizer, from_input) {

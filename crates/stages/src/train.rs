@@ -709,9 +709,11 @@ fn load_data(
     Ok((loader, valid_seqs))
 }
 
-/// The loader's seed: a stage that continues an init keeps reading in the init's order.
+/// The loader's seed: a stage that continues an init keeps reading in the init's order; an
+/// init that read no data (an imported checkpoint) leaves the order to this stage's seed.
 fn data_seed(p: &TrainParams, init: Option<&TrainInfo>) -> u64 {
-    init.map_or(p.seed, |i| i.data_seed)
+    init.filter(|i| i.tokens > 0)
+        .map_or(p.seed, |i| i.data_seed)
 }
 
 fn run_train(ctx: &mut StageContext) -> Result<()> {
@@ -897,6 +899,37 @@ fn record_metrics(ctx: &mut StageContext, info: &TrainInfo, history: &[StepMetri
 mod tests {
     use super::*;
     use relora_model::{Llama, LoraInit, Rng};
+
+    #[test]
+    fn data_order_follows_a_warm_start_but_not_an_imported_checkpoint() {
+        let p: TrainParams = serde_json::from_value(serde_json::json!({
+            "model": "llama_9m", "method": "relora", "steps": 10, "lr": 1e-3, "seed": 7
+        }))
+        .unwrap();
+        let info = |tokens: u64| TrainInfo {
+            model: LlamaConfig::named("llama_9m", 300).unwrap(),
+            method: Method::Full,
+            step: 0,
+            tokens,
+            loader: Default::default(),
+            data_seed: 3,
+            seq_len: 32,
+            packing: Packing::Concat,
+            tokenizer_blake3: String::new(),
+            trainable_params: 0,
+            frozen_params: 0,
+            final_loss: None,
+            eval_loss: None,
+            perplexity: None,
+        };
+        assert_eq!(data_seed(&p, None), 7);
+        assert_eq!(
+            data_seed(&p, Some(&info(5120))),
+            3,
+            "a warm start's order continues"
+        );
+        assert_eq!(data_seed(&p, Some(&info(0))), 7, "an import read no data");
+    }
 
     #[test]
     fn parameter_counts_of_every_method_match_the_models() {
