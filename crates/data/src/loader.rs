@@ -56,6 +56,14 @@ pub struct Sequences {
 }
 
 impl Sequences {
+    /// No sequences yet, with room for `n` of `seq_len` tokens.
+    pub fn with_capacity(seq_len: usize, n: usize) -> Sequences {
+        Sequences {
+            seq_len,
+            tokens: Vec::with_capacity(n * seq_len),
+            mask: Vec::with_capacity(n * seq_len),
+        }
+    }
     pub fn len(&self) -> usize {
         self.tokens.len() / self.seq_len
     }
@@ -77,7 +85,7 @@ impl Sequences {
 
 /// A batch of next-token examples: `inputs[b][t]` predicts `targets[b][t]`, weighted by
 /// `weights[b][t]` (0 on padding). Each row is `seq_len - 1` long.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
     pub batch_size: usize,
     pub len: usize,
@@ -88,21 +96,20 @@ pub struct Batch {
 
 impl Batch {
     pub fn from_rows<'a>(rows: impl Iterator<Item = (&'a [u32], &'a [u8])>) -> Batch {
-        let mut b = Batch {
-            batch_size: 0,
-            len: 0,
-            inputs: Vec::new(),
-            targets: Vec::new(),
-            weights: Vec::new(),
-        };
+        let mut b = Batch::default();
         for (toks, mask) in rows {
-            b.len = toks.len() - 1;
-            b.batch_size += 1;
-            b.inputs.extend_from_slice(&toks[..toks.len() - 1]);
-            b.targets.extend_from_slice(&toks[1..]);
-            b.weights.extend(mask[1..].iter().map(|&m| m as f32));
+            b.push_row(toks, mask);
         }
         b
+    }
+
+    /// Append one sequence (its tokens and mask) as a row of inputs, targets and weights.
+    pub fn push_row(&mut self, toks: &[u32], mask: &[u8]) {
+        self.len = toks.len() - 1;
+        self.batch_size += 1;
+        self.inputs.extend_from_slice(&toks[..toks.len() - 1]);
+        self.targets.extend_from_slice(&toks[1..]);
+        self.weights.extend(mask[1..].iter().map(|&m| m as f32));
     }
 
     /// Tokens that carry loss.
@@ -365,8 +372,8 @@ impl Loader {
 
     /// The next `batch_size` sequences.
     pub fn next_batch(&mut self, batch_size: usize) -> Result<Batch> {
-        let mut rows: Vec<(Vec<u32>, Vec<u8>)> = Vec::with_capacity(batch_size);
-        while rows.len() < batch_size {
+        let mut batch = Batch::default();
+        while batch.batch_size < batch_size {
             let exhausted = self
                 .current
                 .as_ref()
@@ -376,13 +383,11 @@ impl Loader {
                 continue;
             }
             let w = self.current.as_ref().expect("checked above");
-            let (t, m) = w.seqs.row(w.picks[self.state.taken as usize] as usize);
-            rows.push((t.to_vec(), m.to_vec()));
+            let (tokens, mask) = w.seqs.row(w.picks[self.state.taken as usize] as usize);
+            batch.push_row(tokens, mask);
             self.state.taken += 1;
         }
-        Ok(Batch::from_rows(
-            rows.iter().map(|(t, m)| (t.as_slice(), m.as_slice())),
-        ))
+        Ok(batch)
     }
 
     fn next_window(&mut self) -> Result<()> {
@@ -433,20 +438,8 @@ fn produce_epoch(
     let mut packer = Packer::new(paths.clone(), order, spec, pool.clone(), start);
     let mut produced = 0;
     loop {
-        let mut seqs = Sequences {
-            seq_len: cfg.seq_len,
-            tokens: Vec::with_capacity(cfg.window * cfg.seq_len),
-            mask: Vec::with_capacity(cfg.window * cfg.seq_len),
-        };
-        let mut first = None;
-        while seqs.len() < cfg.window {
-            match packer.next_sequence(&mut seqs.tokens, &mut seqs.mask)? {
-                Some(p) => {
-                    first.get_or_insert(p);
-                }
-                None => break,
-            }
-        }
+        let mut seqs = Sequences::with_capacity(cfg.seq_len, cfg.window);
+        let first = packer.fill(&mut seqs, cfg.window)?;
         let n = seqs.len();
         let per_rank = n / cfg.world;
         if per_rank == 0 {
@@ -481,19 +474,8 @@ fn produce_epoch(
 /// The first `max` sequences of a split, in order (no shuffle): the evaluation set.
 pub fn read_sequences(split: &Split, spec: &PackSpec, max: usize) -> Result<Sequences> {
     let mut r = SequenceReader::new(split, spec.clone(), 1)?;
-    let mut seqs = Sequences {
-        seq_len: spec.seq_len,
-        tokens: Vec::new(),
-        mask: Vec::new(),
-    };
-    while seqs.len() < max {
-        if r.packer
-            .next_sequence(&mut seqs.tokens, &mut seqs.mask)?
-            .is_none()
-        {
-            break;
-        }
-    }
+    let mut seqs = Sequences::with_capacity(spec.seq_len, 0);
+    r.packer.fill(&mut seqs, max)?;
     Ok(seqs)
 }
 
@@ -521,20 +503,8 @@ impl SequenceReader {
 
     /// Up to `n` next sequences as one batch; None at the end.
     pub fn next_batch(&mut self, n: usize) -> Result<Option<Batch>> {
-        let mut seqs = Sequences {
-            seq_len: self.seq_len,
-            tokens: Vec::with_capacity(n * self.seq_len),
-            mask: Vec::with_capacity(n * self.seq_len),
-        };
-        while seqs.len() < n {
-            if self
-                .packer
-                .next_sequence(&mut seqs.tokens, &mut seqs.mask)?
-                .is_none()
-            {
-                break;
-            }
-        }
+        let mut seqs = Sequences::with_capacity(self.seq_len, n);
+        self.packer.fill(&mut seqs, n)?;
         Ok((!seqs.is_empty()).then(|| Batch::from_rows((0..seqs.len()).map(|i| seqs.row(i)))))
     }
 

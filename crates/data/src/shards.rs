@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use arrow::array::{Array, ListArray, ListBuilder, UInt32Array, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -192,12 +192,14 @@ impl DocRun {
     }
 }
 
-/// The row groups of a shard, for reading it a piece at a time from any row.
+/// A shard's footer, read once: its row groups, for reading it a piece at a time from any row.
 #[derive(Debug, Clone)]
 pub struct ShardLayout {
     pub path: PathBuf,
-    /// Rows in each row group.
-    pub group_rows: Vec<u64>,
+    metadata: ArrowReaderMetadata,
+    /// First row of each row group, and the row count last: group g is
+    /// `starts[g]..starts[g + 1]`.
+    starts: Vec<u64>,
 }
 
 impl ShardLayout {
@@ -205,45 +207,47 @@ impl ShardLayout {
     pub fn open(path: &Path) -> Result<ShardLayout> {
         let f =
             File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| {
+        let metadata = ArrowReaderMetadata::load(&f, Default::default()).with_context(|| {
             format!(
                 "{}: not a readable parquet shard (truncated or overwritten?)",
                 path.display()
             )
         })?;
-        let group_rows = b
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|g| g.num_rows() as u64)
-            .collect();
+        let mut starts = vec![0];
+        for g in metadata.metadata().row_groups() {
+            starts.push(starts.last().copied().unwrap_or(0) + g.num_rows() as u64);
+        }
         Ok(ShardLayout {
             path: path.to_path_buf(),
-            group_rows,
+            metadata,
+            starts,
         })
     }
 
+    /// Rows in the shard.
     pub fn rows(&self) -> u64 {
-        self.group_rows.iter().sum()
+        self.starts.last().copied().unwrap_or(0)
     }
 
-    /// The row group holding `row`, and the first row of that group.
-    pub fn group_of(&self, row: u64) -> Option<(usize, u64)> {
-        let mut start = 0;
-        for (g, &n) in self.group_rows.iter().enumerate() {
-            if row < start + n {
-                return Some((g, start));
-            }
-            start += n;
-        }
-        None
+    /// Row groups in the shard.
+    pub fn groups(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// The first row of row group `group`.
+    pub fn group_start(&self, group: usize) -> u64 {
+        self.starts[group]
+    }
+
+    /// The row group holding `row`.
+    pub fn group_of(&self, row: u64) -> Option<usize> {
+        (row < self.rows()).then(|| self.starts.partition_point(|&s| s <= row) - 1)
     }
 
     /// Decode the documents of row group `group` from row `from` (a row of that group) to
     /// the group's end. Errors name the shard and the rows that failed.
     pub fn read_group(&self, group: usize, from: u64) -> Result<DocRun> {
-        let group_start: u64 = self.group_rows[..group].iter().sum();
-        let group_end = group_start + self.group_rows[group];
+        let (group_start, group_end) = (self.starts[group], self.starts[group + 1]);
         let what = || {
             format!(
                 "{}: rows {from}..{group_end} (row group {group})",
@@ -252,8 +256,7 @@ impl ShardLayout {
         };
         let f = File::open(&self.path)
             .with_context(|| format!("cannot open shard {}", self.path.display()))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a readable parquet shard", self.path.display()))?
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.metadata.clone())
             .with_row_groups(vec![group])
             .with_offset((from - group_start) as usize)
             .with_batch_size(WRITE_BATCH_ROWS)
@@ -317,10 +320,8 @@ pub fn read_split(dir: &Path) -> Result<DocRun> {
     };
     for path in files {
         let layout = ShardLayout::open(&path)?;
-        let mut start = 0;
-        for g in 0..layout.group_rows.len() {
-            let run = layout.read_group(g, start)?;
-            start += layout.group_rows[g];
+        for g in 0..layout.groups() {
+            let run = layout.read_group(g, layout.group_start(g))?;
             for i in 0..run.len() {
                 docs.tokens.extend_from_slice(run.doc(i));
                 docs.offsets.push(docs.tokens.len());

@@ -1,7 +1,7 @@
 //! Packing documents into fixed-length sequences while reading shards, one row group at a
 //! time, from any position.
 
-use crate::loader::Packing;
+use crate::loader::{Packing, Sequences};
 use crate::shards::{DocRun, ShardLayout};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -84,7 +84,7 @@ impl Packer {
                 self.layout = Some(ShardLayout::open(&self.shards[shard])?);
             }
             let layout = self.layout.as_ref().expect("opened above");
-            let Some((group, _)) = layout.group_of(self.pos.row) else {
+            let Some(group) = layout.group_of(self.pos.row) else {
                 if self.pos.row > layout.rows() {
                     bail!(
                         "{}: a saved position points at row {} but the shard has {} rows; \
@@ -103,19 +103,12 @@ impl Packer {
                 continue;
             };
             // Decode this group and the next ones in parallel, one per thread.
-            let last = (group + self.pool.current_num_threads()).min(layout.group_rows.len());
+            let last = (group + self.pool.current_num_threads()).min(layout.groups());
             let from = self.pos.row;
             let runs: Vec<Result<DocRun>> = self.pool.install(|| {
                 (group..last)
                     .into_par_iter()
-                    .map(|g| {
-                        let first = if g == group {
-                            from
-                        } else {
-                            layout.group_rows[..g].iter().sum()
-                        };
-                        layout.read_group(g, first)
-                    })
+                    .map(|g| layout.read_group(g, from.max(layout.group_start(g))))
                     .collect()
             });
             for run in runs {
@@ -146,6 +139,21 @@ impl Packer {
             run.first_row + i as u64,
             bad.unwrap_or(0)
         )
+    }
+
+    /// Append sequences to `seqs` until it holds `n` or the shards end; returns where the
+    /// first appended one began (None: nothing appended).
+    pub fn fill(&mut self, seqs: &mut Sequences, n: usize) -> Result<Option<Position>> {
+        let mut first = None;
+        while seqs.len() < n {
+            match self.next_sequence(&mut seqs.tokens, &mut seqs.mask)? {
+                Some(p) => {
+                    first.get_or_insert(p);
+                }
+                None => break,
+            }
+        }
+        Ok(first)
     }
 
     /// Append the next sequence to `tokens` and `mask` and return where it began; None

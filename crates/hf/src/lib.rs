@@ -194,8 +194,19 @@ pub fn hf_config(spec: &ExportSpec) -> HfConfig {
 pub fn export(spec: &ExportSpec, dir: &Path) -> Result<(), HfError> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
     let weights = dir.join("model.safetensors");
+    let expected = expected_tensors(&spec.cfg);
+    if let Some(extra) = spec
+        .tensors
+        .keys()
+        .find(|k| !expected.iter().any(|(n, _)| n == *k))
+    {
+        return Err(err(
+            &weights,
+            format!("tensor `{extra}` is not part of a plain LLaMA; export merged weights"),
+        ));
+    }
     let mut named: Vec<(String, Tensor)> = Vec::new();
-    for (name, shape) in expected_tensors(&spec.cfg) {
+    for (name, shape) in expected {
         let t = spec.tensors.get(&name).ok_or_else(|| {
             err(
                 &weights,
@@ -216,16 +227,6 @@ pub fn export(spec: &ExportSpec, dir: &Path) -> Result<(), HfError> {
             .and_then(|t| t.to_device(&Device::Cpu))
             .map_err(|e| err(&weights, e.to_string()))?;
         named.push((hf_name(&name), t));
-    }
-    if let Some(extra) = spec
-        .tensors
-        .keys()
-        .find(|k| !expected_tensors(&spec.cfg).iter().any(|(n, _)| n == *k))
-    {
-        return Err(err(
-            &weights,
-            format!("tensor `{extra}` is not part of a plain LLaMA; export merged weights"),
-        ));
     }
     // f32 little-endian bytes; transformers checks the header's `format` before loading.
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
@@ -410,15 +411,16 @@ pub fn import(dir: &Path, dev: &Device) -> Result<Imported, HfError> {
     };
     cfg.validate().map_err(|e| err(&config_path, e))?;
 
+    let files = weight_files(dir)?;
     let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
-    for file in weight_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, dev)
-            .map_err(|e| err(&file, format!("not a readable safetensors file: {e}")))?;
+    for file in &files {
+        let tensors = candle_core::safetensors::load(file, dev)
+            .map_err(|e| err(file, format!("not a readable safetensors file: {e}")))?;
         for (name, t) in tensors {
             found.insert(name, (t, file.clone()));
         }
     }
-    let weights_name = weight_files(dir)?
+    let weights_name = files
         .first()
         .cloned()
         .unwrap_or_else(|| dir.join("model.safetensors"));

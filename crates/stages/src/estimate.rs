@@ -93,26 +93,18 @@ pub fn tokenize(
             .and_then(|g| relora_data::corpus::expand_globs(&g.list(), &corpus_dir).ok())
             .unwrap_or_default()
     };
+    // (bytes, estimated tokens) of corpus files.
     let tokens_in = |fs: &[std::path::PathBuf]| -> (u64, f64) {
-        let bytes: u64 = fs
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).ok().map(|m| m.len()))
-            .sum();
-        let tokens: f64 = fs
-            .iter()
-            .filter_map(|f| {
-                let len = std::fs::metadata(f).ok()?.len() as f64;
-                let gz = f.to_string_lossy().ends_with(".gz");
-                Some(
-                    len * if gz {
-                        TOKENS_PER_GZIP_BYTE
-                    } else {
-                        TOKENS_PER_TEXT_BYTE
-                    },
-                )
+        fs.iter()
+            .filter_map(|f| Some((f, std::fs::metadata(f).ok()?.len())))
+            .fold((0, 0.0), |(bytes, tokens), (f, len)| {
+                let rate = if f.to_string_lossy().ends_with(".gz") {
+                    TOKENS_PER_GZIP_BYTE
+                } else {
+                    TOKENS_PER_TEXT_BYTE
+                };
+                (bytes + len, tokens + len as f64 * rate)
             })
-            .sum();
-        (bytes, tokens)
     };
     let train_files = files(Some(&p.train_files));
     let (bytes, mut train_tokens) = tokens_in(&train_files);

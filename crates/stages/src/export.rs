@@ -21,12 +21,6 @@ pub struct ExportParams {
 
 pub struct Export;
 
-/// blake3 of a file, as the data and train records name tokenizers.
-fn blake3_of(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(blake3::hash(&bytes).to_hex().to_string())
-}
-
 /// Write the model of the train entry `model_dir` (tokenized by the entry `tokenizer_dir`,
 /// which holds `tokenizer.json` and usually `dataset.json`) to `out` in transformers'
 /// layout. `provenance` adds a line to the card (the one-off command names the pipeline,
@@ -43,7 +37,7 @@ pub fn export_entry(
     let tokenizer = tokenizer_dir.join("tokenizer.json");
     same_tokenizer(
         (names.0, &info.tokenizer_blake3),
-        (names.1, &blake3_of(&tokenizer)?),
+        (names.1, &relora_cache::hash_file(&tokenizer)?),
     )?;
     let data = DatasetManifest::read(tokenizer_dir).ok();
     let tok = relora_data::tokenize::load_tokenizer(&tokenizer)?;
@@ -69,7 +63,7 @@ pub fn export_entry(
     let card = model_card(
         &info,
         data.as_ref(),
-        &blake3_of(&weights)?,
+        &relora_cache::hash_file(&weights)?,
         title,
         provenance,
     );
