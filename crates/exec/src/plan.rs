@@ -291,6 +291,10 @@ pub fn estimates(
     cache: &Cache,
     plans: &[StagePlan],
 ) -> Result<Vec<Estimate>> {
+    let cached_outputs = |j: usize| match (&plans[j].state, &plans[j].key) {
+        (State::Cached, Some(key)) => Some(cache.entry_dir(key).join("outputs")),
+        _ => None,
+    };
     let mut done: BTreeMap<usize, Estimate> = BTreeMap::new();
     for &i in &dag.order {
         let s = &dag.pipeline.stages[i];
@@ -302,19 +306,12 @@ pub fn estimates(
             let j = dag
                 .index_of(target)
                 .context("input names a missing stage")?;
-            let outputs = match (&plans[j].state, &plans[j].key) {
-                (State::Cached, Some(key)) => Some(cache.entry_dir(key).join("outputs")),
-                _ => None,
-            };
             let facts = done.get(&j).map(|e| e.facts.clone()).unwrap_or_default();
+            let outputs = cached_outputs(j);
             inputs.insert(name.clone(), InputEstimate { facts, outputs });
         }
-        let own = match (&plans[i].state, &plans[i].key) {
-            (State::Cached, Some(key)) => Some(cache.entry_dir(key).join("outputs")),
-            _ => None,
-        };
         let e = kind
-            .estimate(s, &inputs, own.as_deref())
+            .estimate(s, &inputs, cached_outputs(i).as_deref())
             .with_context(|| format!("estimating stage `{}`", s.name))?;
         done.insert(i, e);
     }

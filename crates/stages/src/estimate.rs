@@ -53,8 +53,9 @@ fn h100_time(flops: f64) -> String {
     }
 }
 
-fn dataset_of(input: Option<&InputEstimate>) -> Option<DatasetManifest> {
-    DatasetManifest::read(input?.outputs.as_deref()?).ok()
+/// A number among an input's facts (a data stage's are exact once it is cached).
+fn fact(input: Option<&InputEstimate>, name: &str) -> Option<f64> {
+    input?.facts.get(name)?.as_f64()
 }
 
 /// A tokenize stage: its vocabulary, and its splits' tokens (exact once cached).
@@ -189,7 +190,6 @@ pub fn train(
     inputs: &BTreeMap<String, InputEstimate>,
 ) -> Result<Estimate> {
     let data = inputs.get("data");
-    let dataset = dataset_of(data);
     let Some(cfg) = cfg else {
         return Ok(Estimate {
             lines: vec!["the vocabulary is known once the data stage runs".into()],
@@ -244,14 +244,8 @@ pub fn train(
             h100_time(flops)
         ),
     ];
-    let split = dataset
-        .as_ref()
-        .map(|m| (m.train.tokens as f64, true))
-        .or_else(|| {
-            data.and_then(|d| d.facts.get("train_tokens"))
-                .and_then(Value::as_f64)
-                .map(|t| (t, false))
-        });
+    let exact = data.and_then(|d| d.facts.get("exact")) == Some(&json!(true));
+    let split = fact(data, "train_tokens").map(|t| (t, exact));
     match split {
         Some((t, exact)) => lines.push(format!(
             "reads {} of the {}{} training tokens: {:.2} epoch(s); loader memory ≤ {:.0} MB \
@@ -280,20 +274,9 @@ pub fn train(
 
 /// An eval stage: the validation tokens it scores and their forward FLOPs.
 pub fn eval(p: &EvalParams, inputs: &BTreeMap<String, InputEstimate>) -> Result<Estimate> {
-    let model = inputs.get("model").map(|i| &i.facts);
-    let valid = dataset_of(inputs.get("data"))
-        .map(|m| m.valid.tokens as f64)
-        .or_else(|| {
-            inputs
-                .get("data")
-                .and_then(|d| d.facts.get("valid_tokens"))
-                .and_then(Value::as_f64)
-        });
+    let valid = fact(inputs.get("data"), "valid_tokens");
     let tokens = valid.map_or(p.tokens as f64, |v| v.min(p.tokens as f64));
-    let Some(fwd) = model
-        .and_then(|m| m.get("forward_flops_per_token"))
-        .and_then(Value::as_f64)
-    else {
+    let Some(fwd) = fact(inputs.get("model"), "forward_flops_per_token") else {
         return Ok(Estimate {
             lines: vec![format!("scores up to {} validation tokens", si(tokens))],
             facts: Value::Null,
