@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use relora_exec::{estimates, plan, Dag, Outcome, Registry, RunOptions, State};
+use relora_spec::{ExecutorSpec, ExecutorType};
 use relora_stages::registry;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,15 @@ struct PipelineArgs {
     set: Vec<String>,
 }
 
+#[derive(clap::Args, Clone)]
+struct ExecutorArgs {
+    /// Where stages run: `local` child processes, or one `slurm` batch job each. Overrides
+    /// the `executor:` block of the pipeline file and of the config file
+    /// ($RELORA_CONFIG, else ~/.config/relora-pipe/config.yaml).
+    #[arg(long, value_name = "local|slurm")]
+    executor: Option<ExecutorType>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every stage that is not cached.
@@ -40,7 +50,9 @@ enum Cmd {
     Run {
         #[command(flatten)]
         p: PipelineArgs,
-        /// Stages to run at once.
+        #[command(flatten)]
+        e: ExecutorArgs,
+        /// Stages to run at once (batch jobs in flight, under Slurm).
         #[arg(long, short, default_value_t = 1)]
         jobs: usize,
         /// Recompute this stage even if cached; repeatable.
@@ -65,6 +77,8 @@ enum Cmd {
     Plan {
         #[command(flatten)]
         p: PipelineArgs,
+        #[command(flatten)]
+        e: ExecutorArgs,
         #[arg(long)]
         json: bool,
         /// Also show what each stage will read and compute: tokens, FLOPs, data.
@@ -86,6 +100,8 @@ enum Cmd {
     Status {
         #[command(flatten)]
         p: PipelineArgs,
+        #[command(flatten)]
+        e: ExecutorArgs,
         #[arg(long)]
         json: bool,
     },
@@ -147,6 +163,26 @@ fn load(p: &PipelineArgs, reg: &Registry) -> Result<Dag> {
     Ok(Dag::build(pipeline, reg)?)
 }
 
+/// The executor settings: the config file's `executor:` block, refined by the pipeline
+/// file's, with `--executor` choosing the type last.
+fn executor(dag: &Dag, reg: &Registry, args: &ExecutorArgs) -> Result<ExecutorSpec> {
+    let mut spec = ExecutorSpec::default();
+    if let Some(path) = relora_spec::config_path() {
+        if let Some(block) = relora_spec::load_config(&path)? {
+            relora_exec::check_executor_block(&block, reg)?;
+            spec = block.spec.over(&spec);
+        }
+    }
+    if let Some(block) = &dag.pipeline.executor {
+        relora_exec::check_executor_block(block, reg)?;
+        spec = block.spec.over(&spec);
+    }
+    if let Some(t) = args.executor {
+        spec.kind = Some(t);
+    }
+    Ok(spec)
+}
+
 fn state_word(s: State) -> &'static str {
     match s {
         State::Cached => "cached",
@@ -179,6 +215,7 @@ fn real_main() -> Result<ExitCode> {
     match cli.command {
         Cmd::Run {
             p,
+            e,
             jobs,
             force,
             until,
@@ -186,7 +223,9 @@ fn real_main() -> Result<ExitCode> {
             accept_code_change,
         } => {
             let dag = load(&p, &reg)?;
+            let executor = executor(&dag, &reg, &e)?;
             let opts = RunOptions {
+                executor,
                 jobs,
                 force,
                 until,
@@ -213,16 +252,29 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
             eprintln!("{ran} stage(s) ran, {cached} cached");
-            Ok(if report.failed() {
+            Ok(if report.interrupted {
+                ExitCode::from(130)
+            } else if report.failed() {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Plan { p, json, estimate } => {
-            print_plan(&load(&p, &reg)?, &reg, &cache, json, estimate)
+        Cmd::Plan {
+            p,
+            e,
+            json,
+            estimate,
+        } => {
+            let dag = load(&p, &reg)?;
+            let executor = executor(&dag, &reg, &e)?;
+            print_plan(&dag, &reg, &cache, &executor, json, estimate)
         }
-        Cmd::Status { p, json } => print_plan(&load(&p, &reg)?, &reg, &cache, json, false),
+        Cmd::Status { p, e, json } => {
+            let dag = load(&p, &reg)?;
+            let executor = executor(&dag, &reg, &e)?;
+            print_plan(&dag, &reg, &cache, &executor, json, false)
+        }
         Cmd::Dag { p, dot } => {
             let dag = load(&p, &reg)?;
             print!("{}", if dot { dag.dot() } else { dag.text() });
@@ -345,15 +397,25 @@ fn show(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `plan` and `status`: each stage's state and reasons, and with `estimate` its size.
+/// `plan` and `status`: each stage's state and reasons, where it would run, any batch job
+/// now running it, and with `estimate` its size.
 fn print_plan(
     dag: &Dag,
     reg: &Registry,
     cache: &relora_cache::Cache,
+    executor: &ExecutorSpec,
     json: bool,
     estimate: bool,
 ) -> Result<ExitCode> {
     let plans = plan(dag, reg, cache)?;
+    let placed = relora_exec::placements(dag, reg, executor)?;
+    let jobs: Vec<Vec<(String, String)>> = plans
+        .iter()
+        .map(|p| match (&p.key, p.state) {
+            (Some(key), State::Run | State::Stale) => relora_exec::jobs_in(&cache.attempts(key)),
+            _ => Vec::new(),
+        })
+        .collect();
     let sizes = if estimate {
         estimates(dag, reg, cache, &plans)?
     } else {
@@ -365,6 +427,13 @@ fn print_plan(
             .enumerate()
             .map(|(i, s)| {
                 let mut v = serde_json::to_value(s).unwrap_or_default();
+                v["executor"] = placed[i].clone().into();
+                if !jobs[i].is_empty() {
+                    v["jobs"] = serde_json::json!(jobs[i]
+                        .iter()
+                        .map(|(id, state)| serde_json::json!({"id": id, "state": state}))
+                        .collect::<Vec<_>>());
+                }
                 if let Some(e) = sizes.get(i) {
                     v["estimate"] = serde_json::to_value(e).unwrap_or_default();
                 }
@@ -384,6 +453,12 @@ fn print_plan(
         );
         for r in &s.reasons {
             println!("          - {r}");
+        }
+        if executor.executor_type() != ExecutorType::Local {
+            println!("          @ {}", placed[i]);
+        }
+        for (id, state) in &jobs[i] {
+            println!("          ~ Slurm job {id}: {state}");
         }
         for line in sizes.get(i).map(|e| e.lines.as_slice()).unwrap_or(&[]) {
             println!("          = {line}");

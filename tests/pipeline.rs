@@ -1,6 +1,9 @@
 //! End-to-end tests on the real `relora-pipe` binary: caching, invalidation, crashes,
 //! concurrency, error messages, and a tiny ReLoRA pipeline on the bundled C4 sample.
 
+#[path = "pipeline/slurm.rs"]
+mod slurm;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

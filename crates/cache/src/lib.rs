@@ -132,8 +132,48 @@ pub struct Cache {
 pub struct EntryLock {
     file: File,
     path: PathBuf,
-    /// The pid written by a previous holder that died without releasing cleanly.
-    pub stale_pid: Option<u32>,
+    /// A previous holder that died without releasing the lock cleanly.
+    pub stale_holder: Option<LockHolder>,
+}
+
+/// Who holds (or held) a key's lock, as it wrote itself into the lock file. The host
+/// matters when the cache is shared by machines: a pid alone names nothing there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    pub pid: u32,
+    pub host: String,
+}
+
+impl LockHolder {
+    /// This process.
+    pub fn me() -> LockHolder {
+        LockHolder {
+            pid: std::process::id(),
+            host: fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `PID HOST` as written by [`Cache::lock`] (or a bare pid, as older versions wrote).
+    fn parse(text: &str) -> Option<LockHolder> {
+        let mut it = text.split_whitespace();
+        let pid = it.next()?.parse().ok()?;
+        Some(LockHolder {
+            pid,
+            host: it.next().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {}", self.pid)?;
+        if !self.host.is_empty() {
+            write!(f, " on {}", self.host)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for EntryLock {
@@ -301,10 +341,6 @@ fn dir_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 impl Cache {
     pub fn open(root: impl Into<PathBuf>) -> Result<Cache> {
         let root = root.into();
@@ -360,7 +396,7 @@ impl Cache {
         &self,
         key: &str,
         wait: bool,
-        mut on_wait: impl FnMut(Option<u32>),
+        mut on_wait: impl FnMut(Option<LockHolder>),
     ) -> Result<Option<(File, PathBuf)>> {
         let path = self.lock_path(key);
         loop {
@@ -377,7 +413,7 @@ impl Cache {
                 Err(fs::TryLockError::WouldBlock) => {
                     let mut s = String::new();
                     let _ = file.read_to_string(&mut s);
-                    on_wait(s.trim().parse().ok());
+                    on_wait(LockHolder::parse(&s));
                     file.lock()
                         .with_context(|| format!("locking {}", path.display()))?;
                 }
@@ -392,7 +428,7 @@ impl Cache {
     }
 
     /// Take the key's lock, waiting for another process that holds it.
-    pub fn lock(&self, key: &str, on_wait: impl FnMut(Option<u32>)) -> Result<EntryLock> {
+    pub fn lock(&self, key: &str, on_wait: impl FnMut(Option<LockHolder>)) -> Result<EntryLock> {
         let key = Self::checked(key)?;
         let (mut file, path) = self
             .acquire(key, true, on_wait)?
@@ -401,11 +437,9 @@ impl Cache {
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))?;
         file.read_to_string(&mut prev)?;
-        let stale_pid = prev
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|p| *p != std::process::id() || !pid_alive(*p));
+        // A clean release empties the file, so a name left in it is a holder that died.
+        let me = LockHolder::me();
+        let stale_holder = LockHolder::parse(&prev).filter(|h| *h != me);
         // Only the holder of this lock builds this key, so any staging folder left for it
         // belongs to a dead attempt.
         for e in fs::read_dir(self.root.join("staging"))?.flatten() {
@@ -415,12 +449,12 @@ impl Cache {
         }
         file.set_len(0)?;
         file.seek(std::io::SeekFrom::Start(0))?;
-        write!(file, "{}", std::process::id())?;
+        write!(file, "{} {}", me.pid, me.host)?;
         file.sync_all()?;
         Ok(EntryLock {
             file,
             path,
-            stale_pid,
+            stale_holder,
         })
     }
 
@@ -431,7 +465,7 @@ impl Cache {
             .map(|(file, path)| EntryLock {
                 file,
                 path,
-                stale_pid: None,
+                stale_holder: None,
             }))
     }
 
@@ -451,6 +485,19 @@ impl Cache {
             key: key.to_string(),
             dir,
         })
+    }
+
+    /// The staging folders of attempts at `key` now in progress (or left by dead ones).
+    pub fn attempts(&self, key: &str) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = fs::read_dir(self.root.join("staging"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(key))
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs
     }
 
     /// Scratch space that survives a failed attempt (checkpoints); removed at commit.
@@ -486,8 +533,14 @@ impl Cache {
         )?;
         let dest = self.entry_dir(&staging.key);
         if !dest.exists() {
-            fs::rename(&staging.dir, &dest)
-                .with_context(|| format!("moving entry into {}", dest.display()))?;
+            if let Err(e) = fs::rename(&staging.dir, &dest) {
+                // Another host committed the same key in between (a filesystem whose locks
+                // do not reach across hosts): its entry is as good as ours.
+                if !dest.join("manifest.json").exists() {
+                    return Err(e).with_context(|| format!("moving entry into {}", dest.display()));
+                }
+                fs::remove_dir_all(&staging.dir)?;
+            }
         } else if replace {
             if exchange(&staging.dir, &dest).is_err() {
                 // A filesystem without RENAME_EXCHANGE (NFS): two renames, with a window in
@@ -747,7 +800,7 @@ mod tests {
         let key = c.key();
         assert!(cache.lookup(&key).unwrap().is_none());
         let lock = cache.lock(&key, |_| {}).unwrap();
-        assert!(lock.stale_pid.is_none());
+        assert!(lock.stale_holder.is_none());
         let st = cache.staging(&key).unwrap();
         fs::create_dir_all(st.outputs().join("sub")).unwrap();
         fs::write(st.outputs().join("sub/a.txt"), b"hello").unwrap();

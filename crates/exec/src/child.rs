@@ -2,7 +2,8 @@
 //! child's side (`__stage JOB`), which stops itself, and everything it started, when the
 //! orchestrator is gone.
 
-use crate::{Progress, Registry, StageContext, PROGRESS_PREFIX};
+use crate::launch::{route_line, LaunchEvent};
+use crate::{Progress, Registry, StageContext};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -39,20 +40,36 @@ pub(crate) fn run_child(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
+    // Under a batch executor Ctrl-C is caught (to cancel jobs), so it no longer ends us, and
+    // with us this child: stop it here.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pid = child.id() as libc::pid_t;
+    let watch = done.clone();
+    std::thread::spawn(move || {
+        while !watch.load(std::sync::atomic::Ordering::SeqCst) {
+            if crate::interrupt::requested() {
+                // SAFETY: kill(2) on the child's process group (it leads one, see above).
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
     let stdout = child.stdout.take().context("child stdout")?;
     let mut log = std::io::BufWriter::new(log);
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        if let Some(json) = line.strip_prefix(PROGRESS_PREFIX) {
-            if let Ok(p) = serde_json::from_str(json) {
-                on_progress(p);
-            }
-        } else {
-            writeln!(log, "{line}")?;
+    let mut on_event = |e: LaunchEvent| {
+        if let LaunchEvent::Progress(p) = e {
+            on_progress(p)
         }
+    };
+    for line in BufReader::new(stdout).lines() {
+        route_line(&line?, &mut log, &mut on_event)?;
     }
     log.flush()?;
     let status = child.wait()?;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     if !status.success() {
         use std::os::unix::process::ExitStatusExt;
         match status.signal() {
@@ -67,24 +84,51 @@ pub(crate) fn run_child(
     Ok(())
 }
 
-/// The child-process side: run one stage from its job file, write its metrics beside it.
-pub fn child_main(registry: &Registry, job: &Path) -> Result<()> {
-    // If the orchestrator dies, stop, and stop what we started: nobody would commit our
-    // work, and an orphaned shell would run on unseen.
+/// Stop, and stop what we started, when nobody will commit our work: when our parent (the
+/// local orchestrator, or a batch job's shell) is gone, or when our staging folder is, which
+/// happens when another run took the key's lock over from a dead orchestrator whose batch
+/// job lived on. An orphaned shell would otherwise run on unseen, and two attempts would
+/// write the same scratch folder.
+fn watch_for_abandonment(job: &Path) {
     let parent = std::os::unix::process::parent_id();
+    let staging = job.parent().map(Path::to_path_buf);
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        if std::os::unix::process::parent_id() != parent {
-            eprintln!("the orchestrator exited; stopping this stage");
-            // SAFETY: kill(2) with pid 0 signals our own process group (set up by
-            // run_child); it touches no memory.
-            unsafe {
-                libc::kill(0, libc::SIGKILL);
-            }
-            std::process::exit(3);
+        let why = if std::os::unix::process::parent_id() != parent {
+            "the orchestrator exited"
+        } else if staging.as_ref().is_some_and(|d| !d.exists()) {
+            "this attempt's staging folder is gone (another run took the stage over)"
+        } else {
+            continue;
+        };
+        eprintln!("{why}; stopping this stage");
+        // SAFETY: kill(2) with pid 0 signals our own process group (set up by run_child,
+        // or the batch job's); it touches no memory.
+        unsafe {
+            libc::kill(0, libc::SIGKILL);
         }
+        std::process::exit(3);
     });
-    let bytes = std::fs::read(job).with_context(|| format!("reading job {}", job.display()))?;
+}
+
+/// This machine's name, for messages.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The child-process side: run one stage from its job file, write its metrics beside it.
+pub fn child_main(registry: &Registry, job: &Path) -> Result<()> {
+    let bytes = std::fs::read(job).with_context(|| {
+        format!(
+            "reading job {} on host {}: if this runs on a cluster node, the node cannot see \
+             the cache folder; put the cache on a filesystem every node mounts",
+            job.display(),
+            hostname()
+        )
+    })?;
+    watch_for_abandonment(job);
     let mut ctx: StageContext = serde_json::from_slice(&bytes)?;
     let kind = registry
         .get(&ctx.kind)

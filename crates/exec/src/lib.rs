@@ -1,31 +1,41 @@
 //! relora-exec: runs a pipeline's stages as a DAG, each result cached by content.
 //!
 //! The executor knows no stage kind: kinds plug in through [`StageKind`] in a [`Registry`].
-//! Each stage runs in a child process of the same binary (`relora-pipe __stage JOB`), so a
-//! crash, an out-of-memory kill or a CUDA error in one stage cannot take the orchestrator
-//! down. Stages whose inputs are ready run in parallel up to `jobs`, and each stage that
-//! asks for GPUs gets ids no other running stage holds.
+//! Each stage runs in a process of its own running the same binary (`relora-pipe __stage
+//! JOB`), so a crash, an out-of-memory kill or a CUDA error in one stage cannot take the
+//! orchestrator down. Stages whose inputs are ready run in parallel up to `jobs`, and each
+//! stage that asks for GPUs gets ids no other running stage holds.
 //!
-//! The modules follow a stage's path: [`graph`] (the DAG), [`plan`] (its key: kind, code,
+//! The scheduler decides what is ready and holds each key's lock; a [`Launcher`] starts the
+//! stage's process and reports its end: [`Local`] as a child process, [`Slurm`] as a batch
+//! job on a cluster that shares the cache folder. Both speak the same child protocol.
+//!
+//! The modules follow a stage's path: `graph` (the DAG), [`plan`] (its key: kind, code,
 //! params, inputs, files; and why it must run), `run` (the scheduler and one stage's
-//! lock → compute → commit), `child` (the stage's process and its end).
+//! lock → compute → commit), `launch` and `slurm` (where the stage's process runs), `child`
+//! (that process, and its end).
 
 mod child;
 mod graph;
+mod interrupt;
 mod kind;
+mod launch;
 mod plan;
 mod progress;
 mod run;
+mod slurm;
 
 pub use child::child_main;
 pub use graph::Dag;
 pub use kind::{
     parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind, PROGRESS_PREFIX,
 };
+pub use launch::{Launch, LaunchEvent, Launcher, Local};
 pub use plan::{
     code_salt_note, components, estimates, explain_change, key_params, plan, StagePlan, State,
 };
-pub use run::{environment, run, Outcome, RunOptions, RunReport};
+pub use run::{check_executor_block, environment, placements, run, Outcome, RunOptions, RunReport};
+pub use slurm::{jobs_in, Slurm};
 
 use anyhow::Result;
 use relora_cache::Cache;

@@ -2,6 +2,7 @@
 
 use crate::{Outcome, Progress};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use relora_cache::LockHolder;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -57,17 +58,22 @@ impl Display {
         }
     }
 
-    pub fn waiting(&mut self, stage: &str, pid: Option<u32>) {
-        let who = pid
-            .map(|p| format!("process {p}"))
+    pub fn waiting(&mut self, stage: &str, holder: Option<LockHolder>) {
+        let who = holder
+            .map(|h| h.to_string())
             .unwrap_or("another run".into());
         self.line(&format!("[{stage}] waiting: {who} is computing this entry"));
     }
 
-    pub fn stale_lock(&mut self, stage: &str, pid: u32) {
+    pub fn stale_lock(&mut self, stage: &str, holder: &LockHolder) {
         self.line(&format!(
-            "[{stage}] cleared a stale lock left by process {pid}, which died mid-stage; recomputing"
+            "[{stage}] cleared a stale lock left by {holder}, which died mid-stage; recomputing"
         ));
+    }
+
+    /// A line about a stage that is not progress (a batch job's state).
+    pub fn note(&mut self, text: &str) {
+        self.line(text);
     }
 
     pub fn progress(&mut self, stage: &str, p: &Progress) {

@@ -1,12 +1,14 @@
 //! The scheduler, and one stage's way through the cache: look up, lock, compute in a child
 //! process (or adopt an entry the user vouched for), commit.
 
-use crate::child::run_child;
+use crate::launch::{Launch, LaunchEvent, Launcher, Local};
 use crate::plan::{components, components_without_code, explain_change};
 use crate::progress::Display;
+use crate::slurm::Slurm;
 use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
-use anyhow::{anyhow, bail, Context, Result};
-use relora_cache::{now_unix, Adoption, Cache, CommitInfo, KeyComponents, Manifest};
+use anyhow::{bail, Context, Result};
+use relora_cache::{now_unix, Adoption, Cache, CommitInfo, KeyComponents, LockHolder, Manifest};
+use relora_spec::{ExecutorSpec, ExecutorType, ResourceRequest};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ pub struct RunOptions {
     /// entry under its key reuses the entry whose key differs only in code, and its manifest
     /// says so.
     pub accept_code_change: Vec<String>,
+    /// Where stages run (`executor:`, after the config file and `--executor`).
+    pub executor: ExecutorSpec,
 }
 
 /// How one stage ended.
@@ -53,6 +57,8 @@ pub enum Outcome {
 /// Every stage's outcome, in the pipeline's order.
 pub struct RunReport {
     pub outcomes: Vec<(String, Outcome)>,
+    /// The user pressed Ctrl-C (batch executors only); running jobs were cancelled.
+    pub interrupted: bool,
 }
 
 impl RunReport {
@@ -73,10 +79,42 @@ struct Finished {
 
 enum Event {
     Progress(usize, Progress),
-    Waiting(usize, Option<u32>),
-    StaleLock(usize, u32),
+    Waiting(usize, Option<LockHolder>),
+    StaleLock(usize, LockHolder),
     Started(usize),
+    /// A batch job's state changed.
+    Launch(usize, String),
     Done(usize, Result<Finished, String>),
+}
+
+/// The launchers of a run: the executor's, and the local one for the kinds it keeps on
+/// this machine (`local_kinds`: a download where compute nodes have no network).
+struct Launchers {
+    main: Box<dyn Launcher>,
+    local: Local,
+    local_kinds: Vec<String>,
+}
+
+impl Launchers {
+    fn new(executor: &ExecutorSpec) -> Launchers {
+        Launchers {
+            main: match executor.executor_type() {
+                ExecutorType::Local => Box::new(Local),
+                ExecutorType::Slurm => Box::new(Slurm::new(executor)),
+            },
+            local: Local,
+            local_kinds: executor.local_kinds.clone(),
+        }
+    }
+
+    /// The launcher for stages of `kind`.
+    fn for_kind(&self, kind: &str) -> &dyn Launcher {
+        if self.local_kinds.iter().any(|k| k == kind) {
+            &self.local
+        } else {
+            self.main.as_ref()
+        }
+    }
 }
 
 /// What a run ran on, for the manifest: results of floating-point code can depend on these
@@ -162,10 +200,17 @@ fn git_commit() -> Option<String> {
 
 /// Run the pipeline: every selected stage that is not cached, in dependency order.
 pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunReport> {
-    let selected = select(dag, registry, opts)?;
+    let launchers = Launchers::new(&opts.executor);
+    let launchers = &launchers;
+    let selected = select(dag, registry, opts, launchers)?;
     let env = environment(opts.jobs);
     let env = &env;
+    if !launchers.main.assigns_gpus() {
+        // Its stages are batch jobs, which outlive us unless we cancel them.
+        crate::interrupt::install();
+    }
     let mut s = Scheduler {
+        launchers,
         dag,
         registry,
         cache,
@@ -179,6 +224,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
         running: BTreeMap::new(),
         free_gpus: opts.gpus.clone(),
         stop: false,
+        interrupted: false,
         display: Display::new(),
     };
     let (tx, rx) = mpsc::channel::<Event>();
@@ -192,7 +238,7 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
                         // A panic here must still end in a Done event, or the loop below
                         // would wait for it forever.
                         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            run_one(dag, cache, opts, env, i, job, &tx)
+                            run_one(dag, cache, opts, launchers, env, i, job, &tx)
                         }));
                         let r = match r {
                             Ok(r) => r.map_err(|e| format!("{e:#}")),
@@ -209,13 +255,25 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
             if s.running.is_empty() {
                 return Ok(());
             }
-            let event = rx
-                .recv()
-                .map_err(|_| anyhow!("internal error: every stage worker vanished"))?;
-            s.handle(event);
+            match rx.recv_timeout(std::time::Duration::from_millis(250)) {
+                Ok(event) => s.handle(event),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("internal error: every stage worker vanished")
+                }
+            }
+            if crate::interrupt::requested() && !s.interrupted {
+                s.interrupted = true;
+                s.stop = true;
+                s.display.note(&format!(
+                    "interrupted: cancelling {} running stage(s); press Ctrl-C again to quit at once",
+                    s.running.len()
+                ));
+            }
         }
     })?;
     s.display.clear();
+    let interrupted = s.interrupted;
     let outcomes = dag
         .pipeline
         .stages
@@ -228,7 +286,10 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
             (st.name.clone(), o)
         })
         .collect();
-    Ok(RunReport { outcomes })
+    Ok(RunReport {
+        outcomes,
+        interrupted,
+    })
 }
 
 /// A panic payload's message.
@@ -240,7 +301,12 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Which stages `--until` selects, after checking the options against the pipeline.
-fn select(dag: &Dag, registry: &Registry, opts: &RunOptions) -> Result<Vec<bool>> {
+fn select(
+    dag: &Dag,
+    registry: &Registry,
+    opts: &RunOptions,
+    launchers: &Launchers,
+) -> Result<Vec<bool>> {
     let stage_names = || dag.pipeline.stages.iter().map(|s| s.name.as_str());
     let selected = match &opts.until {
         Some(name) => {
@@ -272,9 +338,11 @@ fn select(dag: &Dag, registry: &Registry, opts: &RunOptions) -> Result<Vec<bool>
             );
         }
     }
+    check_executor_kinds(&opts.executor, registry)?;
     for (i, s) in dag.pipeline.stages.iter().enumerate() {
-        let r = resources(dag, registry, i);
-        if !selected[i] {
+        let r = resources(dag, registry, &opts.executor, i);
+        // A batch system finds GPUs on its nodes; this machine's are beside the point.
+        if !selected[i] || !launchers.for_kind(&s.kind).assigns_gpus() {
             continue;
         }
         if r.gpus as usize > opts.gpus.len() {
@@ -298,12 +366,102 @@ fn select(dag: &Dag, registry: &Registry, opts: &RunOptions) -> Result<Vec<bool>
     Ok(selected)
 }
 
-fn resources(dag: &Dag, registry: &Registry, i: usize) -> relora_spec::Resources {
+/// What stage `i` asks for: its own `resources:`, then what its kind derives from its
+/// params (a `device`), then the executor's resources for its kind, then its `default`.
+fn resources(dag: &Dag, registry: &Registry, executor: &ExecutorSpec, i: usize) -> ResourceRequest {
     let s = &dag.pipeline.stages[i];
+    let from_kind: ResourceRequest = registry
+        .get(&s.kind)
+        .map(|k| k.resources(&s.params))
+        .unwrap_or_default()
+        .into();
+    let none = ResourceRequest::default();
+    let per_kind = executor.resources.get(&s.kind).unwrap_or(&none);
+    let default = executor.resources.get("default").unwrap_or(&none);
     s.resources
         .clone()
-        .or_else(|| registry.get(&s.kind).map(|k| k.resources(&s.params)))
         .unwrap_or_default()
+        .or(&from_kind)
+        .or(per_kind)
+        .or(default)
+}
+
+/// The kinds named under `executor.resources` must exist (or be `default`).
+fn check_executor_kinds(executor: &ExecutorSpec, registry: &Registry) -> Result<()> {
+    let named = executor
+        .resources
+        .keys()
+        .filter(|k| *k != "default")
+        .map(|k| ("resources", k))
+        .chain(executor.local_kinds.iter().map(|k| ("local_kinds", k)));
+    for (field, kind) in named {
+        if registry.get(kind).is_none() {
+            bail!(
+                "executor.{field} names kind `{kind}`, which this binary does not have{}; \
+                 known kinds: {}",
+                relora_spec::did_you_mean(kind, registry.names()),
+                registry.names().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Check that the kinds an `executor:` block names exist, with errors at its lines.
+pub fn check_executor_block(
+    block: &relora_spec::ExecutorBlock,
+    registry: &Registry,
+) -> Result<(), relora_spec::SpecErrors> {
+    let spec = &block.spec;
+    let mut named: Vec<(Vec<String>, &String)> = spec
+        .resources
+        .keys()
+        .filter(|k| *k != "default")
+        .map(|k| (vec!["executor".into(), "resources".into(), k.clone()], k))
+        .collect();
+    for (i, k) in spec.local_kinds.iter().enumerate() {
+        named.push((
+            vec!["executor".into(), "local_kinds".into(), i.to_string()],
+            k,
+        ));
+    }
+    let errors: Vec<_> = named
+        .into_iter()
+        .filter(|(_, k)| registry.get(k).is_none())
+        .map(|(path, k)| {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            block.source.error(
+                &path,
+                format!(
+                    "no stage kind `{k}`{}; known kinds: {}",
+                    relora_spec::did_you_mean(k, registry.names()),
+                    registry.names().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(relora_spec::SpecErrors(errors))
+    }
+}
+
+/// For `plan`: how each stage would be launched under this executor.
+pub fn placements(dag: &Dag, registry: &Registry, executor: &ExecutorSpec) -> Result<Vec<String>> {
+    check_executor_kinds(executor, registry)?;
+    let launchers = Launchers::new(executor);
+    Ok(dag
+        .pipeline
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            launchers
+                .for_kind(&s.kind)
+                .describe(&resources(dag, registry, executor, i))
+        })
+        .collect())
 }
 
 /// What a worker needs to run one stage.
@@ -311,11 +469,14 @@ struct Job {
     comps: KeyComponents,
     force: bool,
     inputs: BTreeMap<String, PathBuf>,
+    /// GPU ids as the stage will see them.
     gpus: Vec<u32>,
+    resources: ResourceRequest,
 }
 
 /// The scheduler's state between events.
 struct Scheduler<'a> {
+    launchers: &'a Launchers,
     dag: &'a Dag,
     registry: &'a Registry,
     cache: &'a Cache,
@@ -326,8 +487,9 @@ struct Scheduler<'a> {
     /// Running stages and the GPUs each holds.
     running: BTreeMap<usize, Vec<u32>>,
     free_gpus: Vec<u32>,
-    /// A failure without --keep-going: start nothing more.
+    /// A failure without --keep-going, or Ctrl-C: start nothing more.
     stop: bool,
+    interrupted: bool,
     display: Display,
 }
 
@@ -353,14 +515,13 @@ impl Scheduler<'_> {
     }
 
     /// The GPUs stage `i` can have now, if enough of the ones it needs are free.
-    fn claim_gpus(&mut self, i: usize) -> Option<Vec<u32>> {
-        let need = resources(self.dag, self.registry, i);
+    fn claim_gpus(&mut self, need: &ResourceRequest) -> Option<Vec<u32>> {
         if !need.gpu_ids.is_empty() {
             if !need.gpu_ids.iter().all(|id| self.free_gpus.contains(id)) {
                 return None;
             }
             self.free_gpus.retain(|id| !need.gpu_ids.contains(id));
-            return Some(need.gpu_ids);
+            return Some(need.gpu_ids.clone());
         }
         let n = need.gpus as usize;
         (n <= self.free_gpus.len()).then(|| self.free_gpus.drain(..n).collect())
@@ -381,10 +542,20 @@ impl Scheduler<'_> {
             if self.outcome[i].is_some() || self.running.contains_key(&i) || waiting_on_inputs {
                 continue;
             }
-            let Some(gpus) = self.claim_gpus(i) else {
-                continue;
+            let need = resources(self.dag, self.registry, &self.opts.executor, i);
+            // Locally the scheduler hands out this machine's GPUs; a batch job's GPUs are
+            // those Slurm gives it on its node, numbered from 0 there.
+            let kind = &self.dag.pipeline.stages[i].kind;
+            let (held, gpus) = if self.launchers.for_kind(kind).assigns_gpus() {
+                let Some(gpus) = self.claim_gpus(&need) else {
+                    continue;
+                };
+                (gpus.clone(), gpus)
+            } else {
+                let n = need.gpus.max(need.gpu_ids.len() as u32);
+                (Vec::new(), (0..n).collect())
             };
-            self.running.insert(i, gpus.clone());
+            self.running.insert(i, held);
             let stage = &self.dag.pipeline.stages[i];
             let comps = components(self.dag, self.registry, i, &self.output_hash)?
                 .context("inputs are ready, so the key is known")?;
@@ -407,6 +578,7 @@ impl Scheduler<'_> {
                     force,
                     inputs,
                     gpus,
+                    resources: need,
                 },
             ));
         }
@@ -417,9 +589,10 @@ impl Scheduler<'_> {
         let name = |i: usize| self.dag.pipeline.stages[i].name.as_str();
         match event {
             Event::Started(i) => self.display.started(name(i)),
-            Event::Waiting(i, pid) => self.display.waiting(name(i), pid),
-            Event::StaleLock(i, pid) => self.display.stale_lock(name(i), pid),
+            Event::Waiting(i, holder) => self.display.waiting(name(i), holder),
+            Event::StaleLock(i, holder) => self.display.stale_lock(name(i), &holder),
             Event::Progress(i, p) => self.display.progress(name(i), &p),
+            Event::Launch(i, state) => self.display.note(&format!("[{}] {state}", name(i))),
             Event::Done(i, r) => {
                 let gpus = self.running.remove(&i).unwrap_or_default();
                 self.free_gpus.extend(gpus);
@@ -444,9 +617,15 @@ impl Scheduler<'_> {
     }
 }
 
-/// The run's environment plus the GPUs this stage held (how `device: auto` resolved).
-fn stage_environment(env: &BTreeMap<String, String>, gpus: &[u32]) -> BTreeMap<String, String> {
+/// The run's environment plus the GPUs this stage held (how `device: auto` resolved) and
+/// the executor that ran it.
+fn stage_environment(
+    env: &BTreeMap<String, String>,
+    gpus: &[u32],
+    executor: &str,
+) -> BTreeMap<String, String> {
     let mut env = env.clone();
+    env.insert("executor".into(), executor.into());
     let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
     env.insert(
         "gpus".into(),
@@ -489,10 +668,12 @@ fn cores() -> usize {
 }
 
 /// One stage: cached, adopted, or computed under its key's lock and committed.
+#[allow(clippy::too_many_arguments)]
 fn run_one(
     dag: &Dag,
     cache: &Cache,
     opts: &RunOptions,
+    launchers: &Launchers,
     env: &BTreeMap<String, String>,
     i: usize,
     job: Job,
@@ -518,11 +699,11 @@ fn run_one(
             return finished(m, Outcome::Cached);
         }
     }
-    let lock = cache.lock(&key, |pid| {
-        let _ = tx.send(Event::Waiting(i, pid));
+    let lock = cache.lock(&key, |holder| {
+        let _ = tx.send(Event::Waiting(i, holder));
     })?;
-    if let Some(pid) = lock.stale_pid {
-        let _ = tx.send(Event::StaleLock(i, pid));
+    if let Some(holder) = &lock.stale_holder {
+        let _ = tx.send(Event::StaleLock(i, holder.clone()));
     }
     // Another process may have committed it while we waited for the lock.
     if !job.force {
@@ -536,6 +717,28 @@ fn run_one(
         }
     }
     let _ = tx.send(Event::Started(i));
+    let launcher = launchers.for_kind(&s.kind);
+    let m = compute(dag, cache, opts, launcher, env, i, &job, tx)?;
+    let seconds = m.seconds;
+    drop(lock);
+    finished(m, Outcome::Computed { seconds })
+}
+
+/// Run stage `i` through the launcher into a fresh staging folder and commit it. Called
+/// with the key's lock held.
+#[allow(clippy::too_many_arguments)]
+fn compute(
+    dag: &Dag,
+    cache: &Cache,
+    opts: &RunOptions,
+    launcher: &dyn Launcher,
+    env: &BTreeMap<String, String>,
+    i: usize,
+    job: &Job,
+    tx: &mpsc::Sender<Event>,
+) -> Result<Manifest> {
+    let s = &dag.pipeline.stages[i];
+    let key = job.comps.key();
     let staging = cache.staging(&key)?;
     let scratch = cache.scratch(&key)?;
     let ctx = StageContext {
@@ -548,7 +751,7 @@ fn run_one(
             .iter()
             .map(|(name, stage)| (name.clone(), stage.clone()))
             .collect(),
-        inputs: job.inputs,
+        inputs: job.inputs.clone(),
         out_dir: staging.outputs(),
         scratch_dir: scratch.clone(),
         gpus: job.gpus.clone(),
@@ -558,9 +761,23 @@ fn run_one(
     std::fs::write(&job_file, serde_json::to_vec_pretty(&ctx)?)?;
     let started_unix = now_unix();
     let log_path = staging.log_path();
-    let threads = threads_per_stage(opts.jobs);
-    let result = run_child(&opts.exe, &job_file, &log_path, &job.gpus, threads, |p| {
-        let _ = tx.send(Event::Progress(i, p));
+    let out_dir = staging.outputs();
+    let launch = Launch {
+        stage: &s.name,
+        exe: &opts.exe,
+        job_file: &job_file,
+        log_path: &log_path,
+        out_dir: &out_dir,
+        cache_root: cache.root(),
+        resources: &job.resources,
+        gpus: &job.gpus,
+        threads: threads_per_stage(opts.jobs),
+    };
+    let result = launcher.launch(&launch, &mut |e| {
+        let _ = tx.send(match e {
+            LaunchEvent::Progress(p) => Event::Progress(i, p),
+            LaunchEvent::State(note) => Event::Launch(i, note),
+        });
     });
     if let Err(e) = result {
         let kept = scratch.join("last-failure.log");
@@ -584,13 +801,10 @@ fn run_one(
         started_unix,
         metrics,
         tool_version: TOOL_VERSION.to_string(),
-        environment: stage_environment(env, &job.gpus),
+        environment: stage_environment(env, &job.gpus, launcher.name()),
         adopted_from: None,
     };
-    let m = cache.commit(staging, info, job.force)?;
-    let seconds = m.seconds;
-    drop(lock);
-    finished(m, Outcome::Computed { seconds })
+    cache.commit(staging, info, job.force)
 }
 
 /// `--accept-code-change`: commit, under the new key, the outputs of an entry whose key

@@ -5,8 +5,12 @@
 //! `--set` overrides) but nothing of what any stage kind does: parameters stay JSON values
 //! for the stage kinds to check. Every error names the file, line, column and key path.
 
+mod executor;
 mod locate;
 
+pub use executor::{
+    config_path, load_config, ExecutorBlock, ExecutorSpec, ExecutorType, ResourceRequest,
+};
 pub use locate::{locate, locate_exact, Pos};
 
 use serde::Deserialize;
@@ -111,7 +115,7 @@ pub struct StageSpec {
     /// Input name → name of the stage whose outputs it receives.
     pub inputs: BTreeMap<String, String>,
     pub params: Value,
-    pub resources: Option<Resources>,
+    pub resources: Option<ResourceRequest>,
     /// Relative paths in params are relative to this folder (the file's own folder).
     pub base_dir: PathBuf,
     pub source: Arc<Source>,
@@ -157,6 +161,8 @@ pub struct Pipeline {
     /// The kinds named under `defaults:`, each with the file that names it, so that the
     /// graph, which knows the registered kinds, can reject a misspelt one.
     pub default_kinds: Vec<(String, Arc<Source>)>,
+    /// The file's own `executor:` block (an imported file's is not used).
+    pub executor: Option<ExecutorBlock>,
 }
 
 impl Pipeline {
@@ -210,6 +216,8 @@ struct RawPipeline {
     #[serde(default)]
     defaults: BTreeMap<String, serde_norway::Value>,
     stages: serde_norway::Mapping,
+    #[serde(default)]
+    executor: Option<ExecutorSpec>,
 }
 
 #[derive(Deserialize)]
@@ -232,7 +240,7 @@ struct RawStage {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
-    resources: Option<Resources>,
+    resources: Option<ResourceRequest>,
 }
 
 /// Load, expand and check a pipeline file.
@@ -473,6 +481,9 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
         }
     }
 
+    if let Some(e) = &raw.executor {
+        errors.extend(e.check(source));
+    }
     let mut seen: BTreeMap<String, &StageSpec> = BTreeMap::new();
     for s in &stages {
         if let Some(prev) = seen.insert(s.name.clone(), s) {
@@ -496,6 +507,10 @@ fn parse_source(source: &Arc<Source>, visiting: &mut Vec<PathBuf>) -> Result<Pip
         file: source.path.clone(),
         stages,
         default_kinds,
+        executor: raw.executor.map(|spec| ExecutorBlock {
+            spec,
+            source: source.clone(),
+        }),
     })
 }
 
@@ -625,6 +640,9 @@ fn expand_stage(
         source.error(&p, msg)
     };
     let mut errors = Vec::new();
+    for (field, msg) in raw.resources.iter().flat_map(ResourceRequest::problems) {
+        errors.push(at(&["resources", field], msg));
+    }
     if !valid_name(template) {
         errors.push(at(
             &[],
@@ -841,6 +859,41 @@ mod tests {
         ));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn batch_resources_and_the_executor_block_are_checked_at_their_lines() {
+        let d = tmp();
+        let f = write(
+            &d,
+            "p.yaml",
+            "pipeline: t\nexecutor:\n  type: slurm\n  poll_seconds: 0\n  resources:\n    train: {memory: 64GB}\nstages:\n  a:\n    kind: command\n    resources: {cpus: 0, time_limit: 4h}\n",
+        );
+        let e = load(&f, &[]).unwrap_err().to_string();
+        for (line, key, what) in [
+            (10, "stages.a.resources.cpus", "at least 1"),
+            (
+                10,
+                "stages.a.resources.time_limit",
+                "`4h` is not a Slurm time",
+            ),
+            (4, "executor.poll_seconds", "positive"),
+            (6, "executor.resources.train.memory", "`64GB` is not a size"),
+        ] {
+            let at = format!("p.yaml:{line}:");
+            assert!(
+                e.lines()
+                    .any(|l| l.contains(&at) && l.contains(key) && l.contains(what)),
+                "{at} {key} {what} missing from:\n{e}"
+            );
+        }
+        let f = write(
+            &d,
+            "q.yaml",
+            "pipeline: t\nexecutor: {type: slurmm}\nstages:\n  a:\n    kind: command\n",
+        );
+        let e = load(&f, &[]).unwrap_err().to_string();
+        assert!(e.contains("q.yaml:2:") && e.contains("slurmm"), "{e}");
     }
 
     #[test]
