@@ -1500,3 +1500,37 @@ fn export_and_import_round_trip_a_model_through_the_transformers_layout() {
         "{err}"
     );
 }
+
+#[test]
+fn the_config_files_executor_is_refined_by_the_pipeline_and_the_flag() {
+    let env = Env::new();
+    let config = env.write(
+        "config.yaml",
+        "executor:\n  type: slurm\n  partition: shared\n  resources:\n    command: {cpus: 2}\n    default: {time_limit: \"1:00:00\"}\n",
+    );
+    env.write(
+        "e.yaml",
+        "pipeline: e\nexecutor: {partition: gpu}\nstages:\n  a:\n    kind: command\n    params: {run: \"true\"}\n",
+    );
+    let vars = [("RELORA_CONFIG", config.to_str().unwrap())];
+    let plan = env.ok_with(&["plan", "e.yaml"], &vars);
+    assert!(
+        plan.contains("@ slurm: sbatch --partition=gpu --time=1:00:00 --cpus-per-task=2"),
+        "{plan}"
+    );
+    let plan = env.ok_with(&["plan", "e.yaml", "--executor", "local"], &vars);
+    assert!(!plan.contains("@ "), "{plan}");
+    env.write(
+        "config.yaml",
+        "executor:\n  type: slurm\n  resources:\n    comand: {cpus: 2}\n",
+    );
+    let o = env.run_with(&["plan", "e.yaml"], &vars);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("config.yaml:4:")
+            && err.contains("executor.resources.comand")
+            && err.contains("command"),
+        "{err}"
+    );
+}

@@ -442,8 +442,10 @@ impl Launcher for Slurm {
                 clean_up(dir);
                 return Ok(());
             }
-            let again = (RESUBMIT.contains(&i.state.as_str()) || i.state == "UNKNOWN")
-                && end.status.is_none()
+            // A purged job that left no exit status was lost with its node; one that left
+            // a status ended by itself, and its status says how.
+            let lost = i.state == "UNKNOWN" && end.status.is_none();
+            let again = (RESUBMIT.contains(&i.state.as_str()) || lost)
                 && !end.cancelled_by_us
                 && !interrupt::requested()
                 && attempt <= self.resubmit;
