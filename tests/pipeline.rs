@@ -1,6 +1,8 @@
 //! End-to-end tests on the real `relora-pipe` binary: caching, invalidation, crashes,
 //! concurrency, error messages, and a tiny ReLoRA pipeline on the bundled C4 sample.
 
+#[path = "pipeline/parallel.rs"]
+mod parallel;
 #[path = "pipeline/slurm.rs"]
 mod slurm;
 

@@ -44,6 +44,7 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
             MODEL_CODE[1],
             MODEL_CODE[2],
             MODEL_CODE[3],
+            "crates/parallel",
             "crates/stages/src/train.rs",
         ],
         MODEL_DEPS,

@@ -446,6 +446,45 @@ fn scenario_a_node_that_cannot_see_the_cache_is_named(c: &Cluster) {
     );
 }
 
+/// A 2-rank ReLoRA stage as one job of 2 tasks (`srun --mpi=pmix`) trains what one local
+/// process accumulating both micro-batches trains.
+#[cfg(feature = "mpi")]
+fn scenario_a_data_parallel_stage_runs_as_one_job_of_two_tasks(c: &Cluster) {
+    let env = Env::new();
+    env.write("dp.yaml", &super::parallel::pipeline(30, 100));
+    env.ok(&["run", "dp.yaml", "--until", "relora-1"]);
+    let plan = c.ok(&env, &["plan", "dp.yaml", "--executor", "slurm"]);
+    assert!(plan.contains("--ntasks=2"), "{plan}");
+    c.ok(
+        &env,
+        &[
+            "run",
+            "dp.yaml",
+            "--until",
+            "relora-2",
+            "--executor",
+            "slurm",
+        ],
+    );
+    let model = |stage: &str| {
+        let v: Value =
+            serde_json::from_str(&env.ok(&["show", "dp.yaml", stage, "--json"])).unwrap();
+        let dir = PathBuf::from(v["path"].as_str().unwrap());
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        (
+            std::fs::read(dir.join("outputs/model.safetensors")).unwrap(),
+            log,
+        )
+    };
+    let (one, _) = model("relora-1");
+    let (two, log) = model("relora-2");
+    assert!(
+        log.contains("rank 1:") && log.contains("slurm: job"),
+        "{log}"
+    );
+    assert!(one == two, "the 2-task Slurm job trained other weights");
+}
+
 #[test]
 fn the_slurm_executor_runs_pipelines_on_a_real_cluster() {
     let Some(cluster) = Cluster::start() else {
@@ -458,5 +497,7 @@ fn the_slurm_executor_runs_pipelines_on_a_real_cluster() {
     scenario_ctrl_c_cancels_the_runs_jobs(&cluster);
     scenario_local_kinds_stay_on_this_machine(&cluster);
     scenario_a_node_that_cannot_see_the_cache_is_named(&cluster);
+    #[cfg(feature = "mpi")]
+    scenario_a_data_parallel_stage_runs_as_one_job_of_two_tasks(&cluster);
     scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(&cluster);
 }

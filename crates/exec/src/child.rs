@@ -10,18 +10,39 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Run the stage described by `job` in a child process of `exe`, its stderr and plain stdout
-/// going to `log_path`, its progress lines to `on_progress`.
+/// Run the stage described by `job` in a child process of `exe` (or `ranks` of them under
+/// `mpirun`), its stderr and plain stdout going to `log_path`, its progress lines to
+/// `on_progress`.
 pub(crate) fn run_child(
     exe: &Path,
     job: &Path,
     log_path: &Path,
     gpus: &[u32],
     threads: Option<usize>,
+    ranks: u32,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<()> {
     let log = std::fs::File::create(log_path)?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = if ranks > 1 {
+        let mut c = Command::new("mpirun");
+        c.args([
+            "-n",
+            &ranks.to_string(),
+            "--bind-to",
+            "none",
+            "--oversubscribe",
+        ]);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            c.arg("--allow-run-as-root");
+        }
+        c.arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    // The ranks are mpirun's children, not ours: they watch this pid to stop with us.
+    cmd.env(ORCHESTRATOR_PID, std::process::id().to_string());
     cmd.arg("__stage")
         .arg(job)
         .stdin(Stdio::null())
@@ -34,12 +55,25 @@ pub(crate) fn run_child(
         let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
     }
-    if let Some(n) = threads {
+    if ranks > 1 {
+        // The ranks share this stage's cores.
+        let cores =
+            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        cmd.env(
+            "RAYON_NUM_THREADS",
+            (cores / ranks as usize).max(1).to_string(),
+        );
+    } else if let Some(n) = threads {
         cmd.env("RAYON_NUM_THREADS", n.to_string());
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", exe.display()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        if ranks > 1 {
+            "starting mpirun for a stage of several ranks (install Open MPI: openmpi-bin)"
+                .to_string()
+        } else {
+            format!("starting {}", exe.display())
+        }
+    })?;
     // Under a batch executor Ctrl-C is caught (to cancel jobs), so it no longer ends us, and
     // with us this child: stop it here.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -72,6 +106,14 @@ pub(crate) fn run_child(
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     if !status.success() {
         use std::os::unix::process::ExitStatusExt;
+        if ranks > 1 {
+            if let Some(rank) = failed_rank(log_path) {
+                bail!(
+                    "rank {rank} of {ranks} failed, and mpirun stopped the others (exit code {})",
+                    status.code().unwrap_or(-1)
+                );
+            }
+        }
         match status.signal() {
             Some(9) => bail!("the stage was killed (signal 9; out of memory?)"),
             Some(sig) => bail!("the stage died of signal {sig}"),
@@ -84,6 +126,33 @@ pub(crate) fn run_child(
     Ok(())
 }
 
+/// Set in a local stage's environment: the orchestrator's pid.
+const ORCHESTRATOR_PID: &str = "RELORA_ORCHESTRATOR_PID";
+
+/// The rank mpirun names as the first to fail, from the log it wrote.
+fn failed_rank(log_path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(log_path).ok()?;
+    text.lines().find_map(|l| {
+        let rest = &l[l.find("process rank ")? + "process rank ".len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// This process's rank and the world size when a launcher started several (`mpirun`,
+/// `srun`); None for a single process.
+pub fn launch_rank() -> Option<(u32, u32)> {
+    let pairs = [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMIX_RANK", "SLURM_NTASKS"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ];
+    pairs.iter().find_map(|(r, w)| {
+        let rank = std::env::var(r).ok()?.parse().ok()?;
+        let world: u32 = std::env::var(w).ok()?.parse().ok()?;
+        (world > 1).then_some((rank, world))
+    })
+}
+
 /// Stop, and stop what we started, when nobody will commit our work: when our parent (the
 /// local orchestrator, or a batch job's shell) is gone, or when our staging folder is, which
 /// happens when another run took the key's lock over from a dead orchestrator whose batch
@@ -91,10 +160,14 @@ pub(crate) fn run_child(
 /// write the same scratch folder.
 fn watch_for_abandonment(job: &Path) {
     let parent = std::os::unix::process::parent_id();
+    let orchestrator = std::env::var(ORCHESTRATOR_PID).ok();
     let staging = job.parent().map(Path::to_path_buf);
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let why = if std::os::unix::process::parent_id() != parent {
+        let gone = |pid: &String| !Path::new(&format!("/proc/{pid}")).exists();
+        let why = if std::os::unix::process::parent_id() != parent
+            || orchestrator.as_ref().is_some_and(gone)
+        {
             "the orchestrator exited"
         } else if staging.as_ref().is_some_and(|d| !d.exists()) {
             "this attempt's staging folder is gone (another run took the stage over)"
@@ -133,8 +206,15 @@ pub fn child_main(registry: &Registry, job: &Path) -> Result<()> {
     let kind = registry
         .get(&ctx.kind)
         .with_context(|| format!("this binary has no stage kind `{}`", ctx.kind))?;
-    kind.run(&mut ctx)?;
-    let metrics = serde_json::to_vec_pretty(&ctx.metrics)?;
-    relora_cache::write_atomic(&job.with_file_name("metrics.json"), &metrics)?;
+    let rank = launch_rank();
+    kind.run(&mut ctx).with_context(|| match rank {
+        Some((r, w)) => format!("rank {r} of {w} on {}", hostname()),
+        None => format!("stage `{}`", ctx.stage),
+    })?;
+    // Rank 0 speaks for a data-parallel group.
+    if rank.is_none_or(|(r, _)| r == 0) {
+        let metrics = serde_json::to_vec_pretty(&ctx.metrics)?;
+        relora_cache::write_atomic(&job.with_file_name("metrics.json"), &metrics)?;
+    }
     Ok(())
 }

@@ -64,16 +64,26 @@ impl Launcher for Local {
         true
     }
     fn describe(&self, r: &ResourceRequest) -> String {
-        match (r.gpus, r.gpu_ids.as_slice()) {
+        let mut s = match (r.gpus, r.gpu_ids.as_slice()) {
             (_, [_, ..]) => format!("local, GPU {:?}", r.gpu_ids),
             (0, _) => "local".into(),
             (n, _) => format!("local, {n} GPU(s)"),
+        };
+        if r.processes() > 1 {
+            s.push_str(&format!(", mpirun -n {}", r.processes()));
         }
+        s
     }
     fn launch(&self, l: &Launch, on_event: &mut dyn FnMut(LaunchEvent)) -> Result<()> {
-        run_child(l.exe, l.job_file, l.log_path, l.gpus, l.threads, |p| {
-            on_event(LaunchEvent::Progress(p))
-        })
+        run_child(
+            l.exe,
+            l.job_file,
+            l.log_path,
+            l.gpus,
+            l.threads,
+            l.resources.processes(),
+            |p| on_event(LaunchEvent::Progress(p)),
+        )
     }
 }
 

@@ -122,13 +122,19 @@ if [ ! -x "$exe" ]; then
 fi
 export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}"
 start=$(date +%s.%N)
-"$exe" __stage "$job"
+{run} "$exe" __stage "$job"
 rc=$?
 echo "$rc $start $(date +%s.%N)" > "${{job%/*}}/exit-status.$SLURM_JOB_ID"
 exit $rc
 "#,
         stage = l.stage,
         host = crate::child::hostname(),
+        // A data-parallel stage: one task per rank, wired up by Slurm's PMIx.
+        run = if l.resources.processes() > 1 {
+            "srun --mpi=pmix"
+        } else {
+            ""
+        },
     )
 }
 
@@ -205,6 +211,9 @@ impl Slurm {
         opt("qos", &self.spec.qos);
         opt("mem", &r.memory);
         opt("time", &r.time_limit);
+        if r.processes() > 1 {
+            a.push(format!("--ntasks={}", r.processes()));
+        }
         if let Some(c) = r.cpus {
             a.push(format!("--cpus-per-task={c}"));
         }

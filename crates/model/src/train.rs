@@ -1,10 +1,11 @@
 //! The training loop every method shares, read top to bottom: schedule, accumulate
-//! gradients, check they are finite, clip, step, then the ReLoRA restart and reset, logging,
-//! evaluation and checkpoints.
+//! gradients (and sum them across data-parallel ranks), check they are finite, clip, step,
+//! then the ReLoRA restart and reset, logging, evaluation and checkpoints.
 
 use crate::checkpoint::{self, TrainState};
 use crate::llama::{cross_entropy, Llama};
 use crate::optim::{clip_grad_norm, AdamConfig, AdamW, ResetMode};
+use crate::parallel::{Collective, CommTime, Solo};
 use crate::rng::Rng;
 use crate::schedule::Schedule;
 use anyhow::{bail, Result};
@@ -68,6 +69,11 @@ pub struct Trainer {
     pub state: TrainState,
     pub cfg: TrainConfig,
     pub device: Device,
+    /// The data-parallel group ([`Solo`] unless set with [`Trainer::with_collective`]).
+    pub comm: Box<dyn Collective>,
+    /// Time spent summing gradients across ranks.
+    pub comm_time: CommTime,
+    seed: u64,
 }
 
 pub fn batch_tensors(b: &Batch, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
@@ -133,7 +139,17 @@ impl Trainer {
             state,
             cfg,
             device,
+            comm: Box::new(Solo),
+            comm_time: CommTime::default(),
+            seed,
         })
+    }
+
+    /// Train as one rank of a data-parallel group. Every rank must build the same model
+    /// from the same seed; rank 0 alone writes checkpoints and metrics.
+    pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Trainer {
+        self.comm = comm;
+        self
     }
 
     fn checkpoint(&mut self, dir: &Path, loader: &Loader, metrics: &Path) -> Result<PathBuf> {
@@ -156,8 +172,10 @@ impl Trainer {
         self.state = checkpoint::load(&ckpt, &self.model, &mut self.opt, &self.device)?;
         loader.restore(&self.state.loader)?;
         // Drop metrics lines written after the checkpoint; they will be written again.
-        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(metrics) {
-            f.set_len(self.state.metrics_len)?;
+        if self.comm.rank() == 0 {
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(metrics) {
+                f.set_len(self.state.metrics_len)?;
+            }
         }
         Ok(Some(self.state.step))
     }
@@ -172,10 +190,18 @@ impl Trainer {
         end_step: u64,
         mut on_step: impl FnMut(&StepMetrics),
     ) -> Result<Vec<StepMetrics>> {
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(metrics_path)?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        // Rank 0 alone writes the metrics (and checkpoints); the others compute.
+        let mut metrics = if rank == 0 {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(metrics_path)?,
+            )
+        } else {
+            None
+        };
         let mut history = Vec::new();
         let mut last_ckpt_step = self.state.step;
         while self.state.step < end_step {
@@ -183,20 +209,28 @@ impl Trainer {
             let step = self.state.step;
             let lr = self.cfg.lr * self.cfg.schedule.lambda(step);
 
-            // Forward and backward over the micro-batches, summing gradients.
+            // Forward and backward over the micro-batches, summing gradients. Every rank
+            // reads the whole stream and computes micro-batches rank, rank + world, …, so
+            // the ranks together see what one process accumulating them all would.
             let params = self.model.trainable();
             let mut grads: Vec<Tensor> = Vec::new();
             let mut loss_sum = 0f64;
             let mut tokens = 0u64;
-            for _ in 0..self.cfg.accum {
+            // With several ranks each draws its own dropout masks, from a stream that
+            // depends on the step alone, so a resumed run needs no per-rank state.
+            let mut rank_dropout =
+                (world > 1).then(|| Rng::derive(self.seed, &format!("dropout/{rank}/{step}")));
+            for j in 0..self.cfg.accum * world {
                 let b = loader.next_batch(self.cfg.micro_batch)?;
                 tokens += (b.batch_size * b.len) as u64;
-                let loss = batch_loss(
-                    &self.model,
-                    &b,
-                    &self.device,
-                    Some(&mut self.state.dropout_rng),
-                )?;
+                if j % world != rank {
+                    continue;
+                }
+                let dropout = match &mut rank_dropout {
+                    Some(r) => r,
+                    None => &mut self.state.dropout_rng,
+                };
+                let loss = batch_loss(&self.model, &b, &self.device, Some(dropout))?;
                 loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 let store = loss.backward()?;
                 for (k, (_, var, _)) in params.iter().enumerate() {
@@ -211,7 +245,17 @@ impl Trainer {
                     }
                 }
             }
-            let scale = 1.0 / self.cfg.accum as f64;
+            if world > 1 {
+                let comm = &self.comm;
+                self.comm_time.time(|| {
+                    comm.all_reduce_sum(&mut grads)?;
+                    let mut l = [loss_sum];
+                    comm.all_reduce_sum_f64(&mut l)?;
+                    loss_sum = l[0];
+                    Ok(())
+                })?;
+            }
+            let scale = 1.0 / (self.cfg.accum * world) as f64;
             for g in grads.iter_mut() {
                 *g = (&*g * scale)?;
             }
@@ -260,7 +304,7 @@ impl Trainer {
                 event: (!event.is_empty()).then(|| event.join("+")),
             };
             let is_last = self.state.step == end_step;
-            if let Some(v) = valid {
+            if let (Some(v), 0) = (valid, rank) {
                 if (self.cfg.eval_every > 0 && self.state.step.is_multiple_of(self.cfg.eval_every))
                     || is_last
                 {
@@ -272,13 +316,16 @@ impl Trainer {
                     m.perplexity = Some(l.exp());
                 }
             }
-            writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
-            metrics.flush()?;
+            if let Some(f) = &mut metrics {
+                writeln!(f, "{}", serde_json::to_string(&m)?)?;
+                f.flush()?;
+            }
             on_step(&m);
             history.push(m);
             if self.cfg.checkpoint_every > 0
                 && self.state.step.is_multiple_of(self.cfg.checkpoint_every)
                 && !is_last
+                && rank == 0
             {
                 self.checkpoint(ckpt_dir, loader, metrics_path)?;
                 last_ckpt_step = self.state.step;

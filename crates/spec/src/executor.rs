@@ -157,6 +157,10 @@ pub struct ResourceRequest {
     /// Wall-clock limit for a batch job, as Slurm writes it (`4:00:00`, `2-00:00:00`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_limit: Option<String>,
+    /// Processes of a data-parallel group, from the kind's params (`parallel.ranks`), not
+    /// written in a `resources:` block.
+    #[serde(skip)]
+    pub ranks: u32,
 }
 
 /// What a kind derives from its params (GPUs) as a request.
@@ -165,12 +169,18 @@ impl From<Resources> for ResourceRequest {
         ResourceRequest {
             gpus: r.gpus,
             gpu_ids: r.gpu_ids,
+            ranks: r.ranks,
             ..ResourceRequest::default()
         }
     }
 }
 
 impl ResourceRequest {
+    /// Processes the stage runs as (at least one).
+    pub fn processes(&self) -> u32 {
+        self.ranks.max(1)
+    }
+
     /// This request, with fields left unset here taken from `base`.
     pub fn or(&self, base: &ResourceRequest) -> ResourceRequest {
         let (gpus, gpu_ids) = if self.gpus > 0 || !self.gpu_ids.is_empty() {
@@ -184,6 +194,7 @@ impl ResourceRequest {
             cpus: self.cpus.or(base.cpus),
             memory: self.memory.clone().or_else(|| base.memory.clone()),
             time_limit: self.time_limit.clone().or_else(|| base.time_limit.clone()),
+            ranks: self.ranks.max(base.ranks),
         }
     }
 

@@ -105,6 +105,13 @@ pub struct Resources {
     /// Which GPUs, when the stage names them (`device: cuda:1`); empty: any free ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_ids: Vec<u32>,
+    /// Processes of a data-parallel group (0 or 1: a single process).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ranks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One concrete stage after sweeps, defaults, imports and overrides.

@@ -42,10 +42,12 @@ impl DeviceParam {
             DeviceParam::Cuda => Resources {
                 gpus: 1,
                 gpu_ids: vec![],
+                ranks: 0,
             },
             DeviceParam::CudaId(n) => Resources {
                 gpus: 1,
                 gpu_ids: vec![n],
+                ranks: 0,
             },
             DeviceParam::Auto => Resources {
                 gpus: u32::from(
@@ -53,6 +55,7 @@ impl DeviceParam {
                         && !relora_exec::visible_gpus().is_empty(),
                 ),
                 gpu_ids: vec![],
+                ranks: 0,
             },
         }
     }

@@ -212,6 +212,32 @@ pub struct TrainParams {
     /// Cosmetic.
     #[serde(default)]
     pub log_every: Option<u64>,
+    /// Data parallelism: several processes, each computing a share of every step's
+    /// micro-batches (README, "Data-parallel training").
+    #[serde(default)]
+    pub parallel: Option<ParallelParams>,
+}
+
+/// `parallel:`: how many data-parallel ranks train the stage.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelParams {
+    /// Processes (MPI ranks), each taking an equal share of every step's micro-batches.
+    pub ranks: usize,
+}
+
+impl TrainParams {
+    /// Data-parallel ranks (1 without `parallel`).
+    pub fn ranks(&self) -> usize {
+        self.parallel.map_or(1, |p| p.ranks)
+    }
+
+    /// Micro-batches per optimizer step, over all ranks.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.batch_tokens
+            .map_or(1, |b| b / (self.micro_batch * self.seq_len).max(1))
+            .max(1)
+    }
 }
 
 fn d_window() -> usize {
@@ -340,6 +366,19 @@ impl TrainParams {
                 format!(
                     "batch_tokens ({b}) must be a positive multiple of micro_batch × seq_len \
                      ({per_pass})"
+                ),
+            );
+        }
+        if let Some(par) = self.parallel {
+            let per_step = self.micro_batches_per_step();
+            c.require(
+                par.ranks >= 1 && per_step.is_multiple_of(par.ranks),
+                &["parallel", "ranks"],
+                format!(
+                    "parallel.ranks ({}) must be at least 1 and divide the micro-batches of a \
+                     step ({per_step} = batch_tokens / (micro_batch × seq_len)), so that every \
+                     rank takes an equal share; raise batch_tokens or lower micro_batch",
+                    par.ranks
                 ),
             );
         }
@@ -520,7 +559,18 @@ impl StageKind for Train {
         &["log_every", "checkpoint_every", "loader_threads"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::device::resources_of(params)
+        let ranks = params
+            .get("parallel")
+            .and_then(|p| p.get("ranks"))
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        let device = crate::device::resources_of(params);
+        Resources {
+            // One GPU per rank when the stage runs on GPUs.
+            gpus: device.gpus * ranks as u32,
+            ranks: ranks as u32,
+            ..device
+        }
     }
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         parse_params::<TrainParams>(stage)?.check(stage)
@@ -615,10 +665,8 @@ fn schedule(p: &TrainParams, total: u64) -> Schedule {
 
 /// The trainer's configuration, for a stage that starts at step `start_step`.
 fn train_config(p: &TrainParams, start_step: u64) -> TrainConfig {
-    let accum = p
-        .batch_tokens
-        .map_or(1, |b| b / (p.micro_batch * p.seq_len))
-        .max(1);
+    // Each rank accumulates its share of the step's micro-batches.
+    let accum = (p.micro_batches_per_step() / p.ranks()).max(1);
     let restarts = p.relora.as_ref().map(|r| Restarts {
         merge_every: r.restarts.then_some(r.merge_every),
         reset_every: r
@@ -718,7 +766,17 @@ fn data_seed(p: &TrainParams, init: Option<&TrainInfo>) -> u64 {
 
 fn run_train(ctx: &mut StageContext) -> Result<()> {
     let p: TrainParams = serde_json::from_value(ctx.params.clone())?;
-    let device = p.device.open(&ctx.gpus)?;
+    // Join the data-parallel group first, so that a launch mistake fails before any work.
+    let comm = relora_parallel::join(p.ranks())?;
+    // Rank 0 writes everything: metrics, checkpoints, outputs, progress.
+    let lead = comm.rank() == 0;
+    let device = match (p.ranks(), ctx.gpus.len()) {
+        // Rank r of a group on GPUs takes the r-th of those the executor assigned.
+        (ranks, n) if ranks > 1 && n > 0 => {
+            relora_model::device(&format!("cuda:{}", comm.rank() % n))?
+        }
+        _ => p.device.open(&ctx.gpus)?,
+    };
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
     let init_dir = ctx.inputs.get("init").cloned();
@@ -762,7 +820,8 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         (Some(i), InitMode::Continue) => i.step,
         _ => 0,
     };
-    let mut trainer = Trainer::new(model, train_config(&p, start_step), p.seed, device.clone())?;
+    let mut trainer = Trainer::new(model, train_config(&p, start_step), p.seed, device.clone())?
+        .with_collective(comm);
     if let (Some(dir), InitMode::Continue) = (&init_dir, p.init_mode) {
         let ckpt = dir.join("checkpoint");
         trainer.state = checkpoint::load(&ckpt, &trainer.model, &mut trainer.opt, &device)
@@ -777,10 +836,14 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         match (&init_dir, p.init_mode) {
             // A continued stage's metrics begin as a copy of its init's.
             (Some(init), InitMode::Continue) => {
-                std::fs::copy(init.join("metrics.jsonl"), &metrics_path)?;
+                if lead {
+                    std::fs::copy(init.join("metrics.jsonl"), &metrics_path)?;
+                }
             }
             _ => {
-                let _ = std::fs::remove_file(&metrics_path);
+                if lead {
+                    let _ = std::fs::remove_file(&metrics_path);
+                }
                 if let Some(info) = &init_info {
                     trainer.state.tokens = info.tokens;
                 }
@@ -794,8 +857,26 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         &scratch.join("checkpoints"),
         &metrics_path,
         start_step + p.steps,
-        |m| report_step(ctx, m, start_step, p.steps, log_every),
+        |m| {
+            if lead {
+                report_step(ctx, m, start_step, p.steps, log_every)
+            }
+        },
     )?;
+    if p.ranks() > 1 {
+        // A timing: for the log and the manifest only.
+        let t = trainer.comm_time;
+        println!(
+            "rank {}: {:.3} s in {} all-reduces of the gradients",
+            trainer.comm.rank(),
+            t.total.as_secs_f64(),
+            t.calls
+        );
+        ctx.metric("allreduce_s", t.total.as_secs_f64());
+    }
+    if !lead {
+        return Ok(());
+    }
 
     let info = TrainInfo {
         model: cfg,
