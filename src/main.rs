@@ -454,7 +454,8 @@ fn print_plan(
         for r in &s.reasons {
             println!("          - {r}");
         }
-        if executor.executor_type() != ExecutorType::Local {
+        // Where it runs, when that is not simply a local child process.
+        if executor.executor_type() != ExecutorType::Local || placed[i] != "local" {
             println!("          @ {}", placed[i]);
         }
         for (id, state) in &jobs[i] {

@@ -1077,6 +1077,18 @@ fn alive(pid: &str) -> bool {
             .contains(") Z ")
 }
 
+/// The highest checkpoint step of any stage in the cache's scratch folders.
+fn latest_checkpoint(cache: &Path) -> u64 {
+    std::fs::read_dir(cache.join("scratch"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("checkpoints/latest")).ok())
+        .filter_map(|l| l.trim().strip_prefix("ckpt-")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Poll until `done` holds, failing with `what` after `limit`.
 fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) {
     let t0 = Instant::now();

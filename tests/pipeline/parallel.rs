@@ -90,10 +90,10 @@ stages:
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use super::super::{metrics, ran, wait_until, Env};
+    use super::super::{latest_checkpoint, metrics, ran, wait_until, Env};
     use super::pipeline;
     use serde_json::Value;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::Stdio;
     use std::time::Duration;
 
@@ -155,17 +155,6 @@ mod with_mpi {
             let has = |hay: &[u8], s: &str| hay.split(|&b| b == 0).any(|x| x == s.as_bytes());
             (has(&cmd, "__stage") && has(&environ, &want) && has(&environ, &cache)).then_some(pid)
         })
-    }
-
-    fn latest_checkpoint(cache: &Path) -> u64 {
-        std::fs::read_dir(cache.join("scratch"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("checkpoints/latest")).ok())
-            .filter_map(|l| l.trim().strip_prefix("ckpt-")?.parse().ok())
-            .max()
-            .unwrap_or(0)
     }
 
     #[test]

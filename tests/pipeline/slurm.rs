@@ -3,9 +3,9 @@
 //! daemons need) the test says so and passes, unless RELORA_REQUIRE_SLURM=1, as `.ci/run`
 //! sets after installing it.
 
-use super::{bin, repo, wait_until, Env};
+use super::{bin, latest_checkpoint, repo, wait_until, Env};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -195,18 +195,6 @@ fn job_of(env: &Env, stage: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// The highest checkpoint step of any stage in the cache's scratch folders.
-fn latest_checkpoint(cache: &Path) -> u64 {
-    std::fs::read_dir(cache.join("scratch"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("checkpoints/latest")).ok())
-        .filter_map(|l| l.trim().strip_prefix("ckpt-")?.parse().ok())
-        .max()
-        .unwrap_or(0)
 }
 
 fn scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(c: &Cluster) {

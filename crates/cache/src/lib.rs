@@ -140,7 +140,9 @@ pub struct EntryLock {
 /// matters when the cache is shared by machines: a pid alone names nothing there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockHolder {
+    /// The holder's process id, on `host`.
     pub pid: u32,
+    /// The holder's machine (empty in lock files of older versions).
     pub host: String,
 }
 

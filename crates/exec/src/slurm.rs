@@ -30,11 +30,14 @@ pub struct Slurm {
 /// A job's state as `scontrol` reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct JobInfo {
+    /// `JobState=` (PENDING, RUNNING, COMPLETED, …).
     pub state: String,
+    /// `Reason=`: why a job pends.
     pub reason: String,
     /// `ExitCode=code:signal`.
     pub exit_code: i32,
     pub signal: i32,
+    /// `NodeList=`.
     pub nodes: String,
 }
 
@@ -219,7 +222,10 @@ impl Slurm {
         }
         // A stage naming its GPU (`cuda:1`) gets one; which one is the node's business.
         let gpus = r.gpus.max(r.gpu_ids.len() as u32);
-        if gpus > 0 {
+        if gpus > 0 && r.processes() > 1 {
+            // Data-parallel tasks may land on several nodes: GPUs go with each task.
+            a.push(format!("--gpus-per-task={}", (gpus / r.processes()).max(1)));
+        } else if gpus > 0 {
             a.push(format!("--gres=gpu:{gpus}"));
         }
         a.extend(self.spec.sbatch_args.iter().cloned());
@@ -586,6 +592,19 @@ mod tests {
                 "--gres=gpu:2",
                 "--exclusive"
             ]
+        );
+        // Two data-parallel ranks on GPUs: two tasks, a GPU with each.
+        let dp = ResourceRequest {
+            gpus: 2,
+            ranks: 2,
+            ..ResourceRequest::default()
+        };
+        let flags = Slurm::new(&spec).flags(&dp);
+        assert!(
+            flags.contains(&"--ntasks=2".to_string())
+                && flags.contains(&"--gpus-per-task=1".to_string())
+                && !flags.iter().any(|f| f.starts_with("--gres")),
+            "{flags:?}"
         );
     }
 }

@@ -91,7 +91,9 @@ pub fn all_reduce_through_host<C: Collective + ?Sized>(
 /// Time spent in collectives, for the overhead figure (logs only).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommTime {
+    /// Time inside collective calls, waiting for slower ranks included.
     pub total: Duration,
+    /// How many steps called them.
     pub calls: u64,
 }
 

@@ -73,7 +73,9 @@ pub struct ExecutorSpec {
 /// An `executor:` block and the file it was read from (for errors at its lines).
 #[derive(Debug, Clone)]
 pub struct ExecutorBlock {
+    /// The block's settings.
     pub spec: ExecutorSpec,
+    /// The file it came from.
     pub source: Arc<Source>,
 }
 

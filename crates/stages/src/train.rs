@@ -770,12 +770,10 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     let comm = relora_parallel::join(p.ranks())?;
     // Rank 0 writes everything: metrics, checkpoints, outputs, progress.
     let lead = comm.rank() == 0;
-    let device = match (p.ranks(), ctx.gpus.len()) {
-        // Rank r of a group on GPUs takes the r-th of those the executor assigned.
-        (ranks, n) if ranks > 1 && n > 0 => {
-            relora_model::device(&format!("cuda:{}", comm.rank() % n))?
-        }
-        _ => p.device.open(&ctx.gpus)?,
+    let device = if p.ranks() > 1 && !ctx.gpus.is_empty() {
+        relora_model::device(&format!("cuda:{}", rank_gpu(comm.rank())))?
+    } else {
+        p.device.open(&ctx.gpus)?
     };
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
@@ -901,6 +899,17 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
     println!("waited {waited:.2}s in total for training data");
     ctx.metric("data_wait_s", waited);
     Ok(())
+}
+
+/// The CUDA ordinal a rank of a data-parallel group uses: its rank on this node among the
+/// GPUs it sees. `mpirun` shows every local rank all the stage's GPUs; Slurm's
+/// `--gpus-per-task` shows each task its own, as ordinal 0.
+fn rank_gpu(rank: usize) -> usize {
+    let local = ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(rank);
+    local % relora_exec::visible_gpus().len().max(1)
 }
 
 /// One step's progress line for the executor, and a log line every `log_every` steps.
