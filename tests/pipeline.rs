@@ -1,6 +1,22 @@
 //! End-to-end tests on the real `relora-pipe` binary: caching, invalidation, crashes,
 //! concurrency, error messages, and a tiny ReLoRA pipeline on the bundled C4 sample.
 
+/// The tokenize stage of the tiny pipelines: 200 documents of the bundled C4 sample (20 held
+/// out), a 300-id BPE, shards of about 3,000 tokens. `DATA` stands for examples/data.
+macro_rules! tiny_tokens_stage {
+    () => {
+        r#"  tokens:
+    kind: tokenize
+    params:
+      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
+      limit_docs: 200
+      valid_docs: 20
+      shard_tokens: 3000
+      tokenizer: {type: bpe, vocab_size: 300}
+"#
+    };
+}
+
 #[path = "pipeline/parallel.rs"]
 mod parallel;
 #[path = "pipeline/slurm.rs"]
@@ -319,7 +335,8 @@ fn gc_keeps_what_listed_pipelines_use() {
 }
 
 /// A tiny version of the quickstart: every ML stage kind, on 200 real C4 documents.
-const TINY_ML: &str = r#"pipeline: tiny
+const TINY_ML: &str = concat!(
+    r#"pipeline: tiny
 defaults:
   train:
     model: {hidden: 32, intermediate: 64, heads: 2, layers: 2}
@@ -333,15 +350,9 @@ defaults:
     # Windows of 64 sequences over shards of ~3,000 tokens: runs cross both boundaries often.
     shuffle_window: 64
 stages:
-  tokens:
-    kind: tokenize
-    params:
-      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
-      limit_docs: 200
-      valid_docs: 20
-      shard_tokens: 3000
-      tokenizer: {type: bpe, vocab_size: 300}
-  warm:
+"#,
+    tiny_tokens_stage!(),
+    r#"  warm:
     kind: train
     inputs: {data: tokens}
     params: {method: full, steps: 10, total_steps: 60, lr: 1.0e-2}
@@ -369,7 +380,8 @@ stages:
   report:
     kind: report
     inputs: {relora@tiny: eval-relora, lora@tiny: eval-lora, curve@relora: relora, svd@relora: svd}
-"#;
+"#
+);
 
 fn tiny_ml(env: &Env) -> PathBuf {
     let data = repo().join("examples/data");

@@ -25,7 +25,7 @@ fn without_mpi_a_stage_of_several_ranks_says_how_to_build_one() {
 /// one each; and a long 2-rank ReLoRA stage to kill.
 pub(crate) fn pipeline(steps: u64, long_steps: u64) -> String {
     let data = repo().join("examples/data");
-    let data = data.display();
+    let tokens = tiny_tokens_stage!().replace("DATA", &data.display().to_string());
     format!(
         r#"pipeline: dp
 defaults:
@@ -40,15 +40,7 @@ defaults:
     eval_sequences: 8
     shuffle_window: 64
 stages:
-  tokens:
-    kind: tokenize
-    params:
-      train_files: {data}/c4-train.00000-of-01024.first1000.json.gz
-      limit_docs: 200
-      valid_docs: 20
-      shard_tokens: 3000
-      tokenizer: {{type: bpe, vocab_size: 300}}
-  warm:
+{tokens}  warm:
     kind: train
     inputs: {{data: tokens}}
     params: {{method: full, steps: 10, total_steps: 100, lr: 1.0e-2}}

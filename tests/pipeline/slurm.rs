@@ -101,7 +101,8 @@ impl Drop for Cluster {
 
 /// tokenize → a warm start of a few steps → two ReLoRA phases → eval → report. The second
 /// phase is long enough (about 10 s) to be cancelled mid-run.
-const PIPELINE: &str = r#"pipeline: slurm-tiny
+const PIPELINE: &str = concat!(
+    r#"pipeline: slurm-tiny
 defaults:
   train:
     model: {hidden: 32, intermediate: 64, heads: 2, layers: 2}
@@ -114,15 +115,9 @@ defaults:
     log_every: 20
     shuffle_window: 64
 stages:
-  tokens:
-    kind: tokenize
-    params:
-      train_files: DATA/c4-train.00000-of-01024.first1000.json.gz
-      limit_docs: 200
-      valid_docs: 20
-      shard_tokens: 3000
-      tokenizer: {type: bpe, vocab_size: 300}
-  warm:
+"#,
+    tiny_tokens_stage!(),
+    r#"  warm:
     kind: train
     inputs: {data: tokens}
     params: {method: full, steps: 10, total_steps: 60, lr: 1.0e-2}
@@ -150,7 +145,8 @@ stages:
   report:
     kind: report
     inputs: {relora@tiny: eval, curve@relora: phase2}
-"#;
+"#
+);
 
 /// Each stage's key and output hash, from `status --json` and its manifest.
 fn keys_and_outputs(env: &Env, file: &str) -> Vec<(String, String, String)> {

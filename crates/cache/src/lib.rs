@@ -136,6 +136,13 @@ pub struct EntryLock {
     pub stale_holder: Option<LockHolder>,
 }
 
+/// This machine's name, if the kernel says it.
+pub fn hostname() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+}
+
 /// Who holds (or held) a key's lock, as it wrote itself into the lock file. The host
 /// matters when the cache is shared by machines: a pid alone names nothing there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,9 +158,7 @@ impl LockHolder {
     pub fn me() -> LockHolder {
         LockHolder {
             pid: std::process::id(),
-            host: fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_default(),
+            host: hostname().unwrap_or_default(),
         }
     }
 

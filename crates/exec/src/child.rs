@@ -186,9 +186,7 @@ fn watch_for_abandonment(job: &Path) {
 
 /// This machine's name, for messages.
 pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
+    relora_cache::hostname().unwrap_or_else(|| "?".into())
 }
 
 /// The child-process side: run one stage from its job file, write its metrics beside it.

@@ -139,8 +139,8 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
     if let Some(commit) = git_commit() {
         env.insert("commit".into(), commit);
     }
-    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        env.insert("host".into(), h.trim().to_string());
+    if let Some(h) = relora_cache::hostname() {
+        env.insert("host".into(), h);
     }
     if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
         if let Some(model) = info.lines().find_map(|l| {
@@ -386,25 +386,41 @@ fn resources(dag: &Dag, registry: &Registry, executor: &ExecutorSpec, i: usize) 
         .or(default)
 }
 
-/// The kinds named under `executor.resources` must exist (or be `default`).
-fn check_executor_kinds(executor: &ExecutorSpec, registry: &Registry) -> Result<()> {
-    let named = executor
+/// Each kind an `executor:` block names (under `resources`, other than `default`, and
+/// `local_kinds`) that this binary lacks: its key path and what is wrong.
+fn unknown_kinds(spec: &ExecutorSpec, registry: &Registry) -> Vec<(Vec<String>, String)> {
+    let under_resources = spec
         .resources
         .keys()
         .filter(|k| *k != "default")
-        .map(|k| ("resources", k))
-        .chain(executor.local_kinds.iter().map(|k| ("local_kinds", k)));
-    for (field, kind) in named {
-        if registry.get(kind).is_none() {
-            bail!(
-                "executor.{field} names kind `{kind}`, which this binary does not have{}; \
-                 known kinds: {}",
-                relora_spec::did_you_mean(kind, registry.names()),
+        .map(|k| (vec!["resources".to_string(), k.clone()], k));
+    let local = spec
+        .local_kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (vec!["local_kinds".to_string(), i.to_string()], k));
+    under_resources
+        .chain(local)
+        .filter(|(_, k)| registry.get(k).is_none())
+        .map(|(path, k)| {
+            let mut full = vec!["executor".to_string()];
+            full.extend(path);
+            let message = format!(
+                "no stage kind `{k}`{}; known kinds: {}",
+                relora_spec::did_you_mean(k, registry.names()),
                 registry.names().collect::<Vec<_>>().join(", ")
             );
-        }
+            (full, message)
+        })
+        .collect()
+}
+
+/// The merged executor settings name only kinds this binary has.
+fn check_executor_kinds(executor: &ExecutorSpec, registry: &Registry) -> Result<()> {
+    match unknown_kinds(executor, registry).into_iter().next() {
+        Some((path, message)) => bail!("at `{}`: {message}", path.join(".")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Check that the kinds an `executor:` block names exist, with errors at its lines.
@@ -412,32 +428,11 @@ pub fn check_executor_block(
     block: &relora_spec::ExecutorBlock,
     registry: &Registry,
 ) -> Result<(), relora_spec::SpecErrors> {
-    let spec = &block.spec;
-    let mut named: Vec<(Vec<String>, &String)> = spec
-        .resources
-        .keys()
-        .filter(|k| *k != "default")
-        .map(|k| (vec!["executor".into(), "resources".into(), k.clone()], k))
-        .collect();
-    for (i, k) in spec.local_kinds.iter().enumerate() {
-        named.push((
-            vec!["executor".into(), "local_kinds".into(), i.to_string()],
-            k,
-        ));
-    }
-    let errors: Vec<_> = named
+    let errors: Vec<_> = unknown_kinds(&block.spec, registry)
         .into_iter()
-        .filter(|(_, k)| registry.get(k).is_none())
-        .map(|(path, k)| {
+        .map(|(path, message)| {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            block.source.error(
-                &path,
-                format!(
-                    "no stage kind `{k}`{}; known kinds: {}",
-                    relora_spec::did_you_mean(k, registry.names()),
-                    registry.names().collect::<Vec<_>>().join(", ")
-                ),
-            )
+            block.source.error(&path, message)
         })
         .collect();
     if errors.is_empty() {

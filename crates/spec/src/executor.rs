@@ -4,7 +4,7 @@
 //! None of this enters a cache key: where and with how much a stage ran does not change
 //! what it computes.
 
-use crate::{locate, Resources, Source, SpecError, SpecErrors};
+use crate::{Resources, Source, SpecError, SpecErrors};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -270,14 +270,8 @@ struct RawConfig {
 
 /// Read a config file's `executor:` block.
 pub fn load_config(path: &Path) -> Result<Option<ExecutorBlock>, SpecErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        SpecErrors(vec![SpecError {
-            file: path.to_path_buf(),
-            pos: locate::Pos { line: 0, col: 0 },
-            key_path: String::new(),
-            message: format!("cannot read config file: {e}"),
-        }])
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::io_error(path, format!("cannot read config file: {e}")))?;
     let source = Arc::new(Source {
         path: path.to_path_buf(),
         text,
