@@ -1,13 +1,17 @@
-//! Training-step benchmark: the same LLaMA block and batch as ../shared/bench/torch_llama_step.py.
+//! Training-step benchmark: the same LLaMA model and batch as examples/bench/torch_step.py
+//! (PyTorch eager); examples/bench/vs_pytorch.sh runs the two back to back.
 //!
 //! cargo run --release --example bench_step -- --vocab 8000 --hidden 512 --inter 1376 \
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
-//!     [--model llama_350m] [--device cuda] [--dtype bf16]
+//!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops]
 //!
-//! No gradient clipping and 5 warm-up steps, as the PyTorch script. Prints forward,
-//! backward and optimizer milliseconds (medians), tokens/s, and an MFU estimate: model FLOPs
-//! (6·N + attention per token, for LoRA too) against this device's measured matmul rate in
-//! the compute dtype. On the CPU it prints peak resident memory; on CUDA the most device
+//! `--reference-ops` times the reference composition of candle primitives instead of the
+//! fused ops (crates/model/src/fused). No gradient clipping and 5 warm-up steps, as the
+//! PyTorch script. Prints forward, backward and optimizer milliseconds (medians), tokens/s,
+//! and an MFU estimate: model FLOPs (6·N + attention per token, for LoRA too) against this
+//! device's measured matmul rate in the compute dtype, and with `--peak-tflops P` also against
+//! a datasheet peak (989 for H100/H200 SXM dense bf16, as llm.c and torchtitan report MFU).
+//! On the CPU it prints peak resident memory; on CUDA the most device
 //! memory seen in use (sampled after each forward and backward pass).
 
 use candle_core::{DType, Device, Tensor};
@@ -109,6 +113,10 @@ fn main() -> anyhow::Result<()> {
     let mut rng = Rng::new(0);
     let mut model = Llama::random(cfg, &mut rng, &dev)?;
     model.compute = dtype;
+    let reference = std::env::args().any(|a| a == "--reference-ops");
+    if reference {
+        model.ops = relora_model::fused::Ops::Reference;
+    }
     if rank > 0 {
         for (_, p) in model.projections_mut() {
             p.add_lora(rank, 32.0, 0.0, LoraInit::KaimingAZeroB, &mut rng)?;
@@ -159,9 +167,19 @@ fn main() -> anyhow::Result<()> {
     // LoRA skips the frozen weights' gradient: about 4·N instead of 6·N for those matmuls.
     let flops = cfg.flops_per_token(seq);
     let mfu = flops * tps / (peak * 1e9);
+    let datasheet = arg_str("--peak-tflops")
+        .map(|p| {
+            let p: f64 = p.parse().expect("--peak-tflops: a number of TFLOP/s");
+            format!(
+                " mfu_vs_datasheet={:.1}% datasheet_tflops={p}",
+                flops * tps / (p * 1e12) * 100.0
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "RESULT {} device={dev:?} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
+        "RESULT {}{} device={dev:?} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
         if rank > 0 { format!("lora-r{rank}") } else { "full".into() },
+        if reference { "-reference-ops" } else { "" },
         cfg.param_count(),
         model.trainable_count(),
         mfu * 100.0,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA checks and benchmarks, in one run on the lent GPU machine (CUDA 13 driver, no Rust,
-# no network). Build here first with scripts/cuda/build.sh, then run from the repository root
-# with out/cuda carried along:
+# The CUDA checks and benchmarks, in one run on a GPU machine (CUDA 13 driver; no Rust and no
+# network needed). Build the tarball on any Linux machine with `bash scripts/cuda/build.sh`,
+# copy this repository's pipelines/ and scripts/ plus out/cuda/relora-pipe-cuda.tar.gz to the
+# GPU machine, and run from the repository root:
 #
-#   run(command="bash scripts/cuda/device-check.sh", carry=["out/cuda"], timeout_s=480)
+#   bash scripts/cuda/device-check.sh
 #
 # Writes under $OUT (default out/device): nvidia-smi.txt, parity.txt, quickstart.txt,
 # throughput.txt and summary.txt. Each step has its own time limit, so one that hangs
@@ -49,11 +50,13 @@ note "quickstart on cuda (exit $code, $(( $(date +%s) - start )) s): $(grep -E '
 grep -E "perplexity|ReLoRA|Full|LoRA|Control" "$OUT/quickstart.txt" | tail -8 >> "$summary"
 
 # 3. Throughput in bf16: 60M, 130M and 350M, full-rank and ReLoRA (rank 128), T5 vocabulary,
-#    micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate.
+#    micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate and
+#    against the datasheet's dense bf16 peak (PEAK_TFLOPS, 989 for H100/H200 SXM).
 for model in llama_60m llama_130m llama_350m; do
   for rank in 0 128; do
     timeout 30 "$bin/bench_step" --model "$model" --vocab 32100 --seq 256 --batch 32 \
-      --steps 10 --device cuda --dtype bf16 --lora-rank "$rank" 2>&1 | grep RESULT \
+      --steps 10 --device cuda --dtype bf16 --lora-rank "$rank" \
+      --peak-tflops "${PEAK_TFLOPS:-989}" 2>&1 | grep RESULT \
       | sed "s/^RESULT/$model/" >> "$OUT/throughput.txt"
   done
 done

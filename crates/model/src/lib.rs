@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod frozen;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod optim;

@@ -2,6 +2,7 @@
 //! low-rank factorisation. The model calls `forward` and never asks which.
 
 use crate::frozen::frozen_matmul;
+use crate::fused::{self, Ops};
 use crate::precision::matmul;
 use crate::rng::Rng;
 use candle_core::{Device, Result, Tensor, Var};
@@ -61,7 +62,14 @@ pub fn dropout_mask(rng: &mut Rng, shape: (usize, usize), p: f32, like: &Tensor)
             .to_dtype(like.dtype())?
             .affine(1.0 / keep as f64, 0.0);
     }
-    let mask: Vec<f32> = (0..shape.0 * shape.1)
+    Tensor::from_vec(mask_values(rng, shape.0 * shape.1, p), shape, like.device())?
+        .to_dtype(like.dtype())
+}
+
+/// `n` inverted-dropout mask values (0 or 1/(1−p)) drawn from `rng`, as the CPU draws them.
+pub fn mask_values(rng: &mut Rng, n: usize, p: f32) -> Vec<f32> {
+    let keep = 1.0 - p;
+    (0..n)
         .map(|_| {
             if rng.uniform() < keep {
                 1.0 / keep
@@ -69,8 +77,17 @@ pub fn dropout_mask(rng: &mut Rng, shape: (usize, usize), p: f32, like: &Tensor)
                 0.0
             }
         })
-        .collect();
-    Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+        .collect()
+}
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Record the autograd graph (training), or enter every weight detached (evaluation).
+    pub track: bool,
+    /// Use the fused kernels of [`crate::fused`] (the caller checks they exist for the
+    /// device and dtype).
+    pub fused: bool,
 }
 
 impl Linear {
@@ -127,14 +144,51 @@ impl Linear {
     /// `x [.., in] → [.., out]`, computed in x's dtype (weights are cast to it; see
     /// [`crate::precision`]). `dropout_rng` is Some in training mode.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        let pass = Pass {
+            track: true,
+            fused: Ops::default().fused_on(x.device(), x.dtype()),
+        };
+        self.apply(x, dropout_rng, pass)
+    }
+
+    /// [`Linear::forward`], run as `pass` says.
+    pub fn apply(&self, x: &Tensor, dropout_rng: Option<&mut Rng>, pass: Pass) -> Result<Tensor> {
+        let param = |v: &Var| {
+            if pass.track {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        };
         let dims = x.dims().to_vec();
         let m: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((m, self.in_dim))?;
         let dt = x.dtype();
-        let mut y = match &self.weight {
-            Some(w) if self.weight_trainable => {
-                Some(matmul(&x2, &w.as_tensor().to_dtype(dt)?.t()?)?)
+        // The fused ops take x [.., in] as it is: a reshape would be one more autograd node,
+        // and one more zero-filled buffer and sum in the backward pass.
+        if pass.fused {
+            match (&self.weight, self.weight_trainable, &self.lora) {
+                // Full-rank.
+                (Some(w), true, None) => return fused::linear(x, &param(w).to_dtype(dt)?),
+                // The ReLoRA layer: frozen W plus its branch.
+                (Some(w), false, Some(l)) => {
+                    let mask = match dropout_rng {
+                        Some(rng) if l.dropout > 0.0 => {
+                            Some(mask_values(rng, m * self.in_dim, l.dropout))
+                        }
+                        _ => None,
+                    };
+                    let (a, b) = (param(&l.a).to_dtype(dt)?, param(&l.b).to_dtype(dt)?);
+                    return fused::lora_linear(x, w.as_tensor(), &a, &b, l.scale, mask);
+                }
+                // Factorised layers keep the reference composition.
+                _ => {}
             }
+        }
+        let x2 = x.reshape((m, self.in_dim))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("input has a feature dimension") = self.out_dim;
+        let mut y = match &self.weight {
+            Some(w) if self.weight_trainable => Some(matmul(&x2, &param(w).to_dtype(dt)?.t()?)?),
             // Detached: the frozen op never differentiates W, so the cast needs no graph.
             Some(w) => Some(frozen_matmul(&x2, &w.as_tensor().detach().to_dtype(dt)?)?),
             None => None,
@@ -148,15 +202,13 @@ impl Linear {
             };
             // Scale the [m, rank] intermediate rather than the [m, out] result: far fewer
             // elements, in the forward and in the backward pass.
-            let (a, b) = (l.a.as_tensor().to_dtype(dt)?, l.b.as_tensor().to_dtype(dt)?);
+            let (a, b) = (param(&l.a).to_dtype(dt)?, param(&l.b).to_dtype(dt)?);
             let low = matmul(&matmul(&xd, &a.t()?)?.affine(l.scale, 0.0)?, &b.t()?)?;
             y = Some(match y {
                 Some(y) => (y + low)?,
                 None => low,
             });
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("input has a feature dimension") = self.out_dim;
         y.expect("a layer has a weight or a LoRA branch")
             .reshape(out_dims)
     }

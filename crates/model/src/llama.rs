@@ -1,9 +1,12 @@
 //! The LLaMA decoder of the paper: pre-norm blocks, RMSNorm, SwiGLU, RoPE, causal attention,
-//! no biases, untied LM head. Built from differentiable ops only (candle's fused rms_norm,
-//! softmax and rope kernels have no backward pass).
+//! no biases, untied LM head. RMSNorm, RoPE, attention, SwiGLU and the loss run as this
+//! crate's fused ops ([`crate::fused`]) where they exist, or as a reference composition of
+//! candle's differentiable primitives (candle's own fused rms_norm, softmax and rope kernels
+//! have no backward pass).
 
 use crate::config::LlamaConfig;
-use crate::linear::Linear;
+use crate::fused::{self, Ops, RopeTables};
+use crate::linear::{Linear, Pass};
 use crate::precision::matmul;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -37,35 +40,18 @@ pub struct Llama {
     pub lm_head: Var,
     /// The dtype matmuls run in: the parameters' own dtype unless set (bf16 on a GPU).
     pub compute: DType,
+    /// Fused ops or the reference composition (for tests and benchmarks).
+    pub ops: Ops,
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + RMS_EPS)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(w)
 }
 
-/// cos and sin tables, [t, head_dim/2].
-fn rope_tables(t: usize, head_dim: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(t * half);
-    let mut sin = Vec::with_capacity(t * half);
-    for pos in 0..t {
-        for i in 0..half {
-            let freq = 1.0 / ROPE_BASE.powf(2.0 * i as f64 / head_dim as f64);
-            let a = pos as f64 * freq;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (t, half), dev)?,
-        Tensor::from_vec(sin, (t, half), dev)?,
-    ))
-}
-
 /// Rotate-half RoPE on x [b, h, t, d].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -165,6 +151,7 @@ impl Llama {
             blocks,
             norm: Var::from_tensor(&get("norm.weight", &[h])?)?,
             lm_head: Var::from_tensor(&get("lm_head.weight", &[v, h])?)?,
+            ops: Ops::default(),
         })
     }
 
@@ -288,18 +275,107 @@ impl Llama {
         Ok(m)
     }
 
-    /// Logits [b, t, vocab] for ids [b, t], in the parameters' dtype. `dropout` is Some in
-    /// training mode. Matmuls run in `self.compute` (see [`crate::precision`]); with f32
-    /// compute every cast below is a no-op.
-    pub fn forward(&self, ids: &Tensor, mut dropout: Option<&mut Rng>) -> Result<Tensor> {
+    /// Logits [b, t, vocab] for ids [b, t], in the parameters' dtype, with the autograd
+    /// graph for a backward pass. `dropout` is Some in training mode. Matmuls run in
+    /// `self.compute` (see [`crate::precision`]); with f32 compute every cast below is a no-op.
+    pub fn forward(&self, ids: &Tensor, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.logits(ids, dropout)?
+            .reshape((b, t, self.cfg.vocab_size))
+    }
+
+    /// The logits of [`Llama::forward`] as [b·t, vocab], in the parameters' dtype.
+    pub fn logits(&self, ids: &Tensor, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        let (x, pass) = self.trunk(ids, dropout, true)?;
+        self.head(&x, pass)
+    }
+
+    /// The weighted mean token cross-entropy of ids [b, t] against `targets` and `weights`
+    /// [b·t] (see [`cross_entropy`]), with the autograd graph for a backward pass. With the
+    /// fused ops the LM head and the loss are one op and no logits tensor is formed.
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        dropout: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        self.scored(ids, targets, weights, dropout, true)
+    }
+
+    /// [`Llama::loss`] in evaluation mode: no dropout, and no autograd graph recorded (the
+    /// parameters enter detached).
+    pub fn loss_eval(&self, ids: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        self.scored(ids, targets, weights, None, false)
+    }
+
+    fn scored(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        dropout: Option<&mut Rng>,
+        track: bool,
+    ) -> Result<Tensor> {
+        let (x, pass) = self.trunk(ids, dropout, track)?;
+        if pass.fused {
+            let head = self.param(&self.lm_head, track).to_dtype(self.compute)?;
+            return fused::head_cross_entropy(&x, &head, targets, weights);
+        }
+        let logits = self.head(&x, pass)?;
+        cross_entropy(&logits, targets, weights)
+    }
+
+    /// A parameter as the forward pass reads it: detached unless `track`.
+    fn param(&self, v: &Var, track: bool) -> Tensor {
+        if track {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        }
+    }
+
+    /// Logits [b·t, vocab] in the master dtype from the final hidden states.
+    fn head(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let head = self
+            .param(&self.lm_head, pass.track)
+            .to_dtype(self.compute)?;
+        let logits = if pass.fused {
+            fused::linear(x, &head)?
+        } else {
+            matmul(x, &head.t()?)?
+        };
+        logits.to_dtype(self.embed.dtype())
+    }
+
+    /// The final hidden states [b·t, hidden] in the compute dtype (after the last norm), and
+    /// how the pass ran.
+    fn trunk(
+        &self,
+        ids: &Tensor,
+        mut dropout: Option<&mut Rng>,
+        track: bool,
+    ) -> Result<(Tensor, Pass)> {
         let (b, t) = ids.dims2()?;
         let (nh, hd) = (self.cfg.heads, self.cfg.head_dim());
         let dev = ids.device();
         let master = self.embed.dtype();
         let compute = self.compute;
-        let (cos, sin) = rope_tables(t, hd, dev)?;
-        let (cos, sin) = (cos.to_dtype(compute)?, sin.to_dtype(compute)?);
-        let mask = causal_mask(t, dev)?.to_dtype(master)?;
+        let fused = self.ops.fused_on(dev, master);
+        let pass = Pass {
+            track,
+            fused: self.ops.fused_on(dev, compute),
+        };
+        // Without `track` the parameters enter detached, so no op records a graph.
+        let param = |v: &Var| self.param(v, track);
+        let norm = |x: &Tensor, w: &Var| {
+            if fused {
+                fused::rms_norm(x, &param(w), RMS_EPS)
+            } else {
+                rms_norm(x, &param(w))
+            }
+        };
+        let tables = RopeTables::new(t, hd, ROPE_BASE);
         let scale = 1.0 / (hd as f64).sqrt();
         let has_dropout = self
             .blocks
@@ -313,38 +389,70 @@ impl Llama {
         }
         // The residual stream stays in the master dtype; each sub-layer reads a normalised
         // copy in the compute dtype and its output is widened back before the addition.
-        let mut x = self
-            .embed
-            .as_tensor()
+        let mut x = param(&self.embed)
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden))?;
         for blk in &self.blocks {
             let [q, k, v, o, gate, up, down] = &blk.proj;
-            let n = rms_norm(&x, blk.attn_norm.as_tensor())?.to_dtype(compute)?;
-            let heads = |y: Tensor| y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous();
-            let qh = rope(&heads(q.forward(&n, dropout.as_deref_mut())?)?, &cos, &sin)?;
-            let kh = rope(&heads(k.forward(&n, dropout.as_deref_mut())?)?, &cos, &sin)?;
-            let vh = heads(v.forward(&n, dropout.as_deref_mut())?)?;
-            let att = (matmul(&qh, &kh.t()?)? * scale)?
-                .to_dtype(master)?
-                .broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(compute)?;
-            let y = matmul(&att, &vh)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.cfg.hidden))?;
-            x = (x + o.forward(&y, dropout.as_deref_mut())?.to_dtype(master)?)?;
-            let n = rms_norm(&x, blk.mlp_norm.as_tensor())?.to_dtype(compute)?;
-            let g = candle_nn::ops::silu(&gate.forward(&n, dropout.as_deref_mut())?)?;
-            let u = up.forward(&n, dropout.as_deref_mut())?;
-            let mlp = down.forward(&(g * u)?, dropout.as_deref_mut())?;
+            let n = norm(&x, &blk.attn_norm)?.to_dtype(compute)?;
+            let q = q.apply(&n, dropout.as_deref_mut(), pass)?;
+            let k = k.apply(&n, dropout.as_deref_mut(), pass)?;
+            let v = v.apply(&n, dropout.as_deref_mut(), pass)?;
+            let y = if fused {
+                let (q, k) = (fused::rope(&q, &tables)?, fused::rope(&k, &tables)?);
+                fused::causal_attention(&q, &k, &v, nh, scale)?
+            } else {
+                let heads = |y: Tensor| y.reshape((b, t, nh, hd));
+                let qkv = [heads(q)?, heads(k)?, heads(v)?];
+                reference_attention(qkv, &tables, scale, master)?.reshape((
+                    b,
+                    t,
+                    self.cfg.hidden,
+                ))?
+            };
+            x = (x + o
+                .apply(&y, dropout.as_deref_mut(), pass)?
+                .to_dtype(master)?)?;
+            let n = norm(&x, &blk.mlp_norm)?.to_dtype(compute)?;
+            let g = gate.apply(&n, dropout.as_deref_mut(), pass)?;
+            let u = up.apply(&n, dropout.as_deref_mut(), pass)?;
+            let act = if fused {
+                fused::swiglu(&g, &u)?
+            } else {
+                (candle_nn::ops::silu(&g)? * u)?
+            };
+            let mlp = down.apply(&act, dropout.as_deref_mut(), pass)?;
             x = (x + mlp.to_dtype(master)?)?;
         }
-        let x = rms_norm(&x, self.norm.as_tensor())?.to_dtype(compute)?;
-        let head = self.lm_head.as_tensor().to_dtype(compute)?;
-        matmul(&x.reshape((b * t, self.cfg.hidden))?, &head.t()?)?
-            .to_dtype(master)?
-            .reshape((b, t, self.cfg.vocab_size))
+        let x = norm(&x, &self.norm)?.to_dtype(compute)?;
+        Ok((x.reshape((b * t, self.cfg.hidden))?, pass))
     }
+}
+
+/// The reference attention: q, k, v [b, t, heads, head_dim] in the compute dtype, each
+/// transposed to [b, heads, t, head_dim]; scores, mask and softmax (in the master dtype)
+/// composed from candle's differentiable ops. Returns [b, t, heads, head_dim].
+pub(crate) fn reference_attention(
+    [q, k, v]: [Tensor; 3],
+    tables: &RopeTables,
+    scale: f64,
+    master: DType,
+) -> Result<Tensor> {
+    let t = q.dim(1)?;
+    let compute = q.dtype();
+    let dev = q.device();
+    let (cos, sin) = tables.tensors(dev)?;
+    let (cos, sin) = (cos.to_dtype(compute)?, sin.to_dtype(compute)?);
+    let mask = causal_mask(t, dev)?.to_dtype(master)?;
+    let heads = |y: Tensor| y.transpose(1, 2)?.contiguous();
+    let qh = rope(&heads(q)?, &cos, &sin)?;
+    let kh = rope(&heads(k)?, &cos, &sin)?;
+    let vh = heads(v)?;
+    let att = (matmul(&qh, &kh.t()?)? * scale)?
+        .to_dtype(master)?
+        .broadcast_add(&mask)?;
+    let att = candle_nn::ops::softmax(&att, D::Minus1)?.to_dtype(compute)?;
+    matmul(&att, &vh)?.transpose(1, 2)
 }
 
 /// Weighted mean token cross-entropy: logits [n, vocab], targets [n] (u32), weights [n].

@@ -1,7 +1,8 @@
 //! AdamW with its moments in reach, so ReLoRA can prune them (§4), and gradient clipping.
 
+use crate::fused;
 use crate::rng::Rng;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,6 +53,9 @@ pub struct AdamW {
     pub params: Vec<ParamState>,
     /// Optimizer steps taken; a reset does not change it.
     pub step: u64,
+    /// One in-place pass per tensor ([`crate::fused::adamw`]) where it can run (f32 on the
+    /// CPU); false forces the composed reference update everywhere (for tests).
+    pub fused: bool,
 }
 
 impl AdamW {
@@ -59,13 +63,13 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, var, is_lora)| {
-                let z = var.as_tensor().zeros_like()?;
+                // Two buffers: the fused update writes each moment in place.
                 Ok(ParamState {
+                    m: var.as_tensor().zeros_like()?,
+                    v: var.as_tensor().zeros_like()?,
                     name,
                     var,
                     is_lora,
-                    m: z.clone(),
-                    v: z,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -73,16 +77,57 @@ impl AdamW {
             cfg,
             params,
             step: 0,
+            fused: true,
         })
     }
 
     /// One update with gradients in parameter order.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with gradients `grad_scale · grads`: the scale (averaging over
+    /// micro-batches and ranks, and clipping) is applied as each gradient is read.
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            candle_core::bail!(
+                "adamw: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
+        }
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let constants = fused::adamw::AdamStep {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+            bias1: bc1 as f32,
+            bias2: bc2 as f32,
+            grad_scale: grad_scale as f32,
+        };
         for (p, g) in self.params.iter_mut().zip(grads) {
+            let t = p.var.as_tensor();
+            let fusable = [t, &p.m, &p.v, g]
+                .iter()
+                .all(|x| x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous());
+            if self.fused && fusable {
+                fused::adamw::step(t, &p.m, &p.v, g, constants)?;
+                continue;
+            }
+            let scaled;
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                scaled = (g * grad_scale)?;
+                &scaled
+            };
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&p.v / bc2)?.sqrt()? + c.eps)?;
@@ -149,23 +194,31 @@ pub fn prune(t: &Tensor, mode: ResetMode, rng: &mut Rng) -> Result<Tensor> {
     }
 }
 
+/// The global L2 norm of `grads`.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads {
+        sq += fused::grads::sum_of_squares(g)?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// What gradients of global norm `norm` are multiplied by so it is at most `max` (PyTorch's
+/// `clip_grad_norm_`: max / (norm + 1e-6) when over, else 1).
+pub fn clip_factor(norm: f64, max: Option<f64>) -> f64 {
+    match max {
+        Some(max) if norm > max && norm.is_finite() => max / (norm + 1e-6),
+        _ => 1.0,
+    }
+}
+
 /// Scale gradients so their global L2 norm is at most `max`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut [Tensor], max: Option<f64>) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
-    if let Some(max) = max {
-        if norm > max && norm.is_finite() {
-            let s = max / (norm + 1e-6);
-            for g in grads.iter_mut() {
-                *g = (&*g * s)?;
-            }
+    let norm = grad_norm(grads)?;
+    let s = clip_factor(norm, max);
+    if s != 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * s)?;
         }
     }
     Ok(norm)
@@ -264,6 +317,50 @@ mod tests {
         let got = v.as_tensor().to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip([0.99f32, -1.99, 2.99]) {
             assert!((a - b).abs() < 1e-5, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_composed_update() {
+        let mut rng = Rng::new(12);
+        let dev = Device::Cpu;
+        let cfg = AdamConfig {
+            weight_decay: 0.1,
+            ..AdamConfig::default()
+        };
+        let init = Tensor::from_vec(rng.normal_vec(40_000, 1.0), (200, 200), &dev).unwrap();
+        let grads: Vec<Tensor> = (0..5)
+            .map(|_| Tensor::from_vec(rng.normal_vec(40_000, 1.0), (200, 200), &dev).unwrap())
+            .collect();
+        let mut finals = Vec::new();
+        for fused in [true, false] {
+            let var = Var::from_tensor(&init).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone(), false)], cfg).unwrap();
+            opt.fused = fused;
+            for g in &grads {
+                opt.step_scaled(std::slice::from_ref(g), 1e-2, 0.5).unwrap();
+            }
+            let p = &opt.params[0];
+            finals.push([var.as_tensor().clone(), p.m.clone(), p.v.clone()]);
+        }
+        for (what, (a, b)) in ["weight", "m", "v"]
+            .iter()
+            .zip(finals[0].iter().zip(&finals[1]))
+        {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            // The same f32 formula per element; only the order of a few roundings differs.
+            assert!(
+                d <= 1e-6 * scale,
+                "{what}: max difference {d} (scale {scale})"
+            );
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Tests of the model and the training engine on tiny models.
 
 use crate::checkpoint;
+use crate::fused::Ops;
 use crate::linear::{Linear, LoraInit};
 use crate::llama::Llama;
 use crate::optim::{AdamConfig, ResetMode};
 use crate::rng::Rng;
 use crate::schedule::Schedule;
-use crate::train::{batch_loss, evaluate, Restarts, TrainConfig, Trainer};
+use crate::train::{batch_loss, eval_loss, evaluate, Restarts, TrainConfig, Trainer};
 use crate::LlamaConfig;
 use candle_core::{DType, Device, Tensor};
 use relora_data::{Batch, Loader, LoaderConfig, Packing, Sequences, Split};
@@ -545,4 +546,60 @@ fn relora_trains_in_bf16_as_it_does_in_f32() {
     );
     eprintln!("f32 {f0:.6} -> {f1:.6}, bf16 {b0:.6} -> {b1:.6}");
     assert!((b1 - f1).abs() < 0.1, "final loss f32 {f1} vs bf16 {b1}");
+}
+
+#[test]
+fn fused_model_matches_the_reference_composition() {
+    let cfg = LlamaConfig {
+        vocab_size: 64,
+        hidden: 32,
+        intermediate: 64,
+        heads: 2,
+        layers: 2,
+    };
+    for lora in [false, true] {
+        let mut rng = Rng::new(8);
+        let mut model = Llama::random(cfg, &mut rng, &Device::Cpu).unwrap();
+        if lora {
+            wrap(&mut model, 4, LoraInit::KaimingBoth, 0.0, &mut rng);
+        }
+        // 70 positions: two of the fused attention's query blocks.
+        let b = batch(&mut rng, 64, 3, 70);
+        assert_eq!(model.ops, Ops::Fused);
+        let (lf, gf) = loss_and_grads(&model, &b);
+        let eval = eval_loss(&model, &b, &Device::Cpu).unwrap();
+        model.ops = Ops::Reference;
+        let (lr, gr) = loss_and_grads(&model, &b);
+        // f32 sums in another order: a few units in the last place of the loss.
+        assert!(
+            (lf - lr).abs() < 1e-5 * lr,
+            "lora {lora}: loss {lf} vs {lr}"
+        );
+        assert_eq!(
+            eval as f32, lf as f32,
+            "evaluation computes the training loss"
+        );
+        for ((name, a), (_, b)) in gf.iter().zip(&gr) {
+            let e = rel_err(a, b);
+            assert!(e < 1e-5, "lora {lora}: {name} gradient off by {e:e}");
+        }
+    }
+}
+
+#[test]
+fn evaluation_records_no_autograd_graph() {
+    let mut rng = Rng::new(9);
+    let model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
+    let b = batch(&mut rng, 11, 2, 6);
+    let (ids, targets, weights) = crate::train::batch_tensors(&b, &Device::Cpu).unwrap();
+    let loss = model.loss_eval(&ids, &targets, &weights).unwrap();
+    // A tensor with no graph behind it has no gradient to give.
+    let grads = loss.backward().unwrap();
+    assert!(model
+        .trainable()
+        .iter()
+        .all(|(_, v, _)| grads.get(v.as_tensor()).is_none()));
+    let tracked = model.forward(&ids, None).unwrap();
+    let grads = tracked.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(model.embed.as_tensor()).is_some());
 }

@@ -3,8 +3,9 @@
 //! then the ReLoRA restart and reset, logging, evaluation and checkpoints.
 
 use crate::checkpoint::{self, TrainState};
-use crate::llama::{cross_entropy, Llama};
-use crate::optim::{clip_grad_norm, AdamConfig, AdamW, ResetMode};
+use crate::fused::grads::accumulate;
+use crate::llama::Llama;
+use crate::optim::{clip_factor, grad_norm, AdamConfig, AdamW, ResetMode};
 use crate::parallel::{Collective, CommTime, Solo};
 use crate::rng::Rng;
 use crate::schedule::Schedule;
@@ -92,9 +93,16 @@ pub fn batch_loss(
     dropout: Option<&mut Rng>,
 ) -> candle_core::Result<Tensor> {
     let (ids, targets, weights) = batch_tensors(b, dev)?;
-    let logits = model.forward(&ids, dropout)?;
-    let logits = logits.reshape((b.batch_size * b.len, model.cfg.vocab_size))?;
-    cross_entropy(&logits, &targets, &weights)
+    model.loss(&ids, &targets, &weights, dropout)
+}
+
+/// Mean token loss of a batch in evaluation mode: no dropout, no autograd graph.
+pub fn eval_loss(model: &Llama, b: &Batch, dev: &Device) -> candle_core::Result<f64> {
+    let (ids, targets, weights) = batch_tensors(b, dev)?;
+    model
+        .loss_eval(&ids, &targets, &weights)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
 }
 
 /// exp(mean token cross-entropy) over `batches`, with dropout off. Returns (mean loss,
@@ -108,9 +116,7 @@ pub fn evaluate(
     for b in batches {
         let b = b?;
         let tokens = b.target_tokens();
-        let loss = batch_loss(model, &b, dev, None)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let loss = eval_loss(model, &b, dev)?;
         sum += loss * tokens;
         count += tokens;
     }
@@ -232,16 +238,16 @@ impl Trainer {
                 };
                 let loss = batch_loss(&self.model, &b, &self.device, Some(dropout))?;
                 loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                let store = loss.backward()?;
+                let mut store = loss.backward()?;
                 for (k, (_, var, _)) in params.iter().enumerate() {
-                    let g = match store.get(var.as_tensor()) {
-                        Some(g) => g.clone(),
+                    let g = match store.remove(var.as_tensor()) {
+                        Some(g) => g,
                         None => var.as_tensor().zeros_like()?,
                     };
                     if grads.len() <= k {
                         grads.push(g);
                     } else {
-                        grads[k] = (&grads[k] + g)?;
+                        accumulate(&mut grads[k], &g)?;
                     }
                 }
             }
@@ -255,12 +261,11 @@ impl Trainer {
                     Ok(())
                 })?;
             }
-            let scale = 1.0 / (self.cfg.accum * world) as f64;
-            for g in grads.iter_mut() {
-                *g = (&*g * scale)?;
-            }
-            let loss = loss_sum * scale;
-            let grad_norm = clip_grad_norm(&mut grads, self.cfg.clip_grad)?;
+            // The gradients are sums over micro-batches; averaging and clipping become one
+            // factor that the optimizer applies as it reads them.
+            let average = 1.0 / (self.cfg.accum * world) as f64;
+            let loss = loss_sum * average;
+            let grad_norm = grad_norm(&grads)? * average;
             if !loss.is_finite() || !grad_norm.is_finite() {
                 bail!(
                     "non-finite {} at step {step} (loss {loss}, gradient norm {grad_norm}); \
@@ -270,7 +275,8 @@ impl Trainer {
                     ckpt_dir.display()
                 );
             }
-            self.opt.step(&grads, lr)?;
+            let clip = clip_factor(grad_norm, self.cfg.clip_grad);
+            self.opt.step_scaled(&grads, lr, average * clip)?;
             drop(grads);
             self.state.step += 1;
             self.state.tokens += tokens;

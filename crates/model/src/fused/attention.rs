@@ -1,0 +1,340 @@
+//! Causal self-attention, `softmax(q·kᵀ·scale + mask) · v`, as one op over
+//! `q, k, v [b, t, heads · head_dim]` (the projections' layout: no reshapes, no transposes).
+//!
+//! Flash-attention style: queries go in blocks of [`BLOCK`] rows, each against the keys up to
+//! its last row; the [heads × t × t] probabilities are never stored. The forward pass keeps
+//! one log-sum-exp per query; the backward pass recomputes each block's probabilities from
+//! it (`P = exp(S − lse)`), then, with `Dᵢ = Σ dOᵢ·Oᵢ`:
+//! `dV += Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − D)`, `dQ = scale · dS·K`, `dK += scale · dSᵀ·Q`.
+//!
+//! One rayon task per (sequence, head); the tiles' products go through `gemm` single-threaded
+//! within a task, so each output element is computed in a fixed order, whatever the threads.
+
+use super::host::{self, SharedMut};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Query rows per block: the score tile is BLOCK × t floats (64 KiB at t = 256).
+const BLOCK: usize = 64;
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    /// log Σ exp of each query's scaled scores, [b, heads, t], from the forward pass.
+    lse: OnceLock<Vec<f32>>,
+}
+
+/// Sizes of one call, read off `q`'s [b, t, heads · head_dim].
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(dims: &[usize], h: usize) -> Result<Dims> {
+        match *dims {
+            [b, t, hidden] if h > 0 && hidden % h == 0 => Ok(Dims {
+                b,
+                t,
+                h,
+                d: hidden / h,
+            }),
+            _ => bail!("attention: expected [b, t, {h} heads × head_dim], got {dims:?}"),
+        }
+    }
+    /// Distance between consecutive positions of one head.
+    fn row(&self) -> usize {
+        self.h * self.d
+    }
+    /// Offset of (sequence, head)'s first element.
+    fn base(&self, task: usize) -> usize {
+        let (bi, hi) = (task / self.h, task % self.h);
+        bi * self.t * self.row() + hi * self.d
+    }
+}
+
+/// `dst[m × n] (+)= beta · lhs[m × k] · rhs[k × n]`, every operand given as
+/// (pointer, column stride, row stride). `accumulate` keeps what `dst` holds.
+///
+/// # Safety
+/// The pointers must cover the strided extents, and no other thread may write `dst`'s
+/// elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    accumulate: bool,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1 as isize,
+        dst.2 as isize,
+        accumulate,
+        lhs.0,
+        lhs.1 as isize,
+        lhs.2 as isize,
+        rhs.0,
+        rhs.1 as isize,
+        rhs.2 as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Scores of queries `q0..q1` against keys `0..q1`, scaled, into `s` ([q1−q0] × q1).
+fn scores(q: &[f32], k: &[f32], base: usize, dm: Dims, (q0, q1): (usize, usize), s: &mut [f32]) {
+    let row = dm.row();
+    // SAFETY: q and k cover rows 0..t of this head; s is this task's own buffer.
+    unsafe {
+        mm(
+            (q1 - q0, q1, dm.d),
+            (s.as_mut_ptr(), 1, q1),
+            (q.as_ptr().add(base + q0 * row), 1, row),
+            // kᵀ: element (i, j) is k[j, i].
+            (k.as_ptr().add(base), row, 1),
+            1.0,
+            false,
+        )
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if ql.dims() != kl.dims() || ql.dims() != vl.dims() {
+            bail!(
+                "attention: q {:?}, k {:?} and v {:?} differ",
+                ql.dims(),
+                kl.dims(),
+                vl.dims()
+            );
+        }
+        let dm = Dims::of(ql.dims(), self.heads)?;
+        let q = host::slice(qs, ql, "attention")?;
+        let k = host::slice(ks, kl, "attention")?;
+        let v = host::slice(vs, vl, "attention")?;
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; dm.b * dm.h * dm.t];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let row = dm.row();
+        lse.par_chunks_mut(dm.t.max(1))
+            .enumerate()
+            .for_each(|(task, lse)| {
+                let base = dm.base(task);
+                let mut p = vec![0f32; BLOCK * dm.t];
+                for q0 in (0..dm.t).step_by(BLOCK) {
+                    let q1 = (q0 + BLOCK).min(dm.t);
+                    let p = &mut p[..(q1 - q0) * q1];
+                    scores(q, k, base, dm, (q0, q1), p);
+                    for (r, p) in p.chunks_mut(q1).enumerate() {
+                        let i = q0 + r;
+                        let (live, masked) = p.split_at_mut(i + 1);
+                        let max = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        let max = max * self.scale;
+                        let mut sum = 0f32;
+                        for x in live.iter_mut() {
+                            *x = (*x * self.scale - max).exp();
+                            sum += *x;
+                        }
+                        for x in live.iter_mut() {
+                            *x /= sum;
+                        }
+                        masked.fill(0.0);
+                        lse[i] = max + sum.ln();
+                    }
+                    let out = out_ptr;
+                    // SAFETY: this task alone writes this head's rows q0..q1 of `out`.
+                    unsafe {
+                        mm(
+                            (q1 - q0, dm.d, q1),
+                            (out.0.add(base + q0 * row), 1, row),
+                            (p.as_ptr(), 1, q1),
+                            (v.as_ptr().add(base), 1, row),
+                            1.0,
+                            false,
+                        )
+                    }
+                }
+            });
+        self.lse
+            .set(lse)
+            .map_err(|_| candle_core::Error::Msg("attention: op applied twice".into()))?;
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("attention: backward before forward".into()))?;
+        let dm = Dims::of(q.dims(), self.heads)?;
+        let (dq, dk, dv) = host::read(q, "attention", |q| {
+            host::read(k, "attention", |k| {
+                host::read(v, "attention", |v| {
+                    host::read(out, "attention", |o| {
+                        host::read(dout, "attention", |d_o| {
+                            self.backward(dm, lse, [q, k, v, o, d_o])
+                        })
+                    })
+                })
+            })
+        })?????;
+        let shape = q.dims();
+        Ok((
+            Some(host::tensor(dq, shape)?),
+            Some(host::tensor(dk, shape)?),
+            Some(host::tensor(dv, shape)?),
+        ))
+    }
+}
+
+impl Attention {
+    fn backward(
+        &self,
+        dm: Dims,
+        lse: &[f32],
+        [q, k, v, o, d_o]: [&[f32]; 5],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = q.len();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (dq_ptr, dk_ptr, dv_ptr) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        let row = dm.row();
+        let scale = self.scale;
+        (0..dm.b * dm.h).into_par_iter().for_each(|task| {
+            let base = dm.base(task);
+            let lse = &lse[task * dm.t..(task + 1) * dm.t];
+            // Dᵢ = dOᵢ · Oᵢ for every query of this head.
+            let dsum: Vec<f32> = (0..dm.t)
+                .map(|i| {
+                    let at = base + i * row;
+                    (0..dm.d).map(|c| d_o[at + c] * o[at + c]).sum()
+                })
+                .collect();
+            let mut p = vec![0f32; BLOCK * dm.t];
+            let mut ds = vec![0f32; BLOCK * dm.t];
+            let (dq, dk, dv) = (dq_ptr, dk_ptr, dv_ptr);
+            for q0 in (0..dm.t).step_by(BLOCK) {
+                let q1 = (q0 + BLOCK).min(dm.t);
+                let (p, ds) = (&mut p[..(q1 - q0) * q1], &mut ds[..(q1 - q0) * q1]);
+                scores(q, k, base, dm, (q0, q1), p);
+                for (r, p) in p.chunks_mut(q1).enumerate() {
+                    let i = q0 + r;
+                    let (live, masked) = p.split_at_mut(i + 1);
+                    for x in live.iter_mut() {
+                        *x = (*x * scale - lse[i]).exp();
+                    }
+                    masked.fill(0.0);
+                }
+                // SAFETY (all four products): this task alone writes this head's elements
+                // of dq, dk and dv; p and ds are its own buffers.
+                unsafe {
+                    // dV[0..q1] += Pᵀ · dO[q0..q1]
+                    mm(
+                        (q1, dm.d, q1 - q0),
+                        (dv.0.add(base), 1, row),
+                        (p.as_ptr(), q1, 1),
+                        (d_o.as_ptr().add(base + q0 * row), 1, row),
+                        1.0,
+                        true,
+                    );
+                    // dP = dO[q0..q1] · V[0..q1]ᵀ
+                    mm(
+                        (q1 - q0, q1, dm.d),
+                        (ds.as_mut_ptr(), 1, q1),
+                        (d_o.as_ptr().add(base + q0 * row), 1, row),
+                        (v.as_ptr().add(base), row, 1),
+                        1.0,
+                        false,
+                    );
+                }
+                for (r, (ds, p)) in ds.chunks_mut(q1).zip(p.chunks(q1)).enumerate() {
+                    let di = dsum[q0 + r];
+                    for (ds, &p) in ds.iter_mut().zip(p) {
+                        *ds = p * (*ds - di);
+                    }
+                }
+                unsafe {
+                    // dQ[q0..q1] = scale · dS · K[0..q1]
+                    mm(
+                        (q1 - q0, dm.d, q1),
+                        (dq.0.add(base + q0 * row), 1, row),
+                        (ds.as_ptr(), 1, q1),
+                        (k.as_ptr().add(base), 1, row),
+                        scale,
+                        false,
+                    );
+                    // dK[0..q1] += scale · dSᵀ · Q[q0..q1]
+                    mm(
+                        (q1, dm.d, q1 - q0),
+                        (dk.0.add(base), 1, row),
+                        (ds.as_ptr(), q1, 1),
+                        (q.as_ptr().add(base + q0 * row), 1, row),
+                        scale,
+                        true,
+                    );
+                }
+            }
+        });
+        (dq, dk, dv)
+    }
+}
+
+/// Causal attention of `heads` heads over `q, k, v [b, t, heads · head_dim]` with scores
+/// scaled by `scale`; returns [b, t, heads · head_dim]. Fused (CPU).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32_of = |x: &Tensor| x.to_dtype(candle_core::DType::F32)?.contiguous();
+    host::in_f32(q, |q| {
+        q.contiguous()?.apply_op3(
+            &f32_of(k)?,
+            &f32_of(v)?,
+            Attention {
+                heads,
+                scale: scale as f32,
+                lse: OnceLock::new(),
+            },
+        )
+    })
+}

@@ -1,0 +1,286 @@
+//! A frozen projection with its LoRA branch as one op:
+//! `y = x·Wᵀ + s · ((x ∘ mask)·Aᵀ)·Bᵀ`, W frozen.
+//!
+//! Composed, the branch is two matmuls, a scale, an addition and (with dropout) a mask, and
+//! candle's autograd adds a zero-filled buffer and a sum for every one of them in the
+//! backward pass. Here the branch's product is accumulated straight into the output, and the
+//! only thing kept for the backward pass is `u = (x ∘ mask)·Aᵀ`, [tokens × rank]. The
+//! backward pass, with `v = dy·B`:
+//! `dx = dy·W + s · (v·A) ∘ mask`, `dA = s · vᵀ·(x ∘ mask)`, `dB = s · dyᵀ·u`, and no dW:
+//! the saving ReLoRA is built on (see also [`crate::frozen`]).
+
+use super::host;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use std::sync::OnceLock;
+
+struct LoraLinear {
+    /// The frozen weight, [out, in], f32 contiguous.
+    w: Tensor,
+    scale: f32,
+    /// The inverted-dropout mask over x, [tokens × in], when dropout is on.
+    mask: Option<Vec<f32>>,
+    /// `(x ∘ mask)·Aᵀ`, [tokens × rank], from the forward pass.
+    u: OnceLock<Vec<f32>>,
+}
+
+/// `dst[m × n] (+)= beta · lhs · rhs`, operands as (pointer, column stride, row stride),
+/// threaded over the output by gemm (each element computed by one thread, in one order).
+///
+/// # Safety
+/// The pointers must cover the strided extents; `dst` must not alias the operands.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    accumulate: bool,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1 as isize,
+        dst.2 as isize,
+        accumulate,
+        lhs.0,
+        lhs.1 as isize,
+        lhs.2 as isize,
+        rhs.0,
+        rhs.1 as isize,
+        rhs.2 as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// `dims` with its last entry replaced by `out`.
+pub(super) fn out_shape(dims: &[usize], out: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    Shape::from(d)
+}
+
+fn masked(x: &[f32], mask: &Option<Vec<f32>>) -> Option<Vec<f32>> {
+    mask.as_ref()
+        .map(|mask| x.iter().zip(mask).map(|(x, m)| x * m).collect())
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let in_dim = *xl.dims().last().unwrap_or(&0);
+        let m = xl.shape().elem_count() / in_dim.max(1);
+        let (rank, in_a) = al.shape().dims2()?;
+        let (out, rank_b) = bl.shape().dims2()?;
+        if in_a != in_dim || rank_b != rank || self.w.dims() != [out, in_dim] {
+            bail!(
+                "lora_linear: x {:?}, A {:?}, B {:?}, W {:?}",
+                xl.dims(),
+                al.dims(),
+                bl.dims(),
+                self.w.dims()
+            );
+        }
+        if self.mask.as_ref().is_some_and(|k| k.len() != m * in_dim) {
+            bail!("lora_linear: dropout mask does not cover x {:?}", xl.dims());
+        }
+        let x = host::slice(xs, xl, "lora_linear")?;
+        let (a, b) = (
+            host::slice(a_s, al, "lora_linear")?,
+            host::slice(bs, bl, "lora_linear")?,
+        );
+        let mut y = vec![0f32; m * out];
+        let mut u = vec![0f32; m * rank];
+        let xd = masked(x, &self.mask);
+        let xd = xd.as_deref().unwrap_or(x);
+        host::read(&self.w, "lora_linear", |w| {
+            // SAFETY: every buffer has the extents given; y and u are fresh.
+            unsafe {
+                // y = x·Wᵀ
+                mm(
+                    (m, out, in_dim),
+                    (y.as_mut_ptr(), 1, out),
+                    (x.as_ptr(), 1, in_dim),
+                    (w.as_ptr(), in_dim, 1),
+                    1.0,
+                    false,
+                );
+                // u = xd·Aᵀ
+                mm(
+                    (m, rank, in_dim),
+                    (u.as_mut_ptr(), 1, rank),
+                    (xd.as_ptr(), 1, in_dim),
+                    (a.as_ptr(), in_dim, 1),
+                    1.0,
+                    false,
+                );
+                // y += s · u·Bᵀ
+                mm(
+                    (m, out, rank),
+                    (y.as_mut_ptr(), 1, out),
+                    (u.as_ptr(), 1, rank),
+                    (b.as_ptr(), rank, 1),
+                    self.scale,
+                    true,
+                );
+            }
+        })?;
+        self.u
+            .set(u)
+            .map_err(|_| candle_core::Error::Msg("lora_linear: op applied twice".into()))?;
+        Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let u = self.u.get().ok_or_else(|| {
+            candle_core::Error::Msg("lora_linear: backward before forward".into())
+        })?;
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let m = x.elem_count() / in_dim.max(1);
+        let (rank, out) = (a.dim(0)?, b.dim(0)?);
+        let s = self.scale;
+        let (dx, da, db) = host::read(x, "lora_linear", |x| {
+            host::read(a, "lora_linear", |a| {
+                host::read(b, "lora_linear", |b| {
+                    host::read(dy, "lora_linear", |dy| {
+                        host::read(&self.w, "lora_linear", |w| {
+                            let mut v = vec![0f32; m * rank];
+                            let mut dx = vec![0f32; m * in_dim];
+                            let mut da = vec![0f32; rank * in_dim];
+                            let mut db = vec![0f32; out * rank];
+                            let xd = masked(x, &self.mask);
+                            let xd = xd.as_deref().unwrap_or(x);
+                            // SAFETY: every buffer has the extents given; outputs are fresh.
+                            unsafe {
+                                // v = dy·B
+                                mm(
+                                    (m, rank, out),
+                                    (v.as_mut_ptr(), 1, rank),
+                                    (dy.as_ptr(), 1, out),
+                                    (b.as_ptr(), 1, rank),
+                                    1.0,
+                                    false,
+                                );
+                                // dx = dy·W
+                                mm(
+                                    (m, in_dim, out),
+                                    (dx.as_mut_ptr(), 1, in_dim),
+                                    (dy.as_ptr(), 1, out),
+                                    (w.as_ptr(), 1, in_dim),
+                                    1.0,
+                                    false,
+                                );
+                                match &self.mask {
+                                    // dx += s · v·A
+                                    None => mm(
+                                        (m, in_dim, rank),
+                                        (dx.as_mut_ptr(), 1, in_dim),
+                                        (v.as_ptr(), 1, rank),
+                                        (a.as_ptr(), 1, in_dim),
+                                        s,
+                                        true,
+                                    ),
+                                    // dx += (s · v·A) ∘ mask
+                                    Some(mask) => {
+                                        let mut t = vec![0f32; m * in_dim];
+                                        mm(
+                                            (m, in_dim, rank),
+                                            (t.as_mut_ptr(), 1, in_dim),
+                                            (v.as_ptr(), 1, rank),
+                                            (a.as_ptr(), 1, in_dim),
+                                            s,
+                                            false,
+                                        );
+                                        for ((dx, t), k) in dx.iter_mut().zip(&t).zip(mask) {
+                                            *dx += t * k;
+                                        }
+                                    }
+                                }
+                                // dA = s · vᵀ·xd
+                                mm(
+                                    (rank, in_dim, m),
+                                    (da.as_mut_ptr(), 1, in_dim),
+                                    (v.as_ptr(), rank, 1),
+                                    (xd.as_ptr(), 1, in_dim),
+                                    s,
+                                    false,
+                                );
+                                // dB = s · dyᵀ·u
+                                mm(
+                                    (out, rank, m),
+                                    (db.as_mut_ptr(), 1, rank),
+                                    (dy.as_ptr(), out, 1),
+                                    (u.as_ptr(), 1, rank),
+                                    s,
+                                    false,
+                                );
+                            }
+                            (dx, da, db)
+                        })
+                    })
+                })
+            })
+        })?????;
+        Ok((
+            Some(host::tensor(dx, x.dims())?),
+            Some(host::tensor(da, &[rank, in_dim])?),
+            Some(host::tensor(db, &[out, rank])?),
+        ))
+    }
+}
+
+/// `x [.., in] · Wᵀ + scale · ((x ∘ mask) · Aᵀ) · Bᵀ` → [.., out], with W frozen (no
+/// gradient), fused (CPU). `mask` is the inverted-dropout mask over x, row-major, if any.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let op = LoraLinear {
+        w: f32_of(&w.detach())?,
+        scale: scale as f32,
+        mask,
+        u: OnceLock::new(),
+    };
+    host::in_f32(x, |x| {
+        x.contiguous()?.apply_op3(&f32_of(a)?, &f32_of(b)?, op)
+    })
+}

@@ -1,0 +1,264 @@
+//! The weighted mean token cross-entropy, fused with the log-softmax over the vocabulary.
+//!
+//! The forward pass reads each row of logits once (its maximum, then the sum of exponentials:
+//! two sweeps of one row, which stays in cache) and keeps one log-sum-exp per token. The
+//! backward pass writes the logits' gradient directly, `(softmax − onehot) · wᵢ / Σw`, so no
+//! [tokens × vocab] tensor exists besides the logits and their gradient.
+//!
+//! [`head_cross_entropy`] goes one step further for training: the LM head's matmul and the
+//! loss are one op, the logits live in a buffer of the op, and the backward pass turns that
+//! buffer into the logits' gradient in place before the two matmuls of the head's backward
+//! pass. No [tokens × vocab] tensor ever enters the autograd graph, so candle allocates no
+//! zero-filled [tokens × vocab] gradient and sums nothing into it.
+
+use super::host;
+use super::lora::mm;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Mutex, OnceLock};
+
+/// The targets and weights of one loss, checked against the vocabulary.
+struct Targets {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    total_weight: f64,
+}
+
+impl Targets {
+    fn new(targets: &Tensor, weights: &Tensor, rows: usize) -> Result<Targets> {
+        let targets = targets
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let weights = weights
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if targets.len() != rows || weights.len() != rows {
+            bail!(
+                "cross_entropy: {rows} rows of logits, {} targets, {} weights",
+                targets.len(),
+                weights.len()
+            );
+        }
+        let total_weight = weights.iter().map(|&w| f64::from(w)).sum();
+        Ok(Targets {
+            targets,
+            weights,
+            total_weight,
+        })
+    }
+
+    fn check(&self, vocab: usize) -> Result<()> {
+        match self
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            Some((i, t)) => {
+                bail!("cross_entropy: target {t} of token {i} is outside the vocabulary of {vocab}")
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The mean loss over `x [n, vocab]`, and each row's log-sum-exp.
+    fn loss(&self, x: &[f32], vocab: usize) -> (f64, Vec<f32>) {
+        let mut lse = vec![0f32; x.len() / vocab.max(1)];
+        let losses: Vec<f64> = x
+            .par_chunks(vocab)
+            .zip(lse.par_iter_mut())
+            .enumerate()
+            .map(|(i, (row, lse))| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+                *lse = max + sum.ln();
+                let w = self.weights[i];
+                if w == 0.0 {
+                    0.0
+                } else {
+                    f64::from((*lse - row[self.targets[i] as usize]) * w)
+                }
+            })
+            .collect();
+        // A fixed-order sum: the loss's bits do not depend on the thread count.
+        (losses.iter().sum::<f64>() / self.total_weight, lse)
+    }
+
+    /// Turns logits `x [n, vocab]` into their gradient in place, for a loss gradient `g`.
+    fn gradient_in_place(&self, x: &mut [f32], vocab: usize, lse: &[f32], g: f64) {
+        let g = g / self.total_weight;
+        x.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+            let c = (g * f64::from(self.weights[i])) as f32;
+            if c == 0.0 {
+                row.fill(0.0);
+                return;
+            }
+            for z in row.iter_mut() {
+                *z = c * (*z - lse[i]).exp();
+            }
+            row[self.targets[i] as usize] -= c;
+        });
+    }
+}
+
+struct CrossEntropy {
+    targets: Targets,
+    /// log Σ exp(logits) of each row, from the forward pass.
+    lse: OnceLock<Vec<f32>>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l.shape().dims2()?;
+        self.targets.check(v)?;
+        let (loss, lse) = self.targets.loss(host::slice(s, l, "cross_entropy")?, v);
+        self.lse
+            .set(lse)
+            .map_err(|_| candle_core::Error::Msg("cross_entropy: op applied twice".into()))?;
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, logits: &Tensor, _loss: &Tensor, dloss: &Tensor) -> Result<Option<Tensor>> {
+        let lse = self.lse.get().ok_or_else(|| {
+            candle_core::Error::Msg("cross_entropy: backward before forward".into())
+        })?;
+        let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let v = logits.dim(1)?;
+        let mut dx = host::read(logits, "cross_entropy", |x| x.to_vec())?;
+        self.targets.gradient_in_place(&mut dx, v, lse, g);
+        Ok(Some(host::tensor(dx, logits.dims())?))
+    }
+}
+
+/// Weighted mean token cross-entropy of `logits [n, vocab]` against `targets [n]` (u32) with
+/// `weights [n]`, fused (CPU). The result is a scalar in the logits' dtype.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let op = CrossEntropy {
+        targets: Targets::new(targets, weights, logits.dim(0)?)?,
+        lse: OnceLock::new(),
+    };
+    logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(op)?
+        .to_dtype(logits.dtype())
+}
+
+struct HeadCrossEntropy {
+    targets: Targets,
+    /// The logits [n, vocab] and their log-sum-exps, from the forward pass; the backward pass
+    /// takes the logits and overwrites them with their gradient.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl CustomOp2 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h) = xl.shape().dims2()?;
+        let (v, h2) = wl.shape().dims2()?;
+        if h != h2 {
+            bail!(
+                "head_cross_entropy: x {:?} against head {:?}",
+                xl.dims(),
+                wl.dims()
+            );
+        }
+        self.targets.check(v)?;
+        let (x, w) = (host::slice(xs, xl, "head")?, host::slice(ws, wl, "head")?);
+        let mut logits = vec![0f32; n * v];
+        // SAFETY: the buffers have the extents given; logits is fresh.
+        unsafe {
+            mm(
+                (n, v, h),
+                (logits.as_mut_ptr(), 1, v),
+                (x.as_ptr(), 1, h),
+                (w.as_ptr(), h, 1),
+                1.0,
+                false,
+            )
+        };
+        let (loss, lse) = self.targets.loss(&logits, v);
+        *self.saved.lock().expect("not poisoned") = Some((logits, lse));
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((mut dlogits, lse)) = self.saved.lock().expect("not poisoned").take() else {
+            bail!("head_cross_entropy: backward before forward, or twice");
+        };
+        let (n, h) = x.dims2()?;
+        let v = w.dim(0)?;
+        let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        self.targets.gradient_in_place(&mut dlogits, v, &lse, g);
+        let (dx, dw) = host::read(x, "head", |x| {
+            host::read(w, "head", |w| {
+                let mut dx = vec![0f32; n * h];
+                let mut dw = vec![0f32; v * h];
+                // SAFETY: the buffers have the extents given; outputs are fresh.
+                unsafe {
+                    // dx = dlogits·W
+                    mm(
+                        (n, h, v),
+                        (dx.as_mut_ptr(), 1, h),
+                        (dlogits.as_ptr(), 1, v),
+                        (w.as_ptr(), 1, h),
+                        1.0,
+                        false,
+                    );
+                    // dW = dlogitsᵀ·x
+                    mm(
+                        (v, h, n),
+                        (dw.as_mut_ptr(), 1, h),
+                        (dlogits.as_ptr(), v, 1),
+                        (x.as_ptr(), 1, h),
+                        1.0,
+                        false,
+                    );
+                }
+                (dx, dw)
+            })
+        })??;
+        Ok((
+            Some(host::tensor(dx, x.dims())?),
+            Some(host::tensor(dw, w.dims())?),
+        ))
+    }
+}
+
+/// The weighted mean token cross-entropy of the logits `x [n, hidden] · headᵀ`, with the
+/// head's matmul and the loss as one op (CPU): see the module's documentation. The loss is
+/// an f32 scalar whatever x's dtype (the reference path, too, takes it in f32).
+pub fn head_cross_entropy(
+    x: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let op = HeadCrossEntropy {
+        targets: Targets::new(targets, weights, x.dim(0)?)?,
+        saved: Mutex::new(None),
+    };
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    f32_of(x)?.apply_op2(&f32_of(head)?, op)
+}

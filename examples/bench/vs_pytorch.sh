@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# relora-pipe's training step against PyTorch eager, back to back, on this machine's CPU.
+#
+#   bash examples/bench/vs_pytorch.sh            # the three configs, full-rank and LoRA r32
+#   STEPS=5 CONFIGS=tiny bash examples/bench/vs_pytorch.sh
+#
+# For each config (tiny, the 20.8M model, hidden 1024 × 2 layers) and each kind (full-rank;
+# frozen W plus rank-32 LoRA on every projection, a ReLoRA step between restarts) it runs
+# `bench_step` (release build) and examples/bench/torch_step.py with the same model, batch
+# and thread count, then prints one table: forward, backward and optimizer ms (medians),
+# tokens/s, peak resident memory, and ours / PyTorch in tokens/s.
+# Needs: cargo, python3 with torch (`pip install torch`). THREADS (default 2) sets both sides.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+STEPS=${STEPS:-10}
+THREADS=${THREADS:-2}
+CONFIGS=${CONFIGS:-"tiny 20.8M h1024x2"}
+declare -A ARGS=(
+  [tiny]="--vocab 1000 --hidden 128 --inter 352 --heads 4 --layers 2 --seq 64 --batch 8"
+  [20.8M]="--vocab 8000 --hidden 512 --inter 1376 --heads 8 --layers 4 --seq 256 --batch 8"
+  [h1024x2]="--vocab 8000 --hidden 1024 --inter 2736 --heads 16 --layers 2 --seq 256 --batch 4"
+)
+
+python3 -c "import torch" 2>/dev/null || { echo "needs PyTorch: pip install torch" >&2; exit 1; }
+cargo build --release --example bench_step >&2
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+for config in $CONFIGS; do
+  for rank in 0 32; do
+    lora=(); [ "$rank" -gt 0 ] && lora=(--lora-rank "$rank")
+    echo "== $config ${lora[*]:-full}" >&2
+    ours=$(RAYON_NUM_THREADS=$THREADS ./target/release/examples/bench_step ${ARGS[$config]} \
+      --steps "$STEPS" "${lora[@]}" | grep '^RESULT')
+    torch=$(python3 examples/bench/torch_step.py ${ARGS[$config]} --steps "$STEPS" \
+      --threads "$THREADS" "${lora[@]}" | grep '^RESULT')
+    echo "$config $rank ours $ours" >>"$results"
+    echo "$config $rank torch $torch" >>"$results"
+  done
+done
+
+python3 - "$results" <<'EOF'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    config, rank, who, rest = line.split(" ", 3)
+    kv = dict(f.split("=", 1) for f in rest.split() if "=" in f)
+    rows[(config, rank, who)] = kv
+print("| config | kind | | fwd ms | bwd ms | opt ms | tokens/s | peak RSS MiB | ours / PyTorch |")
+print("|---|---|---|---|---|---|---|---|---|")
+for (config, rank, who), kv in rows.items():
+    kind = "full" if rank == "0" else f"LoRA r{rank}"
+    ratio = ""
+    if who == "ours":
+        other = rows.get((config, rank, "torch"))
+        if other:
+            ratio = f"{float(kv['tokens_per_s']) / float(other['tokens_per_s']):.2f}×"
+    name = "relora-pipe" if who == "ours" else "PyTorch eager"
+    print(f"| {config} | {kind} | {name} | {kv['fwd_ms']} | {kv['bwd_ms']} | {kv['opt_ms']} "
+          f"| {kv['tokens_per_s']} | {kv['peak_rss_mib']} | {ratio} |")
+EOF
