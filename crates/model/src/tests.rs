@@ -467,8 +467,10 @@ fn loss_and_grads(model: &Llama, b: &Batch) -> (f64, Vec<(String, Tensor)>) {
     (loss.to_scalar::<f32>().unwrap() as f64, grads)
 }
 
-#[test]
-fn bf16_compute_tracks_f32_and_keeps_f32_gradients() {
+/// A model big enough for every path to matter numerically (vocab 64, hidden 32, 2 layers),
+/// with LoRA on every projection if `lora`: both factors non-zero, so every LoRA gradient
+/// is non-trivial. Returns the RNG for the batch.
+fn small_model(seed: u64, lora: bool) -> (Llama, Rng) {
     let cfg = LlamaConfig {
         vocab_size: 64,
         hidden: 32,
@@ -476,13 +478,18 @@ fn bf16_compute_tracks_f32_and_keeps_f32_gradients() {
         heads: 2,
         layers: 2,
     };
+    let mut rng = Rng::new(seed);
+    let mut model = Llama::random(cfg, &mut rng, &Device::Cpu).unwrap();
+    if lora {
+        wrap(&mut model, 4, LoraInit::KaimingBoth, 0.0, &mut rng);
+    }
+    (model, rng)
+}
+
+#[test]
+fn bf16_compute_tracks_f32_and_keeps_f32_gradients() {
     for lora in [false, true] {
-        let mut rng = Rng::new(3);
-        let mut model = Llama::random(cfg, &mut rng, &Device::Cpu).unwrap();
-        if lora {
-            // Both factors non-zero, so every LoRA gradient is non-trivial.
-            wrap(&mut model, 4, LoraInit::KaimingBoth, 0.0, &mut rng);
-        }
+        let (mut model, mut rng) = small_model(3, lora);
         let b = batch(&mut rng, 64, 4, 16);
         let (l32, g32) = loss_and_grads(&model, &b);
         model.compute = DType::BF16;
@@ -550,19 +557,8 @@ fn relora_trains_in_bf16_as_it_does_in_f32() {
 
 #[test]
 fn fused_model_matches_the_reference_composition() {
-    let cfg = LlamaConfig {
-        vocab_size: 64,
-        hidden: 32,
-        intermediate: 64,
-        heads: 2,
-        layers: 2,
-    };
     for lora in [false, true] {
-        let mut rng = Rng::new(8);
-        let mut model = Llama::random(cfg, &mut rng, &Device::Cpu).unwrap();
-        if lora {
-            wrap(&mut model, 4, LoraInit::KaimingBoth, 0.0, &mut rng);
-        }
+        let (mut model, mut rng) = small_model(8, lora);
         // 70 positions: two of the fused attention's query blocks.
         let b = batch(&mut rng, 64, 3, 70);
         assert_eq!(model.ops, Ops::Fused);

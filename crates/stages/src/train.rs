@@ -381,6 +381,15 @@ impl TrainParams {
                     par.ranks
                 ),
             );
+            c.require(
+                par.ranks <= 1 || !matches!(self.device, DeviceParam::CudaId(_)),
+                &["device"],
+                format!(
+                    "device `cuda:N` names one GPU, but parallel.ranks ({}) trains on one GPU \
+                     per rank; use `device: cuda` and each rank gets its own",
+                    par.ranks
+                ),
+            );
         }
         c.positive(&["lr"], self.lr);
         c.within(&["min_lr_ratio"], self.min_lr_ratio, 0.0, 1.0, true, true);
@@ -559,11 +568,11 @@ impl StageKind for Train {
         &["log_every", "checkpoint_every", "loader_threads"]
     }
     fn resources(&self, params: &Value) -> Resources {
+        // Validation has run: a `parallel` that does not parse is never scheduled.
         let ranks = params
             .get("parallel")
-            .and_then(|p| p.get("ranks"))
-            .and_then(Value::as_u64)
-            .unwrap_or(1);
+            .and_then(|p| serde_json::from_value::<ParallelParams>(p.clone()).ok())
+            .map_or(1, |p| p.ranks);
         let device = crate::device::resources_of(params);
         Resources {
             // One GPU per rank when the stage runs on GPUs.

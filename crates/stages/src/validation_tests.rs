@@ -94,6 +94,7 @@ const CASES: &[Case] = &[
     case(train!("full", "seq_len: 1 #<"), "seq_len", "stages.s.params.seq_len", "n - 1 predictions"),
     case(train!("full", "batch_tokens: 100 #<"), "batch_tokens", "stages.s.params.batch_tokens", "positive multiple of micro_batch × seq_len (64)"),
     case(train!("full", "batch_tokens: 192", "parallel: {ranks: 2} #<"), "ranks", "stages.s.params.parallel.ranks", "must be at least 1 and divide the micro-batches of a step (3 = "),
+    case(train!("full", "batch_tokens: 256", "parallel: {ranks: 2}", "device: \"cuda:1\" #<"), "device", "stages.s.params.device", "device `cuda:N` names one GPU, but parallel.ranks (2)"),
     case("  s:\n    kind: train\n    inputs: {data: tokens}\n    params:\n      method: full\n      steps: 20\n      lr: .nan #<\n", "lr", "stages.s.params.lr", "lr must be a finite number, not NaN"),
     case("  s:\n    kind: train\n    inputs: {data: tokens}\n    params:\n      method: full\n      steps: 20\n      lr: .inf #<\n", "lr", "stages.s.params.lr", "not infinite"),
     case("  s:\n    kind: train\n    inputs: {data: tokens}\n    params:\n      method: full\n      steps: 20\n      lr: -0.5 #<\n", "lr", "stages.s.params.lr", "lr must be in (0, ∞); got -0.5"),

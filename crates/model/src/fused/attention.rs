@@ -10,9 +10,9 @@
 //! One rayon task per (sequence, head); the tiles' products go through `gemm` single-threaded
 //! within a task, so each output element is computed in a fixed order, whatever the threads.
 
+use super::gemm::{mm, Threads::One};
 use super::host::{self, SharedMut};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -58,44 +58,6 @@ impl Dims {
     }
 }
 
-/// `dst[m × n] (+)= beta · lhs[m × k] · rhs[k × n]`, every operand given as
-/// (pointer, column stride, row stride). `accumulate` keeps what `dst` holds.
-///
-/// # Safety
-/// The pointers must cover the strided extents, and no other thread may write `dst`'s
-/// elements meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, usize, usize),
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
-    accumulate: bool,
-) {
-    gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1 as isize,
-        dst.2 as isize,
-        accumulate,
-        lhs.0,
-        lhs.1 as isize,
-        lhs.2 as isize,
-        rhs.0,
-        rhs.1 as isize,
-        rhs.2 as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
 /// Scores of queries `q0..q1` against keys `0..q1`, scaled, into `s` ([q1−q0] × q1).
 fn scores(q: &[f32], k: &[f32], base: usize, dm: Dims, (q0, q1): (usize, usize), s: &mut [f32]) {
     let row = dm.row();
@@ -109,6 +71,7 @@ fn scores(q: &[f32], k: &[f32], base: usize, dm: Dims, (q0, q1): (usize, usize),
             (k.as_ptr().add(base), row, 1),
             1.0,
             false,
+            One,
         )
     }
 }
@@ -178,6 +141,7 @@ impl CustomOp3 for Attention {
                             (v.as_ptr().add(base), 1, row),
                             1.0,
                             false,
+                            One,
                         )
                     }
                 }
@@ -273,6 +237,7 @@ impl Attention {
                         (d_o.as_ptr().add(base + q0 * row), 1, row),
                         1.0,
                         true,
+                        One,
                     );
                     // dP = dO[q0..q1] · V[0..q1]ᵀ
                     mm(
@@ -282,6 +247,7 @@ impl Attention {
                         (v.as_ptr().add(base), row, 1),
                         1.0,
                         false,
+                        One,
                     );
                 }
                 for (r, (ds, p)) in ds.chunks_mut(q1).zip(p.chunks(q1)).enumerate() {
@@ -299,6 +265,7 @@ impl Attention {
                         (k.as_ptr().add(base), 1, row),
                         scale,
                         false,
+                        One,
                     );
                     // dK[0..q1] += scale · dSᵀ · Q[q0..q1]
                     mm(
@@ -308,6 +275,7 @@ impl Attention {
                         (q.as_ptr().add(base + q0 * row), 1, row),
                         scale,
                         true,
+                        One,
                     );
                 }
             }

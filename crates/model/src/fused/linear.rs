@@ -5,8 +5,9 @@
 //! gives each a zero-filled gradient buffer and a sum: for the LM head that is two extra
 //! passes over a [vocab × hidden] and a [tokens × vocab] tensor per step.
 
+use super::gemm::{mm, Threads::All};
 use super::host;
-use super::lora::{mm, out_shape};
+use super::lora::out_shape;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 struct Linear;
@@ -32,18 +33,7 @@ impl CustomOp2 for Linear {
             host::slice(xs, xl, "linear")?,
             host::slice(ws, wl, "linear")?,
         );
-        let mut y = vec![0f32; m * out];
-        // SAFETY: the buffers have the extents given; y is fresh.
-        unsafe {
-            mm(
-                (m, out, in_dim),
-                (y.as_mut_ptr(), 1, out),
-                (x.as_ptr(), 1, in_dim),
-                (w.as_ptr(), in_dim, 1),
-                1.0,
-                false,
-            )
-        };
+        let y = forward(x, w, (m, in_dim, out));
         Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
     }
 
@@ -58,32 +48,7 @@ impl CustomOp2 for Linear {
         let m = x.elem_count() / in_dim.max(1);
         let (dx, dw) = host::read(x, "linear", |x| {
             host::read(w, "linear", |w| {
-                host::read(dy, "linear", |dy| {
-                    let mut dx = vec![0f32; m * in_dim];
-                    let mut dw = vec![0f32; out * in_dim];
-                    // SAFETY: the buffers have the extents given; outputs are fresh.
-                    unsafe {
-                        // dx = dy·W
-                        mm(
-                            (m, in_dim, out),
-                            (dx.as_mut_ptr(), 1, in_dim),
-                            (dy.as_ptr(), 1, out),
-                            (w.as_ptr(), 1, in_dim),
-                            1.0,
-                            false,
-                        );
-                        // dW = dyᵀ·x
-                        mm(
-                            (out, in_dim, m),
-                            (dw.as_mut_ptr(), 1, in_dim),
-                            (dy.as_ptr(), out, 1),
-                            (x.as_ptr(), 1, in_dim),
-                            1.0,
-                            false,
-                        );
-                    }
-                    (dx, dw)
-                })
+                host::read(dy, "linear", |dy| backward(x, w, dy, (m, in_dim, out)))
             })
         })???;
         Ok((
@@ -91,6 +56,57 @@ impl CustomOp2 for Linear {
             Some(host::tensor(dw, w.dims())?),
         ))
     }
+}
+
+/// `y = x·Wᵀ` for x [m × in] and W [out × in], row-major.
+pub(super) fn forward(x: &[f32], w: &[f32], (m, in_dim, out): (usize, usize, usize)) -> Vec<f32> {
+    let mut y = vec![0f32; m * out];
+    // SAFETY: the buffers have the extents given; y is fresh.
+    unsafe {
+        mm(
+            (m, out, in_dim),
+            (y.as_mut_ptr(), 1, out),
+            (x.as_ptr(), 1, in_dim),
+            (w.as_ptr(), in_dim, 1),
+            1.0,
+            false,
+            All,
+        )
+    };
+    y
+}
+
+/// `(dx, dW) = (dy·W, dyᵀ·x)`: the backward pass of [`forward`].
+pub(super) fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (m, in_dim, out): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; m * in_dim];
+    let mut dw = vec![0f32; out * in_dim];
+    // SAFETY: the buffers have the extents given; outputs are fresh.
+    unsafe {
+        mm(
+            (m, in_dim, out),
+            (dx.as_mut_ptr(), 1, in_dim),
+            (dy.as_ptr(), 1, out),
+            (w.as_ptr(), 1, in_dim),
+            1.0,
+            false,
+            All,
+        );
+        mm(
+            (out, in_dim, m),
+            (dw.as_mut_ptr(), 1, in_dim),
+            (dy.as_ptr(), out, 1),
+            (x.as_ptr(), 1, in_dim),
+            1.0,
+            false,
+            All,
+        );
+    }
+    (dx, dw)
 }
 
 /// `x [.., in] · Wᵀ` → [.., out] with W [out, in] trainable, fused (CPU).

@@ -9,9 +9,10 @@
 //! `dx = dy·W + s · (v·A) ∘ mask`, `dA = s · vᵀ·(x ∘ mask)`, `dB = s · dyᵀ·u`, and no dW:
 //! the saving ReLoRA is built on (see also [`crate::frozen`]).
 
+use super::gemm::{mm, Threads::All};
 use super::host;
+use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 use std::sync::OnceLock;
 
 struct LoraLinear {
@@ -22,49 +23,6 @@ struct LoraLinear {
     mask: Option<Vec<f32>>,
     /// `(x ∘ mask)·Aᵀ`, [tokens × rank], from the forward pass.
     u: OnceLock<Vec<f32>>,
-}
-
-/// `dst[m × n] (+)= beta · lhs · rhs`, operands as (pointer, column stride, row stride),
-/// threaded over the output by gemm (each element computed by one thread, in one order).
-///
-/// # Safety
-/// The pointers must cover the strided extents; `dst` must not alias the operands.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, usize, usize),
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
-    accumulate: bool,
-) {
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1 as isize,
-        dst.2 as isize,
-        accumulate,
-        lhs.0,
-        lhs.1 as isize,
-        lhs.2 as isize,
-        rhs.0,
-        rhs.1 as isize,
-        rhs.2 as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        par,
-    )
 }
 
 /// `dims` with its last entry replaced by `out`.
@@ -116,42 +74,35 @@ impl CustomOp3 for LoraLinear {
             host::slice(a_s, al, "lora_linear")?,
             host::slice(bs, bl, "lora_linear")?,
         );
-        let mut y = vec![0f32; m * out];
         let mut u = vec![0f32; m * rank];
         let xd = masked(x, &self.mask);
         let xd = xd.as_deref().unwrap_or(x);
-        host::read(&self.w, "lora_linear", |w| {
-            // SAFETY: every buffer has the extents given; y and u are fresh.
-            unsafe {
-                // y = x·Wᵀ
-                mm(
-                    (m, out, in_dim),
-                    (y.as_mut_ptr(), 1, out),
-                    (x.as_ptr(), 1, in_dim),
-                    (w.as_ptr(), in_dim, 1),
-                    1.0,
-                    false,
-                );
-                // u = xd·Aᵀ
-                mm(
-                    (m, rank, in_dim),
-                    (u.as_mut_ptr(), 1, rank),
-                    (xd.as_ptr(), 1, in_dim),
-                    (a.as_ptr(), in_dim, 1),
-                    1.0,
-                    false,
-                );
-                // y += s · u·Bᵀ
-                mm(
-                    (m, out, rank),
-                    (y.as_mut_ptr(), 1, out),
-                    (u.as_ptr(), 1, rank),
-                    (b.as_ptr(), rank, 1),
-                    self.scale,
-                    true,
-                );
-            }
+        let mut y = host::read(&self.w, "lora_linear", |w| {
+            linear::forward(x, w, (m, in_dim, out))
         })?;
+        // SAFETY: every buffer has the extents given; u is fresh and y this op's own.
+        unsafe {
+            // u = xd·Aᵀ
+            mm(
+                (m, rank, in_dim),
+                (u.as_mut_ptr(), 1, rank),
+                (xd.as_ptr(), 1, in_dim),
+                (a.as_ptr(), in_dim, 1),
+                1.0,
+                false,
+                All,
+            );
+            // y += s · u·Bᵀ
+            mm(
+                (m, out, rank),
+                (y.as_mut_ptr(), 1, out),
+                (u.as_ptr(), 1, rank),
+                (b.as_ptr(), rank, 1),
+                self.scale,
+                true,
+                All,
+            );
+        }
         self.u
             .set(u)
             .map_err(|_| candle_core::Error::Msg("lora_linear: op applied twice".into()))?;
@@ -194,6 +145,7 @@ impl CustomOp3 for LoraLinear {
                                     (b.as_ptr(), 1, rank),
                                     1.0,
                                     false,
+                                    All,
                                 );
                                 // dx = dy·W
                                 mm(
@@ -203,6 +155,7 @@ impl CustomOp3 for LoraLinear {
                                     (w.as_ptr(), 1, in_dim),
                                     1.0,
                                     false,
+                                    All,
                                 );
                                 match &self.mask {
                                     // dx += s · v·A
@@ -213,6 +166,7 @@ impl CustomOp3 for LoraLinear {
                                         (a.as_ptr(), 1, in_dim),
                                         s,
                                         true,
+                                        All,
                                     ),
                                     // dx += (s · v·A) ∘ mask
                                     Some(mask) => {
@@ -224,6 +178,7 @@ impl CustomOp3 for LoraLinear {
                                             (a.as_ptr(), 1, in_dim),
                                             s,
                                             false,
+                                            All,
                                         );
                                         for ((dx, t), k) in dx.iter_mut().zip(&t).zip(mask) {
                                             *dx += t * k;
@@ -238,6 +193,7 @@ impl CustomOp3 for LoraLinear {
                                     (xd.as_ptr(), 1, in_dim),
                                     s,
                                     false,
+                                    All,
                                 );
                                 // dB = s · dyᵀ·u
                                 mm(
@@ -247,6 +203,7 @@ impl CustomOp3 for LoraLinear {
                                     (u.as_ptr(), 1, rank),
                                     s,
                                     false,
+                                    All,
                                 );
                             }
                             (dx, da, db)

@@ -25,6 +25,7 @@
 
 pub mod adamw;
 pub mod attention;
+mod gemm;
 pub mod grads;
 mod host;
 pub mod linear;

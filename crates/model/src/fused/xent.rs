@@ -12,7 +12,7 @@
 //! zero-filled [tokens × vocab] gradient and sums nothing into it.
 
 use super::host;
-use super::lora::mm;
+use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Mutex, OnceLock};
@@ -180,18 +180,7 @@ impl CustomOp2 for HeadCrossEntropy {
         }
         self.targets.check(v)?;
         let (x, w) = (host::slice(xs, xl, "head")?, host::slice(ws, wl, "head")?);
-        let mut logits = vec![0f32; n * v];
-        // SAFETY: the buffers have the extents given; logits is fresh.
-        unsafe {
-            mm(
-                (n, v, h),
-                (logits.as_mut_ptr(), 1, v),
-                (x.as_ptr(), 1, h),
-                (w.as_ptr(), h, 1),
-                1.0,
-                false,
-            )
-        };
+        let logits = linear::forward(x, w, (n, h, v));
         let (loss, lse) = self.targets.loss(&logits, v);
         *self.saved.lock().expect("not poisoned") = Some((logits, lse));
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
@@ -212,32 +201,7 @@ impl CustomOp2 for HeadCrossEntropy {
         let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         self.targets.gradient_in_place(&mut dlogits, v, &lse, g);
         let (dx, dw) = host::read(x, "head", |x| {
-            host::read(w, "head", |w| {
-                let mut dx = vec![0f32; n * h];
-                let mut dw = vec![0f32; v * h];
-                // SAFETY: the buffers have the extents given; outputs are fresh.
-                unsafe {
-                    // dx = dlogits·W
-                    mm(
-                        (n, h, v),
-                        (dx.as_mut_ptr(), 1, h),
-                        (dlogits.as_ptr(), 1, v),
-                        (w.as_ptr(), 1, h),
-                        1.0,
-                        false,
-                    );
-                    // dW = dlogitsᵀ·x
-                    mm(
-                        (v, h, n),
-                        (dw.as_mut_ptr(), 1, h),
-                        (dlogits.as_ptr(), v, 1),
-                        (x.as_ptr(), 1, h),
-                        1.0,
-                        false,
-                    );
-                }
-                (dx, dw)
-            })
+            host::read(w, "head", |w| linear::backward(x, w, &dlogits, (n, h, v)))
         })??;
         Ok((
             Some(host::tensor(dx, x.dims())?),
