@@ -8,15 +8,66 @@
 //! A per-key file lock (flock) makes concurrent runs compute each entry once; the kernel
 //! drops a dead process's lock, so a stale lock clears itself.
 //!
-//! This crate knows nothing of ML or of pipelines: only keys, folders and bytes.
+//! This crate knows nothing of ML or of pipelines: only keys, folders and bytes. Its errors
+//! ([`CacheError`]) name the file or key they concern.
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+/// What went wrong in the cache, naming the file or key concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A filesystem operation failed: `action` (creating, reading, …) on `path`.
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A string given as a key is not 64 hex digits.
+    #[error("`{0}` is not a cache key (64 hex digits)")]
+    NotAKey(String),
+    /// A committed entry's manifest cannot be parsed.
+    #[error("{} is corrupt; run `relora-pipe verify`, or delete that entry", path.display())]
+    CorruptManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stage left something that is not a plain file or folder among its outputs.
+    #[error("{}: outputs must be plain files and folders", .0.display())]
+    NotAPlainFile(PathBuf),
+    /// Key components could not be serialised.
+    #[error("serialising {what}")]
+    Serialise {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Results of this crate.
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;
+
+/// Attaches the action and path to an I/O error.
+trait IoContext<T> {
+    fn io(self, action: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn io(self, action: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| CacheError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
 
 /// Bumped when the meaning of keys changes; every old entry then misses.
 pub const KEY_SCHEMA: &str = "relora-pipe/key/v1";
@@ -261,29 +312,31 @@ fn is_hex_key(key: &str) -> bool {
 
 /// Write `bytes` to `path` so a reader sees the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent folder")?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A file path always has a parent here (the cache's own paths are absolute or relative
+    // to a folder); "" stands for the current folder.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    fs::create_dir_all(dir).io("creating", dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
     {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = File::create(&tmp).io("creating", &tmp)?;
+        f.write_all(bytes).io("writing", &tmp)?;
+        f.sync_all().io("writing", &tmp)?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    fs::rename(&tmp, path).io("renaming into", path)?;
     Ok(())
 }
 
 /// blake3 of a file's bytes, as hex.
 pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = File::open(path).io("opening", path)?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).io("reading", path)?;
         if n == 0 {
             break;
         }
@@ -298,19 +351,16 @@ fn list_files(dir: &Path) -> Result<Vec<String>> {
     let mut todo = vec![PathBuf::new()];
     while let Some(rel) = todo.pop() {
         let abs = dir.join(&rel);
-        for e in fs::read_dir(&abs).with_context(|| format!("listing {}", abs.display()))? {
-            let e = e?;
+        for e in fs::read_dir(&abs).io("listing", &abs)? {
+            let e = e.io("listing", &abs)?;
             let r = rel.join(e.file_name());
-            let ty = e.file_type()?;
+            let ty = e.file_type().io("reading", &abs.join(e.file_name()))?;
             if ty.is_dir() {
                 todo.push(r);
             } else if ty.is_file() {
                 out.push(r.to_string_lossy().replace('\\', "/"));
             } else {
-                bail!(
-                    "{}: outputs must be plain files and folders",
-                    abs.join(e.file_name()).display()
-                );
+                return Err(CacheError::NotAPlainFile(abs.join(e.file_name())));
             }
         }
     }
@@ -323,7 +373,7 @@ fn hash_outputs(dir: &Path) -> Result<(Vec<OutputFile>, String)> {
     let mut h = blake3::Hasher::new();
     for rel in list_files(dir)? {
         let p = dir.join(&rel);
-        let size = fs::metadata(&p)?.len();
+        let size = fs::metadata(&p).io("reading", &p)?.len();
         let hash = hash_file(&p)?;
         put(&mut h, rel.as_bytes());
         put(&mut h, hash.as_bytes());
@@ -353,8 +403,7 @@ impl Cache {
         let root = root.into();
         for sub in ["entries", "staging", "scratch", "locks", "refs"] {
             let d = root.join(sub);
-            fs::create_dir_all(&d)
-                .with_context(|| format!("cannot create cache folder {}", d.display()))?;
+            fs::create_dir_all(&d).io("cannot create cache folder", &d)?;
         }
         Ok(Cache { root })
     }
@@ -365,7 +414,7 @@ impl Cache {
 
     fn checked(key: &str) -> Result<&str> {
         if !is_hex_key(key) {
-            bail!("`{key}` is not a cache key (64 hex digits)");
+            return Err(CacheError::NotAKey(key.to_string()));
         }
         Ok(key)
     }
@@ -380,16 +429,16 @@ impl Cache {
         let path = self.entry_dir(key).join("manifest.json");
         match fs::read(&path) {
             Ok(bytes) => {
-                let m: Manifest = serde_json::from_slice(&bytes).with_context(|| {
-                    format!(
-                        "{} is corrupt; run `relora-pipe verify`, or delete that entry",
-                        path.display()
-                    )
+                let m: Manifest = serde_json::from_slice(&bytes).map_err(|source| {
+                    CacheError::CorruptManifest {
+                        path: path.clone(),
+                        source,
+                    }
                 })?;
                 Ok(Some(m))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => Err(e).io("reading", &path),
         }
     }
 
@@ -413,7 +462,7 @@ impl Cache {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .with_context(|| format!("opening lock {}", path.display()))?;
+                .io("opening lock", &path)?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) if !wait => return Ok(None),
@@ -421,12 +470,9 @@ impl Cache {
                     let mut s = String::new();
                     let _ = file.read_to_string(&mut s);
                     on_wait(LockHolder::parse(&s));
-                    file.lock()
-                        .with_context(|| format!("locking {}", path.display()))?;
+                    file.lock().io("locking", &path)?;
                 }
-                Err(fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("locking {}", path.display()))
-                }
+                Err(fs::TryLockError::Error(e)) => return Err(e).io("locking", &path),
             }
             if same_file(&file, &path) {
                 return Ok(Some((file, path)));
@@ -439,25 +485,28 @@ impl Cache {
         let key = Self::checked(key)?;
         let (mut file, path) = self
             .acquire(key, true, on_wait)?
-            .context("a waiting lock is always taken")?;
+            .expect("a waiting acquire always takes the lock");
         let mut prev = String::new();
         use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(0))?;
-        file.read_to_string(&mut prev)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .io("reading lock", &path)?;
+        file.read_to_string(&mut prev).io("reading lock", &path)?;
         // A clean release empties the file, so a name left in it is a holder that died.
         let me = LockHolder::me();
         let stale_holder = LockHolder::parse(&prev).filter(|h| *h != me);
         // Only the holder of this lock builds this key, so any staging folder left for it
         // belongs to a dead attempt.
-        for e in fs::read_dir(self.root.join("staging"))?.flatten() {
+        let staging = self.root.join("staging");
+        for e in fs::read_dir(&staging).io("listing", &staging)?.flatten() {
             if e.file_name().to_string_lossy().starts_with(key) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        file.set_len(0)?;
-        file.seek(std::io::SeekFrom::Start(0))?;
-        write!(file, "{} {}", me.pid, me.host)?;
-        file.sync_all()?;
+        file.set_len(0).io("writing lock", &path)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .io("writing lock", &path)?;
+        write!(file, "{} {}", me.pid, me.host).io("writing lock", &path)?;
+        file.sync_all().io("writing lock", &path)?;
         Ok(EntryLock {
             file,
             path,
@@ -484,10 +533,9 @@ impl Cache {
             .join("staging")
             .join(format!("{key}-{}", std::process::id()));
         if dir.exists() {
-            fs::remove_dir_all(&dir)?;
+            fs::remove_dir_all(&dir).io("removing", &dir)?;
         }
-        fs::create_dir_all(dir.join("outputs"))
-            .with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(dir.join("outputs")).io("creating", &dir)?;
         Ok(Staging {
             key: key.to_string(),
             dir,
@@ -511,7 +559,7 @@ impl Cache {
     pub fn scratch(&self, key: &str) -> Result<PathBuf> {
         let key = Self::checked(key)?;
         let dir = self.root.join("scratch").join(key);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(&dir).io("creating", &dir)?;
         Ok(dir)
     }
 
@@ -536,7 +584,10 @@ impl Cache {
         };
         write_atomic(
             &staging.dir.join("manifest.json"),
-            &serde_json::to_vec_pretty(&manifest)?,
+            &serde_json::to_vec_pretty(&manifest).map_err(|source| CacheError::Serialise {
+                what: "a manifest",
+                source,
+            })?,
         )?;
         let dest = self.entry_dir(&staging.key);
         if !dest.exists() {
@@ -544,9 +595,9 @@ impl Cache {
                 // Another host committed the same key in between (a filesystem whose locks
                 // do not reach across hosts): its entry is as good as ours.
                 if !dest.join("manifest.json").exists() {
-                    return Err(e).with_context(|| format!("moving entry into {}", dest.display()));
+                    return Err(e).io("moving entry into", &dest);
                 }
-                fs::remove_dir_all(&staging.dir)?;
+                fs::remove_dir_all(&staging.dir).io("removing", &staging.dir)?;
             }
         } else if replace {
             if exchange(&staging.dir, &dest).is_err() {
@@ -557,15 +608,14 @@ impl Cache {
                     .join("staging")
                     .join(format!("{}-old", staging.key));
                 let _ = fs::remove_dir_all(&old);
-                fs::rename(&dest, &old)?;
-                fs::rename(&staging.dir, &dest)
-                    .with_context(|| format!("moving entry into {}", dest.display()))?;
-                fs::rename(&old, &staging.dir)?;
+                fs::rename(&dest, &old).io("moving aside", &dest)?;
+                fs::rename(&staging.dir, &dest).io("moving entry into", &dest)?;
+                fs::rename(&old, &staging.dir).io("moving aside", &old)?;
             }
-            fs::remove_dir_all(&staging.dir)?;
+            fs::remove_dir_all(&staging.dir).io("removing", &staging.dir)?;
         } else {
             // Same key, same inputs: the existing entry is as good as ours.
-            fs::remove_dir_all(&staging.dir)?;
+            fs::remove_dir_all(&staging.dir).io("removing", &staging.dir)?;
         }
         if let Ok(d) = File::open(self.root.join("entries")) {
             let _ = d.sync_all();
@@ -607,10 +657,10 @@ impl Cache {
         for rel in list_files(&src.join("outputs"))? {
             let (a, b) = (src.join("outputs").join(&rel), staging.outputs().join(&rel));
             if let Some(parent) = b.parent() {
-                fs::create_dir_all(parent)?;
+                fs::create_dir_all(parent).io("creating", parent)?;
             }
             if fs::hard_link(&a, &b).is_err() {
-                fs::copy(&a, &b).with_context(|| format!("copying {}", a.display()))?;
+                fs::copy(&a, &b).io("copying", &a)?;
             }
         }
         let _ = fs::copy(src.join("log.txt"), staging.log_path());
@@ -652,7 +702,10 @@ impl Cache {
         }
         write_atomic(
             &self.ref_path(pipeline, stage),
-            &serde_json::to_vec_pretty(components)?,
+            &serde_json::to_vec_pretty(components).map_err(|source| CacheError::Serialise {
+                what: "key components",
+                source,
+            })?,
         )
     }
 
@@ -663,7 +716,8 @@ impl Cache {
 
     /// Every committed entry's key.
     pub fn keys(&self) -> Result<Vec<String>> {
-        let mut keys: Vec<String> = fs::read_dir(self.root.join("entries"))?
+        let mut keys: Vec<String> = fs::read_dir(self.root.join("entries"))
+            .io("listing", &self.root.join("entries"))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().to_string())
             .filter(|k| is_hex_key(k))
@@ -679,7 +733,10 @@ impl Cache {
         let mut report = GcReport::default();
         let mut names: Vec<(String, &str)> = Vec::new();
         for sub in ["entries", "scratch"] {
-            for e in fs::read_dir(self.root.join(sub))?.flatten() {
+            for e in fs::read_dir(self.root.join(sub))
+                .io("listing", &self.root.join(sub))?
+                .flatten()
+            {
                 names.push((e.file_name().to_string_lossy().to_string(), sub));
             }
         }
@@ -694,15 +751,17 @@ impl Cache {
             let path = self.root.join(sub).join(&name);
             report.bytes += dir_size(&path);
             if path.exists() {
-                fs::remove_dir_all(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
+                fs::remove_dir_all(&path).io("removing", &path)?;
             }
             if sub == "entries" {
                 report.entries += 1;
             }
             drop(lock);
         }
-        for e in fs::read_dir(self.root.join("staging"))?.flatten() {
+        for e in fs::read_dir(self.root.join("staging"))
+            .io("listing", &self.root.join("staging"))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().to_string();
             let key = name.get(..64).unwrap_or_default();
             if !is_hex_key(key) {
@@ -715,7 +774,10 @@ impl Cache {
                 drop(lock);
             }
         }
-        for e in fs::read_dir(self.root.join("locks"))?.flatten() {
+        for e in fs::read_dir(self.root.join("locks"))
+            .io("listing", &self.root.join("locks"))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().to_string();
             let Some(key) = name.strip_suffix(".lock").filter(|k| is_hex_key(k)) else {
                 continue;
@@ -953,7 +1015,31 @@ mod tests {
     #[test]
     fn keys_that_are_not_hex_are_refused() {
         let cache = Cache::open(tmp()).unwrap();
-        assert!(cache.lookup("../../etc").is_err());
-        assert!(cache.staging("../x").is_err());
+        assert!(matches!(
+            cache.lookup("../../etc"),
+            Err(CacheError::NotAKey(k)) if k == "../../etc"
+        ));
+        assert!(matches!(cache.staging("../x"), Err(CacheError::NotAKey(_))));
+    }
+
+    #[test]
+    fn errors_name_the_file_they_concern() {
+        let cache = Cache::open(tmp()).unwrap();
+        let key = "ab".repeat(32);
+        let manifest = cache.entry_dir(&key).join("manifest.json");
+        fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        fs::write(&manifest, b"{ not json").unwrap();
+        match cache.lookup(&key) {
+            Err(e @ CacheError::CorruptManifest { .. }) => {
+                assert!(e.to_string().contains(&*manifest.to_string_lossy()), "{e}");
+                assert!(e.to_string().contains("relora-pipe verify"), "{e}");
+            }
+            other => panic!("expected a corrupt manifest, got {other:?}"),
+        }
+        let missing = cache.root().join("no-such-folder").join("f");
+        let e = hash_file(&missing).unwrap_err();
+        assert_eq!(e.to_string(), format!("opening {}", missing.display()));
+        // The I/O error itself is the source, for callers that print the chain.
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -799,7 +799,7 @@ fn compute(
         environment: stage_environment(env, &job.gpus, launcher.name()),
         adopted_from: None,
     };
-    cache.commit(staging, info, job.force)
+    Ok(cache.commit(staging, info, job.force)?)
 }
 
 /// `--accept-code-change`: commit, under the new key, the outputs of an entry whose key
