@@ -13,7 +13,7 @@
 #   real driver's libcuda.so.1 is found by the loader.
 # - CUDA_COMPUTE_CAP=90: Hopper (H100/H200). Set it in the environment for another card.
 # - target/cuda is its own target folder so CPU and CUDA builds never evict each other. The
-#   first build takes about 30 minutes on 2 cores (mostly candle-kernels); keep the folder.
+#   first build takes 10 minutes on 2 idle cores (mostly candle-kernels); keep the folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
