@@ -42,7 +42,7 @@ pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamStep) -> Resu
     if host::same_storage(m, v) || host::same_storage(p, m) || host::same_storage(p, v) {
         bail!("adamw: a parameter and its moments must not share storage");
     }
-    host::read(g, "adamw", |g| {
+    host::read([g], "adamw", |[g]| {
         host::modify(m, "adamw", |m| {
             host::modify(v, "adamw", |v| {
                 host::modify(p, "adamw", |p| update(p, m, v, g, c))

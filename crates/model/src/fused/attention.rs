@@ -14,7 +14,6 @@ use super::gemm::{mm, Threads::One};
 use super::host::{self, SharedMut};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Query rows per block: the score tile is BLOCK × t floats (64 KiB at t = 256).
 const BLOCK: usize = 64;
@@ -23,7 +22,7 @@ struct Attention {
     heads: usize,
     scale: f32,
     /// log Σ exp of each query's scaled scores, [b, heads, t], from the forward pass.
-    lse: OnceLock<Vec<f32>>,
+    lse: host::Saved<Vec<f32>>,
 }
 
 /// Sizes of one call, read off `q`'s [b, t, heads · head_dim].
@@ -146,9 +145,7 @@ impl CustomOp3 for Attention {
                     }
                 }
             });
-        self.lse
-            .set(lse)
-            .map_err(|_| candle_core::Error::Msg("attention: op applied twice".into()))?;
+        self.lse.keep(lse, "attention")?;
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -160,22 +157,11 @@ impl CustomOp3 for Attention {
         out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .get()
-            .ok_or_else(|| candle_core::Error::Msg("attention: backward before forward".into()))?;
+        let lse = self.lse.get("attention")?;
         let dm = Dims::of(q.dims(), self.heads)?;
-        let (dq, dk, dv) = host::read(q, "attention", |q| {
-            host::read(k, "attention", |k| {
-                host::read(v, "attention", |v| {
-                    host::read(out, "attention", |o| {
-                        host::read(dout, "attention", |d_o| {
-                            self.backward(dm, lse, [q, k, v, o, d_o])
-                        })
-                    })
-                })
-            })
-        })?????;
+        let (dq, dk, dv) = host::read([q, k, v, out, dout], "attention", |qkvod| {
+            self.backward(dm, lse, qkvod)
+        })?;
         let shape = q.dims();
         Ok((
             Some(host::tensor(dq, shape)?),
@@ -301,7 +287,7 @@ pub fn causal_attention(
             Attention {
                 heads,
                 scale: scale as f32,
-                lse: OnceLock::new(),
+                lse: host::Saved::new(),
             },
         )
     })

@@ -25,7 +25,7 @@ pub fn accumulate(acc: &mut Tensor, g: &Tensor) -> Result<()> {
         *acc = (&*acc + g)?;
         return Ok(());
     }
-    host::read(g, "accumulate", |g| {
+    host::read([g], "accumulate", |[g]| {
         host::modify(acc, "accumulate", |acc| {
             acc.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK))
@@ -40,7 +40,7 @@ pub fn sum_of_squares(g: &Tensor) -> Result<f64> {
     if !g.device().is_cpu() || g.dtype() == DType::F64 {
         return g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>();
     }
-    host::read(g, "sum_of_squares", |g| {
+    host::read([g], "sum_of_squares", |[g]| {
         let parts: Vec<f64> = g
             .par_chunks(CHUNK)
             .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum())

@@ -3,6 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// The elements of a contiguous f32 CPU storage.
 pub fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -15,19 +16,34 @@ pub fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// Runs `f` on `t`'s elements as one f32 slice. Borrowed when `t` is already a contiguous f32
-/// CPU tensor (a backward pass's usual input), copied otherwise.
-pub fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = if t.dtype() == DType::F32 {
-        t.contiguous()?
-    } else {
-        t.to_dtype(DType::F32)?.contiguous()?
-    };
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*s else {
-        bail!("{op}: the fused CPU kernel got a tensor on another device");
-    };
-    Ok(f(slice(cpu, l, op)?))
+/// Runs `f` on the tensors' elements as f32 slices, in the order given. Borrowed when a
+/// tensor is already a contiguous f32 CPU tensor (a backward pass's usual input), copied
+/// otherwise.
+pub fn read<R, const N: usize>(
+    ts: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<R> {
+    let owned = ts
+        .iter()
+        .map(|t| {
+            if t.dtype() == DType::F32 {
+                t.contiguous()
+            } else {
+                t.to_dtype(DType::F32)?.contiguous()
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (s, l) in &guards {
+        let Storage::Cpu(cpu) = &**s else {
+            bail!("{op}: the fused CPU kernel got a tensor on another device");
+        };
+        slices.push(slice(cpu, l, op)?);
+    }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(f(slices))
 }
 
 /// An f32 CPU tensor of `shape` from a vector the kernel filled.
@@ -90,4 +106,27 @@ pub fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<T
         return f(x);
     }
     f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
+
+/// What an op's forward pass keeps for its backward pass: set once, read after.
+pub struct Saved<T>(OnceLock<T>);
+
+impl<T> Saved<T> {
+    pub fn new() -> Saved<T> {
+        Saved(OnceLock::new())
+    }
+
+    /// Keeps `v` (once: an op struct serves one forward pass).
+    pub fn keep(&self, v: T, op: &str) -> Result<()> {
+        self.0
+            .set(v)
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: op applied twice")))
+    }
+
+    /// What the forward pass kept.
+    pub fn get(&self, op: &str) -> Result<&T> {
+        self.0
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: backward before forward")))
+    }
 }

@@ -46,11 +46,9 @@ impl CustomOp2 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, in_dim) = w.dims2()?;
         let m = x.elem_count() / in_dim.max(1);
-        let (dx, dw) = host::read(x, "linear", |x| {
-            host::read(w, "linear", |w| {
-                host::read(dy, "linear", |dy| backward(x, w, dy, (m, in_dim, out)))
-            })
-        })???;
+        let (dx, dw) = host::read([x, w, dy], "linear", |[x, w, dy]| {
+            backward(x, w, dy, (m, in_dim, out))
+        })?;
         Ok((
             Some(host::tensor(dx, x.dims())?),
             Some(host::tensor(dw, w.dims())?),
@@ -81,11 +79,19 @@ pub(super) fn backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    (m, in_dim, out): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> (Vec<f32>, Vec<f32>) {
+    (input_grad(dy, w, dims), weight_grad(x, dy, dims))
+}
+
+/// `dx = dy·W`, [m × in].
+pub(super) fn input_grad(
+    dy: &[f32],
+    w: &[f32],
+    (m, in_dim, out): (usize, usize, usize),
+) -> Vec<f32> {
     let mut dx = vec![0f32; m * in_dim];
-    let mut dw = vec![0f32; out * in_dim];
-    // SAFETY: the buffers have the extents given; outputs are fresh.
+    // SAFETY: the buffers have the extents given; dx is fresh.
     unsafe {
         mm(
             (m, in_dim, out),
@@ -95,7 +101,16 @@ pub(super) fn backward(
             1.0,
             false,
             All,
-        );
+        )
+    };
+    dx
+}
+
+/// `dW = dyᵀ·x`, [out × in].
+fn weight_grad(x: &[f32], dy: &[f32], (m, in_dim, out): (usize, usize, usize)) -> Vec<f32> {
+    let mut dw = vec![0f32; out * in_dim];
+    // SAFETY: the buffers have the extents given; dw is fresh.
+    unsafe {
         mm(
             (out, in_dim, m),
             (dw.as_mut_ptr(), 1, in_dim),
@@ -104,9 +119,9 @@ pub(super) fn backward(
             1.0,
             false,
             All,
-        );
-    }
-    (dx, dw)
+        )
+    };
+    dw
 }
 
 /// `x [.., in] · Wᵀ` → [.., out] with W [out, in] trainable, fused (CPU).

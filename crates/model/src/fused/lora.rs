@@ -13,7 +13,6 @@ use super::gemm::{mm, Threads::All};
 use super::host;
 use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use std::sync::OnceLock;
 
 struct LoraLinear {
     /// The frozen weight, [out, in], f32 contiguous.
@@ -22,7 +21,7 @@ struct LoraLinear {
     /// The inverted-dropout mask over x, [tokens × in], when dropout is on.
     mask: Option<Vec<f32>>,
     /// `(x ∘ mask)·Aᵀ`, [tokens × rank], from the forward pass.
-    u: OnceLock<Vec<f32>>,
+    u: host::Saved<Vec<f32>>,
 }
 
 /// `dims` with its last entry replaced by `out`.
@@ -77,7 +76,7 @@ impl CustomOp3 for LoraLinear {
         let mut u = vec![0f32; m * rank];
         let xd = masked(x, &self.mask);
         let xd = xd.as_deref().unwrap_or(x);
-        let mut y = host::read(&self.w, "lora_linear", |w| {
+        let mut y = host::read([&self.w], "lora_linear", |[w]| {
             linear::forward(x, w, (m, in_dim, out))
         })?;
         // SAFETY: every buffer has the extents given; u is fresh and y this op's own.
@@ -103,9 +102,7 @@ impl CustomOp3 for LoraLinear {
                 All,
             );
         }
-        self.u
-            .set(u)
-            .map_err(|_| candle_core::Error::Msg("lora_linear: op applied twice".into()))?;
+        self.u.keep(u, "lora_linear")?;
         Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
     }
 
@@ -117,106 +114,98 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let u = self.u.get().ok_or_else(|| {
-            candle_core::Error::Msg("lora_linear: backward before forward".into())
-        })?;
+        let u = self.u.get("lora_linear")?;
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / in_dim.max(1);
         let (rank, out) = (a.dim(0)?, b.dim(0)?);
-        let s = self.scale;
-        let (dx, da, db) = host::read(x, "lora_linear", |x| {
-            host::read(a, "lora_linear", |a| {
-                host::read(b, "lora_linear", |b| {
-                    host::read(dy, "lora_linear", |dy| {
-                        host::read(&self.w, "lora_linear", |w| {
-                            let mut v = vec![0f32; m * rank];
-                            let mut dx = vec![0f32; m * in_dim];
-                            let mut da = vec![0f32; rank * in_dim];
-                            let mut db = vec![0f32; out * rank];
-                            let xd = masked(x, &self.mask);
-                            let xd = xd.as_deref().unwrap_or(x);
-                            // SAFETY: every buffer has the extents given; outputs are fresh.
-                            unsafe {
-                                // v = dy·B
-                                mm(
-                                    (m, rank, out),
-                                    (v.as_mut_ptr(), 1, rank),
-                                    (dy.as_ptr(), 1, out),
-                                    (b.as_ptr(), 1, rank),
-                                    1.0,
-                                    false,
-                                    All,
-                                );
-                                // dx = dy·W
-                                mm(
-                                    (m, in_dim, out),
-                                    (dx.as_mut_ptr(), 1, in_dim),
-                                    (dy.as_ptr(), 1, out),
-                                    (w.as_ptr(), 1, in_dim),
-                                    1.0,
-                                    false,
-                                    All,
-                                );
-                                match &self.mask {
-                                    // dx += s · v·A
-                                    None => mm(
-                                        (m, in_dim, rank),
-                                        (dx.as_mut_ptr(), 1, in_dim),
-                                        (v.as_ptr(), 1, rank),
-                                        (a.as_ptr(), 1, in_dim),
-                                        s,
-                                        true,
-                                        All,
-                                    ),
-                                    // dx += (s · v·A) ∘ mask
-                                    Some(mask) => {
-                                        let mut t = vec![0f32; m * in_dim];
-                                        mm(
-                                            (m, in_dim, rank),
-                                            (t.as_mut_ptr(), 1, in_dim),
-                                            (v.as_ptr(), 1, rank),
-                                            (a.as_ptr(), 1, in_dim),
-                                            s,
-                                            false,
-                                            All,
-                                        );
-                                        for ((dx, t), k) in dx.iter_mut().zip(&t).zip(mask) {
-                                            *dx += t * k;
-                                        }
-                                    }
-                                }
-                                // dA = s · vᵀ·xd
-                                mm(
-                                    (rank, in_dim, m),
-                                    (da.as_mut_ptr(), 1, in_dim),
-                                    (v.as_ptr(), rank, 1),
-                                    (xd.as_ptr(), 1, in_dim),
-                                    s,
-                                    false,
-                                    All,
-                                );
-                                // dB = s · dyᵀ·u
-                                mm(
-                                    (out, rank, m),
-                                    (db.as_mut_ptr(), 1, rank),
-                                    (dy.as_ptr(), out, 1),
-                                    (u.as_ptr(), 1, rank),
-                                    s,
-                                    false,
-                                    All,
-                                );
-                            }
-                            (dx, da, db)
-                        })
-                    })
-                })
-            })
-        })?????;
+        let (dx, da, db) = host::read([x, a, b, dy, &self.w], "lora_linear", |xabdw| {
+            self.backward(xabdw, u, (m, in_dim, out, rank))
+        })?;
         Ok((
             Some(host::tensor(dx, x.dims())?),
             Some(host::tensor(da, &[rank, in_dim])?),
             Some(host::tensor(db, &[out, rank])?),
         ))
+    }
+}
+
+impl LoraLinear {
+    /// (dx, dA, dB) from x, A, B, dy and W (row-major slices) and the saved u.
+    fn backward(
+        &self,
+        [x, a, b, dy, w]: [&[f32]; 5],
+        u: &[f32],
+        (m, in_dim, out, rank): (usize, usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.scale;
+        let mut v = vec![0f32; m * rank];
+        let mut dx = linear::input_grad(dy, w, (m, in_dim, out));
+        let mut da = vec![0f32; rank * in_dim];
+        let mut db = vec![0f32; out * rank];
+        let xd = masked(x, &self.mask);
+        let xd = xd.as_deref().unwrap_or(x);
+        // SAFETY: every buffer has the extents given; outputs are fresh.
+        unsafe {
+            // v = dy·B
+            mm(
+                (m, rank, out),
+                (v.as_mut_ptr(), 1, rank),
+                (dy.as_ptr(), 1, out),
+                (b.as_ptr(), 1, rank),
+                1.0,
+                false,
+                All,
+            );
+            match &self.mask {
+                // dx += s · v·A
+                None => mm(
+                    (m, in_dim, rank),
+                    (dx.as_mut_ptr(), 1, in_dim),
+                    (v.as_ptr(), 1, rank),
+                    (a.as_ptr(), 1, in_dim),
+                    s,
+                    true,
+                    All,
+                ),
+                // dx += (s · v·A) ∘ mask
+                Some(mask) => {
+                    let mut t = vec![0f32; m * in_dim];
+                    mm(
+                        (m, in_dim, rank),
+                        (t.as_mut_ptr(), 1, in_dim),
+                        (v.as_ptr(), 1, rank),
+                        (a.as_ptr(), 1, in_dim),
+                        s,
+                        false,
+                        All,
+                    );
+                    for ((dx, t), k) in dx.iter_mut().zip(&t).zip(mask) {
+                        *dx += t * k;
+                    }
+                }
+            }
+            // dA = s · vᵀ·xd
+            mm(
+                (rank, in_dim, m),
+                (da.as_mut_ptr(), 1, in_dim),
+                (v.as_ptr(), rank, 1),
+                (xd.as_ptr(), 1, in_dim),
+                s,
+                false,
+                All,
+            );
+            // dB = s · dyᵀ·u
+            mm(
+                (out, rank, m),
+                (db.as_mut_ptr(), 1, rank),
+                (dy.as_ptr(), out, 1),
+                (u.as_ptr(), 1, rank),
+                s,
+                false,
+                All,
+            );
+        }
+        (dx, da, db)
     }
 }
 
@@ -235,7 +224,7 @@ pub fn lora_linear(
         w: f32_of(&w.detach())?,
         scale: scale as f32,
         mask,
-        u: OnceLock::new(),
+        u: host::Saved::new(),
     };
     host::in_f32(x, |x| {
         x.contiguous()?.apply_op3(&f32_of(a)?, &f32_of(b)?, op)

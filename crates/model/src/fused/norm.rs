@@ -7,7 +7,6 @@
 use super::host;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Rows per task of the weight-gradient sum: fixed, so the sum's order (and its bits) does
 /// not depend on the thread count.
@@ -16,7 +15,7 @@ const ROWS_PER_TASK: usize = 64;
 struct RmsNorm {
     eps: f32,
     /// 1 / RMS of each row, from the forward pass.
-    inv_rms: OnceLock<Vec<f32>>,
+    inv_rms: host::Saved<Vec<f32>>,
 }
 
 impl CustomOp2 for RmsNorm {
@@ -52,9 +51,7 @@ impl CustomOp2 for RmsNorm {
                     *y = x * r * w;
                 }
             });
-        self.inv_rms
-            .set(inv)
-            .map_err(|_| candle_core::Error::Msg("rms_norm: op applied twice".into()))?;
+        self.inv_rms.keep(inv, "rms_norm")?;
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -65,16 +62,11 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let inv = self
-            .inv_rms
-            .get()
-            .ok_or_else(|| candle_core::Error::Msg("rms_norm: backward before forward".into()))?;
+        let inv = self.inv_rms.get("rms_norm")?;
         let h = w.elem_count();
-        let (dx, dw) = host::read(x, "rms_norm", |x| {
-            host::read(w, "rms_norm", |w| {
-                host::read(dy, "rms_norm", |dy| backward(x, w, dy, inv, h))
-            })
-        })???;
+        let (dx, dw) = host::read([x, w, dy], "rms_norm", |[x, w, dy]| {
+            backward(x, w, dy, inv, h)
+        })?;
         Ok((
             Some(host::tensor(dx, x.dims())?),
             Some(host::tensor(dw, w.dims())?),
@@ -123,7 +115,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             &w.to_dtype(candle_core::DType::F32)?.contiguous()?,
             RmsNorm {
                 eps: eps as f32,
-                inv_rms: OnceLock::new(),
+                inv_rms: host::Saved::new(),
             },
         )
     })

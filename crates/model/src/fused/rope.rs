@@ -107,7 +107,7 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let row = self.row(x.dims())?;
-        let dx = host::read(dy, "rope", |dy| {
+        let dx = host::read([dy], "rope", |[dy]| {
             let mut dx = vec![0f32; dy.len()];
             self.0.rotate(dy, &mut dx, row, -1.0);
             dx

@@ -51,26 +51,22 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = host::read(g, "swiglu", |g| {
-            host::read(u, "swiglu", |u| {
-                host::read(dy, "swiglu", |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                        .zip(dy.par_chunks(CHUNK))
-                        .for_each(|(((dg, du), (g, u)), dy)| {
-                            for i in 0..g.len() {
-                                let s = sigmoid(g[i]);
-                                du[i] = dy[i] * g[i] * s;
-                                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                            }
-                        });
-                    (dg, du)
-                })
-            })
-        })???;
+        let (dg, du) = host::read([g, u, dy], "swiglu", |[g, u, dy]| {
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .zip(dy.par_chunks(CHUNK))
+                .for_each(|(((dg, du), (g, u)), dy)| {
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        du[i] = dy[i] * g[i] * s;
+                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    }
+                });
+            (dg, du)
+        })?;
         Ok((
             Some(host::tensor(dg, g.dims())?),
             Some(host::tensor(du, u.dims())?),

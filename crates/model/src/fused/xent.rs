@@ -15,7 +15,7 @@ use super::host;
 use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// The targets and weights of one loss, checked against the vocabulary.
 struct Targets {
@@ -106,7 +106,7 @@ impl Targets {
 struct CrossEntropy {
     targets: Targets,
     /// log Σ exp(logits) of each row, from the forward pass.
-    lse: OnceLock<Vec<f32>>,
+    lse: host::Saved<Vec<f32>>,
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -118,19 +118,15 @@ impl CustomOp1 for CrossEntropy {
         let (_, v) = l.shape().dims2()?;
         self.targets.check(v)?;
         let (loss, lse) = self.targets.loss(host::slice(s, l, "cross_entropy")?, v);
-        self.lse
-            .set(lse)
-            .map_err(|_| candle_core::Error::Msg("cross_entropy: op applied twice".into()))?;
+        self.lse.keep(lse, "cross_entropy")?;
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
     fn bwd(&self, logits: &Tensor, _loss: &Tensor, dloss: &Tensor) -> Result<Option<Tensor>> {
-        let lse = self.lse.get().ok_or_else(|| {
-            candle_core::Error::Msg("cross_entropy: backward before forward".into())
-        })?;
+        let lse = self.lse.get("cross_entropy")?;
         let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let v = logits.dim(1)?;
-        let mut dx = host::read(logits, "cross_entropy", |x| x.to_vec())?;
+        let mut dx = host::read([logits], "cross_entropy", |[x]| x.to_vec())?;
         self.targets.gradient_in_place(&mut dx, v, lse, g);
         Ok(Some(host::tensor(dx, logits.dims())?))
     }
@@ -141,7 +137,7 @@ impl CustomOp1 for CrossEntropy {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let op = CrossEntropy {
         targets: Targets::new(targets, weights, logits.dim(0)?)?,
-        lse: OnceLock::new(),
+        lse: host::Saved::new(),
     };
     logits
         .to_dtype(DType::F32)?
@@ -200,9 +196,9 @@ impl CustomOp2 for HeadCrossEntropy {
         let v = w.dim(0)?;
         let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         self.targets.gradient_in_place(&mut dlogits, v, &lse, g);
-        let (dx, dw) = host::read(x, "head", |x| {
-            host::read(w, "head", |w| linear::backward(x, w, &dlogits, (n, h, v)))
-        })??;
+        let (dx, dw) = host::read([x, w], "head", |[x, w]| {
+            linear::backward(x, w, &dlogits, (n, h, v))
+        })?;
         Ok((
             Some(host::tensor(dx, x.dims())?),
             Some(host::tensor(dw, w.dims())?),
