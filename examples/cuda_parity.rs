@@ -1,15 +1,21 @@
-//! CPU against CUDA: the same tiny model, forward and backward, in f32 and bf16, full-rank and
-//! ReLoRA; then one clipped AdamW step, a merge-and-reinit and a magnitude reset of the LoRA
-//! moments on both devices. Every tensor is compared as ‖gpu − cpu‖ / ‖cpu‖ against 1e-4 (f32)
-//! or 1e-2 (bf16; the CPU side is the emulated bf16 of `relora_model::precision`).
+//! CPU against CUDA, in two parts.
+//!
+//! 1. Each fused op (`relora_model::fused`: RMSNorm, RoPE, SwiGLU, causal attention, the
+//!    cross-entropy, AdamW) on the GPU against the same op on the CPU: values, and the
+//!    gradient of every input, within 1e-5 relative (f32). A failure here names the kernel.
+//! 2. The same tiny model, forward and backward, in f32 and bf16, full-rank and ReLoRA, once
+//!    with the fused ops on the GPU and once with the reference composition of candle
+//!    primitives; then one clipped AdamW step, a merge-and-reinit and a magnitude reset of
+//!    the LoRA moments. Every tensor is compared as ‖gpu − cpu‖ / ‖cpu‖ against 1e-4 (f32)
+//!    or 1e-2 (bf16; the CPU side is the emulated bf16 of `relora_model::precision`).
 //!
 //!   cargo run --release --features cuda --example cuda_parity [-- --device cuda:0]
 //!
 //! Prints one line per check and a summary; exits non-zero if any check fails.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use relora_data::Batch;
-use relora_model::llama::cross_entropy;
+use relora_model::fused::{self, Ops, RopeTables};
 use relora_model::optim::clip_grad_norm;
 use relora_model::train::batch_tensors;
 use relora_model::{AdamConfig, AdamW, Llama, LlamaConfig, LoraInit, ResetMode, Rng};
@@ -30,8 +36,19 @@ fn rel_err(gpu: &Tensor, cpu: &Tensor) -> anyhow::Result<f64> {
     Ok((diff / norm.max(1e-30)).sqrt())
 }
 
+/// |‖gpu‖ − ‖cpu‖| / ‖cpu‖: for tensors whose elements may legitimately differ in place
+/// but not in total.
+fn norm_err(gpu: &Tensor, cpu: &Tensor) -> anyhow::Result<f64> {
+    let norm = |t: &Tensor| -> anyhow::Result<f64> {
+        let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    };
+    let (a, b) = (norm(gpu)?, norm(cpu)?);
+    Ok((a - b).abs() / b.max(1e-30))
+}
+
 /// The model as `dev` builds it from fixed seeds: identical weights on every device.
-fn build(dev: &Device, lora: bool, compute: DType) -> anyhow::Result<Llama> {
+fn build(dev: &Device, lora: bool, compute: DType, ops: Ops) -> anyhow::Result<Llama> {
     let mut rng = Rng::new(7);
     let mut m = Llama::random(CFG, &mut rng, dev)?;
     if lora {
@@ -42,6 +59,7 @@ fn build(dev: &Device, lora: bool, compute: DType) -> anyhow::Result<Llama> {
         }
     }
     m.compute = compute;
+    m.ops = ops;
     Ok(m)
 }
 
@@ -53,12 +71,13 @@ struct Side {
     opt: AdamW,
 }
 
-fn run(dev: &Device, lora: bool, compute: DType, b: &Batch) -> anyhow::Result<Side> {
-    let mut model = build(dev, lora, compute)?;
+fn run(dev: &Device, lora: bool, compute: DType, ops: Ops, b: &Batch) -> anyhow::Result<Side> {
+    let mut model = build(dev, lora, compute, ops)?;
     let (ids, targets, weights) = batch_tensors(b, dev)?;
     let logits = model.forward(&ids, None)?;
-    let flat = logits.reshape((b.batch_size * b.len, CFG.vocab_size))?;
-    let loss_t = cross_entropy(&flat, &targets, &weights)?;
+    // The loss as training computes it: on the CPU the head fused with the loss, on the
+    // GPU the head's matmul then the fused cross-entropy (or the reference composition).
+    let loss_t = model.loss(&ids, &targets, &weights, None)?;
     let loss = loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = loss_t.backward()?;
     let mut grads: Vec<Tensor> = model
@@ -91,6 +110,140 @@ fn run(dev: &Device, lora: bool, compute: DType, b: &Batch) -> anyhow::Result<Si
     })
 }
 
+/// `f` applied to `inputs` as Vars on `dev`, reduced to a scalar against fixed random
+/// weights and differentiated: the output, then each input's gradient.
+fn op_on(
+    dev: &Device,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<Vec<Tensor>> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(dev)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let r = Tensor::from_vec(Rng::new(11).normal_vec(y.elem_count(), 1.0), y.shape(), dev)?;
+    let store = (y.flatten_all()? * r.flatten_all()?)?
+        .sum_all()?
+        .backward()?;
+    let mut out = vec![y];
+    for v in &vars {
+        let g = store.get(v.as_tensor()).cloned();
+        out.push(g.ok_or_else(|| anyhow::anyhow!("an input got no gradient"))?);
+    }
+    Ok(out)
+}
+
+/// Part 1: each fused op on the GPU against the CPU, (name, relative error) per tensor.
+fn op_checks(gpu: &Device) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut rng = Rng::new(21);
+    let mut randn = |shape: &[usize], std: f32| -> candle_core::Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n, std), shape, &Device::Cpu)
+    };
+    type Op = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+    let tables = RopeTables::new(16, 32, 10_000.0);
+    let targets: Vec<u32> = (0..24u32).map(|i| (i * 37) % 300).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+    let weights = Tensor::from_vec(
+        (0..24)
+            .map(|i| if i == 5 { 0f32 } else { 1.0 })
+            .collect::<Vec<_>>(),
+        24,
+        &Device::Cpu,
+    )?;
+    let attention = |heads: usize, d: usize| -> Op {
+        let scale = 1.0 / (d as f64).sqrt();
+        Box::new(move |t: &[Tensor]| fused::causal_attention(&t[0], &t[1], &t[2], heads, scale))
+    };
+    let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
+        (
+            "rms_norm",
+            vec![randn(&[2, 8, 96], 1.0)?, randn(&[96], 1.0)?],
+            Box::new(|t: &[Tensor]| fused::rms_norm(&t[0], &t[1], 1e-6)),
+        ),
+        (
+            "rope",
+            vec![randn(&[2, 16, 4 * 32], 1.0)?],
+            Box::new(move |t: &[Tensor]| fused::rope(&t[0], &tables)),
+        ),
+        (
+            "swiglu",
+            vec![randn(&[2, 8, 200], 2.0)?, randn(&[2, 8, 200], 1.0)?],
+            Box::new(|t: &[Tensor]| fused::swiglu(&t[0], &t[1])),
+        ),
+        (
+            "attention, head_dim 40",
+            vec![
+                randn(&[2, 20, 3 * 40], 1.0)?,
+                randn(&[2, 20, 3 * 40], 1.0)?,
+                randn(&[2, 20, 3 * 40], 1.0)?,
+            ],
+            attention(3, 40),
+        ),
+        (
+            "attention, head_dim 64",
+            vec![
+                randn(&[1, 70, 2 * 64], 1.0)?,
+                randn(&[1, 70, 2 * 64], 1.0)?,
+                randn(&[1, 70, 2 * 64], 1.0)?,
+            ],
+            attention(2, 64),
+        ),
+        (
+            "cross_entropy",
+            vec![randn(&[24, 300], 3.0)?],
+            Box::new(move |t: &[Tensor]| {
+                let dev = t[0].device();
+                fused::cross_entropy(&t[0], &targets.to_device(dev)?, &weights.to_device(dev)?)
+            }),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, inputs, f) in &cases {
+        let (c, g) = (op_on(&Device::Cpu, inputs, f)?, op_on(gpu, inputs, f)?);
+        for (k, (g, c)) in g.iter().zip(&c).enumerate() {
+            let what = if k == 0 {
+                "output".to_string()
+            } else {
+                format!("grad {k}")
+            };
+            out.push((format!("{name} {what}"), rel_err(g, c)?));
+        }
+    }
+    // AdamW in place, with every constant away from its default.
+    let c = fused::adamw::AdamStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        one_minus_beta1: 0.1,
+        one_minus_beta2: 0.05,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        bias1: 0.271,
+        bias2: 0.142_625,
+        grad_scale: 0.5,
+    };
+    let (p, m, g) = (
+        randn(&[1000], 1.0)?,
+        randn(&[1000], 0.1)?,
+        randn(&[1000], 1.0)?,
+    );
+    let v = randn(&[1000], 0.01)?.abs()?;
+    let sides = [Device::Cpu, gpu.clone()].map(|dev| -> anyhow::Result<[Tensor; 3]> {
+        let [p, m, v] = [&p, &m, &v].map(|t| t.to_device(&dev).and_then(|t| t.copy()));
+        let (p, m, v) = (p?, m?, v?);
+        fused::adamw::step(&p, &m, &v, &g.to_device(&dev)?, c)?;
+        Ok([p, m, v])
+    });
+    let [cpu, on_gpu] = sides;
+    for (name, (g, c)) in ["p", "m", "v"].iter().zip(on_gpu?.iter().zip(&cpu?)) {
+        out.push((format!("adamw {name}"), rel_err(g, c)?));
+    }
+    Ok(out)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let spec = args
@@ -108,16 +261,35 @@ fn main() -> anyhow::Result<()> {
     let b = Batch::from_rows((0..bsz).map(|i| (&toks[i * (t + 1)..(i + 1) * (t + 1)], &mask[..])));
 
     let (mut checks, mut failed) = (0, 0);
-    for lora in [false, true] {
-        for compute in [DType::F32, DType::BF16] {
+    let op_tol = 1e-5;
+    for (name, e) in op_checks(&gpu)? {
+        checks += 1;
+        let ok = e.is_finite() && e <= op_tol;
+        failed += usize::from(!ok);
+        let verdict = if ok { "ok" } else { "FAIL" };
+        println!("op {name}: relative error {e:.3e} (tolerance {op_tol:.0e}): {verdict}");
+    }
+    for (ops, lora, compute) in [Ops::Fused, Ops::Reference]
+        .into_iter()
+        .flat_map(|o| [false, true].map(|l| (o, l)))
+        .flat_map(|(o, l)| [DType::F32, DType::BF16].map(|c| (o, l, c)))
+    {
+        {
             let tol = if compute == DType::F32 { 1e-4 } else { 1e-2 };
             let what = format!(
-                "{} {}",
+                "{} {} ({} ops on the GPU)",
                 if lora { "relora" } else { "full" },
-                if compute == DType::F32 { "f32" } else { "bf16" }
+                if compute == DType::F32 { "f32" } else { "bf16" },
+                if ops == Ops::Fused {
+                    "fused"
+                } else {
+                    "reference"
+                }
             );
-            let c = run(&Device::Cpu, lora, compute, &b)?;
-            let g = run(&gpu, lora, compute, &b)?;
+            // Like against like: the CPU runs the same ops (the reference composition rounds
+            // every intermediate to bf16, the fused ops only their outputs).
+            let c = run(&Device::Cpu, lora, compute, ops, &b)?;
+            let g = run(&gpu, lora, compute, ops, &b)?;
             let mut pairs: Vec<(String, f64)> = vec![
                 ("logits".into(), rel_err(&g.logits, &c.logits)?),
                 ("loss".into(), ((g.loss - c.loss) / c.loss).abs()),
@@ -136,7 +308,7 @@ fn main() -> anyhow::Result<()> {
                 if cp.is_lora {
                     // The reset keeps the top 10% by magnitude; elements within rounding of
                     // the threshold may fall either side, so compare the norms.
-                    pairs.push((format!("exp_avg {}", cp.name), rel_err(&gp.m, &cp.m)?));
+                    pairs.push((format!("exp_avg {}", cp.name), norm_err(&gp.m, &cp.m)?));
                 }
             }
             let mut max = (String::new(), 0f64);
@@ -161,7 +333,7 @@ fn main() -> anyhow::Result<()> {
     // LoRA dropout draws its masks on the device: the same run RNG gives the same masks,
     // another gives others, and the mask keeps 90% of inputs at 1/0.9.
     {
-        let mut m = build(&gpu, false, DType::F32)?;
+        let mut m = build(&gpu, false, DType::F32, Ops::Fused)?;
         let mut rng = Rng::new(7);
         for (_, p) in m.projections_mut() {
             p.add_lora(8, 32.0, 0.1, LoraInit::KaimingBoth, &mut rng)?;

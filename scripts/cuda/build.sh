@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA binary of relora-pipe on a machine with no GPU and no CUDA toolkit.
 #
-#   bash scripts/cuda/build.sh     # → out/cuda/relora-pipe-cuda.tar.gz (stripped binaries)
+#   bash scripts/cuda/build.sh     # → out/cuda/relora-pipe-cuda.tar.xz (stripped binaries)
 #
 # Why it looks like this:
 # - The GPU machines run the CUDA 13.0 driver (580 series). Kernels built by a newer nvcc may
@@ -28,6 +28,12 @@ if [ ! -x "$venv/bin/nvcc-ok" ]; then
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
   touch "$venv/bin/nvcc-ok"
 fi
+# NCCL (data-parallel sums on GPUs) is linked as libnccl.so.2, whose ABI holds across 2.x;
+# the GPU machine's own copy (PyTorch's) is loaded at run time.
+if [ ! -e "$venv/bin/nccl-ok" ]; then
+  "$venv/bin/pip" install --quiet nvidia-nccl-cu13==2.30.7
+  touch "$venv/bin/nccl-ok"
+fi
 site=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
 export CUDA_HOME=$site/nvidia/cu13
 export CUDA_PATH=$CUDA_HOME
@@ -35,7 +41,8 @@ export CUDA_PATH=$CUDA_HOME
 "$CUDA_HOME/bin/nvcc" --version | tail -2
 
 # The wheels ship versioned sonames only; the linker wants the plain names.
-for lib in "$CUDA_HOME"/lib/lib*.so.*; do
+nccl_lib=$site/nvidia/nccl/lib
+for lib in "$CUDA_HOME"/lib/lib*.so.* "$nccl_lib"/lib*.so.*; do
   plain=${lib%%.so.*}.so
   [ -e "$plain" ] || ln -s "$(basename "$lib")" "$plain"
 done
@@ -50,17 +57,22 @@ fi
 
 export PATH=$CUDA_HOME/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-export LIBRARY_PATH=$stub:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
+export LIBRARY_PATH=$stub:$CUDA_HOME/lib:$nccl_lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CARGO_TARGET_DIR=$root/target/cuda
-cargo build --release --features cuda --bin relora-pipe --example bench_step --example cuda_parity
+cargo build --release --features cuda --bin relora-pipe --example bench_step --example cuda_parity \
+  --example nccl_check
 
 # Only the tarball travels to the GPU machine (scripts/cuda/device-check.sh unpacks it).
+# xz -9: its 64 MiB window spans a whole binary, so the four (which share candle and its
+# kernels) pack into 19 MB instead of gzip's 59 MB; a device run carries 64 MiB at most.
 mkdir -p out/cuda
 stage=$(mktemp -d)
 strip -o "$stage/relora-pipe" "$CARGO_TARGET_DIR/release/relora-pipe"
-for ex in bench_step cuda_parity; do
+for ex in bench_step cuda_parity nccl_check; do
   strip -o "$stage/$ex" "$CARGO_TARGET_DIR/release/examples/$ex"
 done
-tar -C "$stage" -czf out/cuda/relora-pipe-cuda.tar.gz relora-pipe bench_step cuda_parity
+tar -C "$stage" -cf - relora-pipe bench_step cuda_parity nccl_check | xz -9 -T2 \
+  > out/cuda/relora-pipe-cuda.tar.xz
+rm -f out/cuda/relora-pipe-cuda.tar.gz
 rm -rf "$stage"
 ls -l out/cuda

@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks, in one run on a GPU machine (CUDA 13 driver; no Rust and no
 # network needed). Build the tarball on any Linux machine with `bash scripts/cuda/build.sh`,
-# copy this repository's pipelines/ and scripts/ plus out/cuda/relora-pipe-cuda.tar.gz to the
+# copy this repository's pipelines/ and scripts/ plus out/cuda/relora-pipe-cuda.tar.xz to the
 # GPU machine, and run from the repository root:
 #
 #   bash scripts/cuda/device-check.sh
 #
-# Writes under $OUT (default out/device): nvidia-smi.txt, parity.txt, quickstart.txt,
-# throughput.txt and summary.txt. Each step has its own time limit, so one that hangs
+# Writes under $OUT (default out/device): nvidia-smi.txt, parity.txt, nccl.txt,
+# quickstart.txt, throughput.txt and summary.txt. Each step has its own time limit, so one that hangs
 # cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
 bin=$(mktemp -d)
-tar -C "$bin" -xzf out/cuda/relora-pipe-cuda.tar.gz
+# tar needs the xz program for this; Python's tarfile does not.
+tar -C "$bin" -xJf out/cuda/relora-pipe-cuda.tar.xz 2>/dev/null \
+  || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+       out/cuda/relora-pipe-cuda.tar.xz "$bin"
 summary=$OUT/summary.txt
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-# cuBLAS, cuRAND and the runtime come from the machine's PyTorch install (too big to carry).
+# cuBLAS, cuRAND, NCCL and the runtime come from the machine's PyTorch install (too big to
+# carry).
 libdirs=$(python3 - <<'PY'
 import os, nvidia
 roots = [os.path.dirname(p) for p in nvidia.__path__] + list(nvidia.__path__)
 seen = []
 for root in roots:
     for d, _, files in os.walk(root):
-        if any(f.startswith(("libcublas.so", "libcurand.so", "libcudart.so", "libnvrtc.so")) for f in files):
+        if any(f.startswith(("libcublas.so", "libcurand.so", "libcudart.so", "libnvrtc.so", "libnccl.so")) for f in files):
             if d not in seen:
                 seen.append(d)
 print(":".join(seen))
@@ -34,11 +38,19 @@ PY
 export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 note "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
-ldd "$bin/relora-pipe" | grep -E "cuda|cublas|curand|not found" >> "$OUT/nvidia-smi.txt"
+ldd "$bin/relora-pipe" | grep -E "cuda|cublas|curand|nccl|not found" >> "$OUT/nvidia-smi.txt"
 
-# 1. Every op on CUDA against the CPU: f32 within 1e-4, bf16 within 1e-2.
-timeout 60 "$bin/cuda_parity" --device cuda > "$OUT/parity.txt" 2>&1
+# 1. Each fused op on CUDA against the CPU (values and gradients within 1e-5), then the
+#    model with the fused ops and with the reference composition: f32 within 1e-4, bf16
+#    within 1e-2.
+timeout 90 "$bin/cuda_parity" --device cuda > "$OUT/parity.txt" 2>&1
 note "parity (exit $?): $(grep -E '^PARITY' "$OUT/parity.txt" || tail -1 "$OUT/parity.txt")"
+
+# 1b. NCCL, the data-parallel sums: world size 1, and every GPU together when there are
+#     several (one thread per GPU), exact sums and the bus bandwidth.
+timeout 60 "$bin/nccl_check" > "$OUT/nccl.txt" 2>&1
+note "nccl (exit $?): $(grep -E '^NCCL' "$OUT/nccl.txt" || tail -1 "$OUT/nccl.txt")"
+grep -E "all-reduce" "$OUT/nccl.txt" >> "$summary"
 
 # 2. The quickstart end to end with device: cuda.
 sed 's/device: cpu/device: cuda/' pipelines/quickstart.yaml > pipelines/quickstart-cuda.yaml

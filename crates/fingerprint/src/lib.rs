@@ -240,7 +240,7 @@ fn is_test_file(rel: &Path) -> bool {
 }
 
 /// The fingerprint of one part of the code: a crate folder (its `src/**/*.rs`, normalised,
-/// and its `assets/**`, byte for byte) or a single `.rs` file. Returns 16 hex digits and the
+/// its CUDA kernels `src/**/*.cu` and its `assets/**`, byte for byte) or a single `.rs` file. Returns 16 hex digits and the
 /// files read, for the build script's `rerun-if-changed`.
 pub fn fingerprint_part(root: &Path, part: &str) -> std::io::Result<(String, Vec<PathBuf>)> {
     let path = root.join(part);
@@ -265,8 +265,12 @@ pub fn fingerprint_part(root: &Path, part: &str) -> std::io::Result<(String, Vec
             for rel in files_below(&dir)? {
                 let file = dir.join(&rel);
                 let name = format!("{sub}/{}", rel.to_string_lossy());
-                if rust {
-                    if rel.extension().is_none_or(|e| e != "rs") || is_test_file(&rel) {
+                let ext = rel.extension().and_then(|e| e.to_str());
+                if rust && ext == Some("cu") {
+                    // CUDA kernels run as the Rust code does; hashed byte for byte.
+                    add(&name, &std::fs::read(&file)?);
+                } else if rust {
+                    if ext != Some("rs") || is_test_file(&rel) {
                         continue;
                     }
                     add(
@@ -396,7 +400,14 @@ mod tests {
         let h2 = fingerprint_part(&dir, "c").unwrap().0;
         assert_ne!(h2, h1);
         std::fs::write(dir.join("c/src/lib.rs"), "pub fn f() -> u8 { 2 }").unwrap();
-        assert_ne!(fingerprint_part(&dir, "c").unwrap().0, h2);
+        let h3 = fingerprint_part(&dir, "c").unwrap().0;
+        assert_ne!(h3, h2);
+        // CUDA kernels count; other files under src (a C++ test harness) do not.
+        std::fs::write(dir.join("c/src/k.cu"), "__global__ void k() {}").unwrap();
+        let h4 = fingerprint_part(&dir, "c").unwrap().0;
+        assert_ne!(h4, h3);
+        std::fs::write(dir.join("c/src/check.cpp"), "int main() {}").unwrap();
+        assert_eq!(fingerprint_part(&dir, "c").unwrap().0, h4);
         assert_eq!(fingerprint_part(&dir, "c/src/lib.rs").unwrap().0.len(), 16);
         assert!(fingerprint_part(&dir, "missing").is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -85,8 +85,9 @@ pub fn mask_values(rng: &mut Rng, n: usize, p: f32) -> Vec<f32> {
 pub struct Pass {
     /// Record the autograd graph (training), or enter every weight detached (evaluation).
     pub track: bool,
-    /// Use the fused kernels of [`crate::fused`] (the caller checks they exist for the
-    /// device and dtype).
+    /// Use the fused projections of [`crate::fused`] (trainable, and frozen W with its LoRA
+    /// branch), whose kernels exist on the CPU only (the caller checks, with
+    /// [`crate::fused::Ops::fused_matmuls_on`]).
     pub fused: bool,
 }
 
@@ -146,7 +147,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
         let pass = Pass {
             track: true,
-            fused: Ops::default().fused_on(x.device(), x.dtype()),
+            fused: Ops::default().fused_matmuls_on(x.device(), x.dtype()),
         };
         self.apply(x, dropout_rng, pass)
     }

@@ -323,6 +323,10 @@ impl Llama {
             return fused::head_cross_entropy(&x, &head, targets, weights);
         }
         let logits = self.head(&x, pass)?;
+        if self.ops.fused_on(ids.device(), logits.dtype()) {
+            // On a GPU: the head is a cuBLAS matmul, the loss a fused kernel.
+            return fused::cross_entropy(&logits, targets, weights);
+        }
         cross_entropy(&logits, targets, weights)
     }
 
@@ -364,7 +368,7 @@ impl Llama {
         let fused = self.ops.fused_on(dev, master);
         let pass = Pass {
             track,
-            fused: self.ops.fused_on(dev, compute),
+            fused: self.ops.fused_matmuls_on(dev, compute),
         };
         // Without `track` the parameters enter detached, so no op records a graph.
         let param = |v: &Var| self.param(v, track);

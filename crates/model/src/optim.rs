@@ -53,8 +53,8 @@ pub struct AdamW {
     pub params: Vec<ParamState>,
     /// Optimizer steps taken; a reset does not change it.
     pub step: u64,
-    /// One in-place pass per tensor ([`crate::fused::adamw`]) where it can run (f32 on the
-    /// CPU); false forces the composed reference update everywhere (for tests).
+    /// One in-place pass per tensor ([`crate::fused::adamw`]) where it can run (f32, on the
+    /// CPU or CUDA); false forces the composed reference update everywhere (for tests).
     pub fused: bool,
 }
 
@@ -114,9 +114,10 @@ impl AdamW {
         };
         for (p, g) in self.params.iter_mut().zip(grads) {
             let t = p.var.as_tensor();
-            let fusable = [t, &p.m, &p.v, g]
-                .iter()
-                .all(|x| x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous());
+            let fusable = [t, &p.m, &p.v, g].iter().all(|x| {
+                let dev = x.device();
+                (dev.is_cpu() || dev.is_cuda()) && x.dtype() == DType::F32 && x.is_contiguous()
+            });
             if self.fused && fusable {
                 fused::adamw::step(t, &p.m, &p.v, g, constants)?;
                 continue;

@@ -776,14 +776,16 @@ fn data_seed(p: &TrainParams, init: Option<&TrainInfo>) -> u64 {
 fn run_train(ctx: &mut StageContext) -> Result<()> {
     let p: TrainParams = serde_json::from_value(ctx.params.clone())?;
     // Join the data-parallel group first, so that a launch mistake fails before any work.
-    let comm = relora_parallel::join(p.ranks())?;
+    // Ranks on GPUs take one each, and sum through NCCL; on the CPU, through MPI.
+    let relora_parallel::Joined { comm, device } = relora_parallel::join(p.ranks(), |rank| {
+        if p.ranks() > 1 && !ctx.gpus.is_empty() {
+            relora_model::device(&format!("cuda:{}", rank_gpu(rank)))
+        } else {
+            p.device.open(&ctx.gpus)
+        }
+    })?;
     // Rank 0 writes everything: metrics, checkpoints, outputs, progress.
     let lead = comm.rank() == 0;
-    let device = if p.ranks() > 1 && !ctx.gpus.is_empty() {
-        relora_model::device(&format!("cuda:{}", rank_gpu(comm.rank())))?
-    } else {
-        p.device.open(&ctx.gpus)?
-    };
     let data_dir = ctx.input("data")?.to_path_buf();
     let data = DatasetManifest::read(&data_dir)?;
     let init_dir = ctx.inputs.get("init").cloned();

@@ -27,7 +27,8 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
-/// Updates `p`, `m` and `v` in place from gradient `g`: f32 CPU tensors of one shape, none
+/// Updates `p`, `m` and `v` in place from gradient `g`: f32 tensors of one shape on one
+/// device (the CPU or a GPU), none
 /// sharing storage with another.
 pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamStep) -> Result<()> {
     if p.dims() != g.dims() || m.dims() != p.dims() || v.dims() != p.dims() {
@@ -41,6 +42,19 @@ pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamStep) -> Resu
     }
     if host::same_storage(m, v) || host::same_storage(p, m) || host::same_storage(p, v) {
         bail!("adamw: a parameter and its moments must not share storage");
+    }
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        return super::cuda::read([g], "adamw", |_, [g]| {
+            use super::cuda::modify;
+            modify(m, "adamw", |_, mut m| {
+                modify(v, "adamw", |_, mut v| {
+                    modify(p, "adamw", |dev, mut p| {
+                        super::cuda::adamw(dev, (&mut p, &mut m, &mut v), &g, &c)
+                    })
+                })
+            })
+        });
     }
     host::read([g], "adamw", |[g]| {
         host::modify(m, "adamw", |m| {

@@ -10,6 +10,8 @@
 //! One rayon task per (sequence, head); the tiles' products go through `gemm` single-threaded
 //! within a task, so each output element is computed in a fixed order, whatever the threads.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::gemm::{mm, Threads::One};
 use super::host::{self, SharedMut};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -23,6 +25,9 @@ struct Attention {
     scale: f32,
     /// log Σ exp of each query's scaled scores, [b, heads, t], from the forward pass.
     lse: host::Saved<Vec<f32>>,
+    /// The same, when the forward pass ran on a GPU.
+    #[cfg(feature = "cuda")]
+    lse_gpu: host::Saved<cuda::CudaSlice<f32>>,
 }
 
 /// Sizes of one call, read off `q`'s [b, t, heads · head_dim].
@@ -44,6 +49,15 @@ impl Dims {
                 d: hidden / h,
             }),
             _ => bail!("attention: expected [b, t, {h} heads × head_dim], got {dims:?}"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn gpu(&self) -> cuda::AttnDims {
+        cuda::AttnDims {
+            b: self.b,
+            t: self.t,
+            h: self.h,
+            d: self.d,
         }
     }
     /// Distance between consecutive positions of one head.
@@ -75,6 +89,21 @@ fn scores(q: &[f32], k: &[f32], base: usize, dm: Dims, (q0, q1): (usize, usize),
     }
 }
 
+impl Attention {
+    /// The sizes of a call, after checking q, k and v agree.
+    fn dims(&self, [ql, kl, vl]: [&Layout; 3]) -> Result<Dims> {
+        if ql.dims() != kl.dims() || ql.dims() != vl.dims() {
+            bail!(
+                "attention: q {:?}, k {:?} and v {:?} differ",
+                ql.dims(),
+                kl.dims(),
+                vl.dims()
+            );
+        }
+        Dims::of(ql.dims(), self.heads)
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-causal-attention"
@@ -89,15 +118,7 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if ql.dims() != kl.dims() || ql.dims() != vl.dims() {
-            bail!(
-                "attention: q {:?}, k {:?} and v {:?} differ",
-                ql.dims(),
-                kl.dims(),
-                vl.dims()
-            );
-        }
-        let dm = Dims::of(ql.dims(), self.heads)?;
+        let dm = self.dims([ql, kl, vl])?;
         let q = host::slice(qs, ql, "attention")?;
         let k = host::slice(ks, kl, "attention")?;
         let v = host::slice(vs, vl, "attention")?;
@@ -149,6 +170,25 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &cuda::CudaStorage,
+        ql: &Layout,
+        ks: &cuda::CudaStorage,
+        kl: &Layout,
+        vs: &cuda::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(cuda::CudaStorage, Shape)> {
+        let dm = self.dims([ql, kl, vl])?;
+        let view = |s, l| cuda::view(s, l, "attention");
+        let (q, k, v) = (view(qs, ql)?, view(ks, kl)?, view(vs, vl)?);
+        let dev = cuda::device_of(qs);
+        let (o, lse) = cuda::attention_fwd(dev, [&q, &k, &v], dm.gpu(), self.scale)?;
+        self.lse_gpu.keep(lse, "attention")?;
+        Ok((cuda::storage(o, dev), ql.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -157,8 +197,29 @@ impl CustomOp3 for Attention {
         out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self.lse.get("attention")?;
         let dm = Dims::of(q.dims(), self.heads)?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let lse = self.lse_gpu.get("attention")?;
+            let n = q.elem_count();
+            let all = cuda::read(
+                [q, k, v, out, dout],
+                "attention",
+                |dev, [q, k, v, o, d_o]| {
+                    let buf = cuda::attention_bwd(
+                        dev,
+                        [&q, &k, &v, &o, &d_o],
+                        lse,
+                        dm.gpu(),
+                        self.scale,
+                    )?;
+                    Ok(cuda::tensor(buf, dev, &[3 * n]))
+                },
+            )?;
+            let part = |i: usize| all.narrow(0, i * n, n)?.reshape(q.dims());
+            return Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)));
+        }
+        let lse = self.lse.get("attention")?;
         let (dq, dk, dv) = host::read([q, k, v, out, dout], "attention", |qkvod| {
             self.backward(dm, lse, qkvod)
         })?;
@@ -271,7 +332,7 @@ impl Attention {
 }
 
 /// Causal attention of `heads` heads over `q, k, v [b, t, heads · head_dim]` with scores
-/// scaled by `scale`; returns [b, t, heads · head_dim]. Fused (CPU).
+/// scaled by `scale`; returns [b, t, heads · head_dim]. Fused (CPU and CUDA).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -288,6 +349,8 @@ pub fn causal_attention(
                 heads,
                 scale: scale as f32,
                 lse: host::Saved::new(),
+                #[cfg(feature = "cuda")]
+                lse_gpu: host::Saved::new(),
             },
         )
     })

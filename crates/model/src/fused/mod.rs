@@ -15,6 +15,9 @@
 //!
 //! The kernels here are CPU kernels, threaded with rayon over rows (or over batch × head for
 //! attention, whose tiles go through the `gemm` crate, the one candle's CPU matmul uses).
+//! With the `cuda` feature the ops other than the matmuls also have CUDA kernels
+//! (`kernels.cu`, launched by `cuda.rs`; see there for what runs where), which the tests
+//! check on the CPU through an emulation of their threads (`emulate/`).
 //! Every reduction is split at fixed boundaries and summed in a fixed order, so results do
 //! not depend on the number of threads: same inputs, same bytes. On other devices, and
 //! whenever [`Ops::Reference`] is chosen, the model uses the reference composition of
@@ -25,6 +28,8 @@
 
 pub mod adamw;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gemm;
 pub mod grads;
 mod host;
@@ -46,8 +51,9 @@ pub use xent::{cross_entropy, head_cross_entropy};
 /// Which implementation of the model's elementwise, attention and loss ops to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ops {
-    /// The fused ops of this module where they exist (f32 and bf16 on the CPU), the
-    /// reference composition elsewhere (other devices, and f64 models in gradient checks).
+    /// The fused ops of this module where they exist (f32 and bf16, on the CPU and, built
+    /// with `cuda`, on GPUs), the reference composition elsewhere (f64 models in gradient
+    /// checks).
     #[default]
     Fused,
     /// The composition of candle's differentiable primitives, everywhere: the yardstick the
@@ -56,10 +62,20 @@ pub enum Ops {
 }
 
 impl Ops {
-    /// Whether the fused kernels run for `dtype` tensors on `dev`.
+    /// Whether the fused RMSNorm, RoPE, SwiGLU, attention and cross-entropy run for `dtype`
+    /// tensors on `dev`.
     pub fn fused_on(self, dev: &candle_core::Device, dtype: candle_core::DType) -> bool {
         use candle_core::DType::{BF16, F32};
-        self == Ops::Fused && dev.is_cpu() && matches!(dtype, F32 | BF16)
+        self == Ops::Fused
+            && (dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda()))
+            && matches!(dtype, F32 | BF16)
+    }
+
+    /// Whether the fused projections (trainable, and frozen W with its LoRA branch) and the
+    /// LM head fused with the loss run: on the CPU only. On a GPU these are cuBLAS matmuls,
+    /// which a fused op would not beat.
+    pub fn fused_matmuls_on(self, dev: &candle_core::Device, dtype: candle_core::DType) -> bool {
+        self.fused_on(dev, dtype) && dev.is_cpu()
     }
 }
 

@@ -4,6 +4,8 @@
 //! nothing else: with `g = dy · w`,
 //! `dx = r·g − x · r³ · mean(g·x)` and `dw = Σ_rows dy · x · r`.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::host;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -16,6 +18,19 @@ struct RmsNorm {
     eps: f32,
     /// 1 / RMS of each row, from the forward pass.
     inv_rms: host::Saved<Vec<f32>>,
+    /// The same, when the forward pass ran on a GPU.
+    #[cfg(feature = "cuda")]
+    inv_rms_gpu: host::Saved<cuda::CudaSlice<f32>>,
+}
+
+impl RmsNorm {
+    /// Rows and row length of `x [.., h]` against a weight of `h`.
+    fn dims(x: &[usize], h: usize) -> Result<(usize, usize)> {
+        if x.last() != Some(&h) {
+            bail!("rms_norm: input {x:?} against a weight of {h}");
+        }
+        Ok((x.iter().product::<usize>() / h.max(1), h))
+    }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -34,10 +49,7 @@ impl CustomOp2 for RmsNorm {
             host::slice(xs, xl, "rms_norm")?,
             host::slice(ws, wl, "rms_norm")?,
         );
-        let h = w.len();
-        if xl.dims().last() != Some(&h) {
-            bail!("rms_norm: input {:?} against a weight of {h}", xl.dims());
-        }
+        let (_, h) = Self::dims(xl.dims(), w.len())?;
         let mut y = vec![0f32; x.len()];
         let mut inv = vec![0f32; x.len() / h];
         y.par_chunks_mut(h)
@@ -55,6 +67,25 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &cuda::CudaStorage,
+        xl: &Layout,
+        ws: &cuda::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(cuda::CudaStorage, Shape)> {
+        let dims = Self::dims(xl.dims(), wl.shape().elem_count())?;
+        let (x, w) = (
+            cuda::view(xs, xl, "rms_norm")?,
+            cuda::view(ws, wl, "rms_norm")?,
+        );
+        let dev = cuda::device_of(xs);
+        let (y, inv) = cuda::rms_norm_fwd(dev, &x, &w, dims, self.eps)?;
+        self.inv_rms_gpu.keep(inv, "rms_norm")?;
+        Ok((cuda::storage(y, dev), xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -62,6 +93,19 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let inv = self.inv_rms_gpu.get("rms_norm")?;
+            let (rows, h) = Self::dims(x.dims(), w.elem_count())?;
+            let both = cuda::read([x, w, dy], "rms_norm", |dev, [x, w, dy]| {
+                let buf = cuda::rms_norm_bwd(dev, [&x, &w, &dy], inv, (rows, h))?;
+                Ok(cuda::tensor(buf, dev, &[rows * h + h]))
+            })?;
+            return Ok((
+                Some(both.narrow(0, 0, rows * h)?.reshape(x.dims())?),
+                Some(both.narrow(0, rows * h, h)?.reshape(w.dims())?),
+            ));
+        }
         let inv = self.inv_rms.get("rms_norm")?;
         let h = w.elem_count();
         let (dx, dw) = host::read([x, w, dy], "rms_norm", |[x, w, dy]| {
@@ -108,7 +152,7 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], inv: &[f32], h: usize) -> (Vec<f32
     (dx, dw)
 }
 
-/// RMSNorm of `x [.., h]` with weight `w [h]`, fused (CPU).
+/// RMSNorm of `x [.., h]` with weight `w [h]`, fused (CPU and CUDA).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     host::in_f32(x, |x| {
         x.contiguous()?.apply_op2(
@@ -116,6 +160,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             RmsNorm {
                 eps: eps as f32,
                 inv_rms: host::Saved::new(),
+                #[cfg(feature = "cuda")]
+                inv_rms_gpu: host::Saved::new(),
             },
         )
     })

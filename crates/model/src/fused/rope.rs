@@ -5,6 +5,8 @@
 //! Each pair `(x₁, x₂) = (x[i], x[i + d/2])` turns by the angle `pos · θ_i`. The backward pass
 //! is the same rotation by the opposite angle (a rotation's inverse is its transpose).
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::host;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -92,6 +94,24 @@ impl Rope {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Rope {
+    /// `src` rotated by `sign ×` the angles, on the GPU (tables uploaded per call: t·d
+    /// values, against the b·t·heads·d it turns).
+    fn on_gpu(
+        &self,
+        dev: &candle_core::CudaDevice,
+        src: &cuda::CudaView<'_, f32>,
+        row: usize,
+        sign: f32,
+    ) -> Result<cuda::CudaSlice<f32>> {
+        let t = &self.0;
+        let (cos, sin) = (cuda::upload(dev, &t.cos)?, cuda::upload(dev, &t.sin)?);
+        let dims = (src.len() / row.max(1), t.t, row, t.head_dim);
+        cuda::rope(dev, src, &cos, &sin, dims, sign)
+    }
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
         "fused-rope"
@@ -105,8 +125,27 @@ impl CustomOp1 for Rope {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &cuda::CudaStorage, l: &Layout) -> Result<(cuda::CudaStorage, Shape)> {
+        let row = self.row(l.dims())?;
+        let dev = cuda::device_of(s);
+        let y = self.on_gpu(dev, &cuda::view(s, l, "rope")?, row, 1.0)?;
+        Ok((cuda::storage(y, dev), l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let row = self.row(x.dims())?;
+        #[cfg(feature = "cuda")]
+        if dy.device().is_cuda() {
+            let dx = cuda::read([dy], "rope", |dev, [dy]| {
+                Ok(cuda::tensor(
+                    self.on_gpu(dev, &dy, row, -1.0)?,
+                    dev,
+                    x.dims(),
+                ))
+            })?;
+            return Ok(Some(dx));
+        }
         let dx = host::read([dy], "rope", |[dy]| {
             let mut dx = vec![0f32; dy.len()];
             self.0.rotate(dy, &mut dx, row, -1.0);
@@ -116,7 +155,7 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// RoPE on `x [b, t, heads · head_dim]` with `tables` for t positions, fused (CPU).
+/// RoPE on `x [b, t, heads · head_dim]` with `tables` for t positions, fused (CPU and CUDA).
 pub fn rope(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
     host::in_f32(x, |x| x.contiguous()?.apply_op1(Rope(tables.clone())))
 }

@@ -1,6 +1,8 @@
 //! SwiGLU's gate, `silu(g) · u`, in one pass, and both input gradients in one more:
 //! with `σ = sigmoid(g)`, `du = dy · g·σ` and `dg = dy · u · σ · (1 + g·(1 − σ))`.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::host;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -44,6 +46,23 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &cuda::CudaStorage,
+        gl: &Layout,
+        us: &cuda::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(cuda::CudaStorage, Shape)> {
+        if gl.dims() != ul.dims() {
+            bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims());
+        }
+        let (g, u) = (cuda::view(gs, gl, "swiglu")?, cuda::view(us, ul, "swiglu")?);
+        let dev = cuda::device_of(gs);
+        let y = cuda::swiglu_fwd(dev, &g, &u, gl.shape().elem_count())?;
+        Ok((cuda::storage(y, dev), gl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         g: &Tensor,
@@ -51,6 +70,18 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            let n = g.elem_count();
+            let both = cuda::read([g, u, dy], "swiglu", |dev, [g, u, dy]| {
+                let buf = cuda::swiglu_bwd(dev, [&g, &u, &dy], n)?;
+                Ok(cuda::tensor(buf, dev, &[2 * n]))
+            })?;
+            return Ok((
+                Some(both.narrow(0, 0, n)?.reshape(g.dims())?),
+                Some(both.narrow(0, n, n)?.reshape(u.dims())?),
+            ));
+        }
         let (dg, du) = host::read([g, u, dy], "swiglu", |[g, u, dy]| {
             let mut dg = vec![0f32; g.len()];
             let mut du = vec![0f32; g.len()];
@@ -74,7 +105,7 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// `silu(gate) · up`, fused (CPU).
+/// `silu(gate) · up`, fused (CPU and CUDA).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     host::in_f32(gate, |g| {
         g.contiguous()?

@@ -336,3 +336,34 @@ fn head_cross_entropy_matches_reference_and_finite_differences() {
     );
     finite_differences("head_cross_entropy", &[x, head], &fused);
 }
+
+/// The CUDA kernels (kernels.cu), run on the CPU by emulate/emulate.h, against plain
+/// double-precision math: every kernel's indexing, reductions and launch shapes, without a
+/// GPU. Needs a C++20 compiler (g++, or $CXX).
+#[test]
+fn cuda_kernels_match_plain_math_in_emulation() {
+    use std::process::Command;
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fused/emulate");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("check_kernels");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let built = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-pthread"])
+        .arg(src.join("check_kernels.cpp"))
+        .arg("-o")
+        .arg(&bin)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{cxx} could not be run ({e}): this test needs a C++20 compiler; install g++")
+        });
+    assert!(
+        built.status.success(),
+        "compiling the emulated kernels failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran = Command::new(&bin).output().unwrap();
+    let out = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{out}");
+    // Every check ran (a kernel left out of main() would not show as a failure).
+    assert!(out.contains("KERNELS 23 checks, 0 failed"), "{out}");
+}

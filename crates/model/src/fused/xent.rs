@@ -11,6 +11,8 @@
 //! pass. No [tokens × vocab] tensor ever enters the autograd graph, so candle allocates no
 //! zero-filled [tokens × vocab] gradient and sums nothing into it.
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::host;
 use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -107,6 +109,27 @@ struct CrossEntropy {
     targets: Targets,
     /// log Σ exp(logits) of each row, from the forward pass.
     lse: host::Saved<Vec<f32>>,
+    /// On a GPU: the targets (u32) and weights (f32) there, and the forward pass's lse.
+    #[cfg(feature = "cuda")]
+    gpu: Option<(Tensor, Tensor)>,
+    #[cfg(feature = "cuda")]
+    lse_gpu: host::Saved<cuda::CudaSlice<f32>>,
+}
+
+#[cfg(feature = "cuda")]
+impl CrossEntropy {
+    /// Runs `f` on the device's targets and weights.
+    fn with_targets<R>(
+        &self,
+        f: impl FnOnce(cuda::CudaView<'_, u32>, cuda::CudaView<'_, f32>) -> Result<R>,
+    ) -> Result<R> {
+        let Some((targets, weights)) = &self.gpu else {
+            bail!("cross_entropy: the targets are not on the logits' GPU");
+        };
+        cuda::with_view::<u32, _>(targets, "cross_entropy", |_, t| {
+            cuda::with_view::<f32, _>(weights, "cross_entropy", |_, w| f(t, w))
+        })
+    }
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -122,10 +145,35 @@ impl CustomOp1 for CrossEntropy {
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &cuda::CudaStorage, l: &Layout) -> Result<(cuda::CudaStorage, Shape)> {
+        let dims = l.shape().dims2()?;
+        self.targets.check(dims.1)?;
+        let x = cuda::view(s, l, "cross_entropy")?;
+        let dev = cuda::device_of(s);
+        let total = self.targets.total_weight;
+        let (loss, lse) = self.with_targets(|t, w| cuda::xent_fwd(dev, &x, &t, &w, dims, total))?;
+        self.lse_gpu.keep(lse, "cross_entropy")?;
+        Ok((cuda::storage(loss, dev), Shape::from(())))
+    }
+
     fn bwd(&self, logits: &Tensor, _loss: &Tensor, dloss: &Tensor) -> Result<Option<Tensor>> {
-        let lse = self.lse.get("cross_entropy")?;
         let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let v = logits.dim(1)?;
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let lse = self.lse_gpu.get("cross_entropy")?;
+            let dims = logits.dims2()?;
+            let g_over_total = g / self.targets.total_weight;
+            let dx = cuda::read([logits], "cross_entropy", |dev, [x]| {
+                let buf = self.with_targets(|t, w| {
+                    cuda::xent_bwd(dev, &x, &t, &w, lse, dims, g_over_total)
+                })?;
+                Ok(cuda::tensor(buf, dev, logits.dims()))
+            })?;
+            return Ok(Some(dx));
+        }
+        let lse = self.lse.get("cross_entropy")?;
         let mut dx = host::read([logits], "cross_entropy", |[x]| x.to_vec())?;
         self.targets.gradient_in_place(&mut dx, v, lse, g);
         Ok(Some(host::tensor(dx, logits.dims())?))
@@ -133,11 +181,22 @@ impl CustomOp1 for CrossEntropy {
 }
 
 /// Weighted mean token cross-entropy of `logits [n, vocab]` against `targets [n]` (u32) with
-/// `weights [n]`, fused (CPU). The result is a scalar in the logits' dtype.
+/// `weights [n]`, fused (CPU and CUDA). The result is a scalar in the logits' dtype.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let op = CrossEntropy {
         targets: Targets::new(targets, weights, logits.dim(0)?)?,
         lse: host::Saved::new(),
+        #[cfg(feature = "cuda")]
+        gpu: match logits.device() {
+            dev @ candle_core::Device::Cuda(_) => {
+                let on =
+                    |t: &Tensor, dt| t.to_device(dev)?.to_dtype(dt)?.flatten_all()?.contiguous();
+                Some((on(targets, DType::U32)?, on(weights, DType::F32)?))
+            }
+            _ => None,
+        },
+        #[cfg(feature = "cuda")]
+        lse_gpu: host::Saved::new(),
     };
     logits
         .to_dtype(DType::F32)?
