@@ -39,6 +39,8 @@ export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 note "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 ldd "$bin/relora-pipe" | grep -E "cuda|cublas|curand|nccl|not found" >> "$OUT/nvidia-smi.txt"
+missing=$(ldd "$bin/relora-pipe" "$bin/nccl_check" | awk '/not found/ {print $1}' | sort -u | tr '\n' ' ')
+[ -z "$missing" ] || note "missing libraries (nothing below can run): $missing"
 
 # 1. Each fused op on CUDA against the CPU (values and gradients within 1e-5), then the
 #    model with the fused ops and with the reference composition: f32 within 1e-4, bf16
