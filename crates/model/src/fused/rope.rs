@@ -19,7 +19,20 @@ pub struct RopeTables {
     pub head_dim: usize,
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
+    /// The same on the GPU the pass runs on, uploaded by the first call that needs them:
+    /// one upload per forward pass, shared by every layer's q and k and their backward
+    /// passes (clones share it). An upload from pageable memory is a synchronous copy, and
+    /// one per call would stall the host between kernel launches.
+    #[cfg(feature = "cuda")]
+    gpu: Arc<std::sync::Mutex<Option<GpuTables>>>,
 }
+
+#[cfg(feature = "cuda")]
+type GpuTables = (
+    candle_core::CudaDevice,
+    cuda::CudaSlice<f32>,
+    cuda::CudaSlice<f32>,
+);
 
 impl RopeTables {
     /// Tables for positions 0..t with base `base` (10,000 for LLaMA).
@@ -40,6 +53,8 @@ impl RopeTables {
             head_dim,
             cos: Arc::new(cos),
             sin: Arc::new(sin),
+            #[cfg(feature = "cuda")]
+            gpu: Arc::default(),
         }
     }
 
@@ -96,8 +111,7 @@ impl Rope {
 
 #[cfg(feature = "cuda")]
 impl Rope {
-    /// `src` rotated by `sign ×` the angles, on the GPU (tables uploaded per call: t·d
-    /// values, against the b·t·heads·d it turns).
+    /// `src` rotated by `sign ×` the angles, on the GPU.
     fn on_gpu(
         &self,
         dev: &candle_core::CudaDevice,
@@ -105,10 +119,21 @@ impl Rope {
         row: usize,
         sign: f32,
     ) -> Result<cuda::CudaSlice<f32>> {
+        use candle_core::backend::BackendDevice;
         let t = &self.0;
-        let (cos, sin) = (cuda::upload(dev, &t.cos)?, cuda::upload(dev, &t.sin)?);
+        let mut gpu = t.gpu.lock().expect("no panic while the tables are held");
+        if !matches!(&*gpu, Some((d, _, _)) if d.same_device(dev)) {
+            *gpu = Some((
+                dev.clone(),
+                cuda::upload(dev, &t.cos)?,
+                cuda::upload(dev, &t.sin)?,
+            ));
+        }
+        let Some((_, cos, sin)) = gpu.as_ref() else {
+            bail!("rope: the tables were not uploaded");
+        };
         let dims = (src.len() / row.max(1), t.t, row, t.head_dim);
-        cuda::rope(dev, src, &cos, &sin, dims, sign)
+        cuda::rope(dev, src, cos, sin, dims, sign)
     }
 }
 
