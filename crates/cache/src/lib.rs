@@ -995,6 +995,8 @@ mod tests {
         let key = KeyComponents::default().key();
         let first = cache.lock(&key, |_| {}).unwrap();
         let path = cache.lock_path(&key);
+        // Held open, so the file system cannot give its inode to the file the waiter makes.
+        let removed = fs::File::open(&path).unwrap();
         let c2 = cache.clone();
         let k2 = key.clone();
         let waiter = std::thread::spawn(move || {
@@ -1002,14 +1004,19 @@ mod tests {
             same_file(&l.file, &l.path)
         });
         std::thread::sleep(std::time::Duration::from_millis(100));
-        // gc's move: remove the file while holding its lock, then let go.
+        // gc's move: remove the file while holding its lock, then let go. (Whether the path
+        // is empty right after depends on how soon the waiter wakes and makes a new file,
+        // so the test looks only at where things end.)
         first.remove();
-        assert!(!path.exists());
         assert!(
             waiter.join().unwrap(),
             "the waiter must hold the file now at the path"
         );
         assert!(path.exists());
+        assert!(
+            !same_file(&removed, &path),
+            "the file at the path must be a new one, not the removed one"
+        );
     }
 
     #[test]
