@@ -367,3 +367,52 @@ fn cuda_kernels_match_plain_math_in_emulation() {
     // Every check ran (a kernel left out of main() would not show as a failure).
     assert!(out.contains("KERNELS 23 checks, 0 failed"), "{out}");
 }
+
+/// Every kernel `cuda.rs` launches exists in kernels.cu and gets as many arguments as it has
+/// parameters, and every kernel is launched. The launch code compiles only with `cuda` and
+/// runs only on a GPU; its argument lists against the kernels' signatures are what can be
+/// checked of it here.
+#[test]
+fn cuda_launches_match_the_kernels_signatures() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let cu = include_str!("kernels.cu");
+    let rs = include_str!("cuda.rs");
+    let mut params = BTreeMap::new();
+    for part in cu.split("extern \"C\" __global__ void ").skip(1) {
+        let open = part.find('(').unwrap();
+        let close = part.find(')').unwrap();
+        params.insert(
+            part[..open].trim(),
+            part[open + 1..close].split(',').count(),
+        );
+    }
+    // Top-level arguments of each `launch!(…)` call: dev, "name", config, then the kernel's.
+    let mut launched = BTreeSet::new();
+    for part in rs.split("launch!(").skip(1) {
+        let (mut depth, mut args, mut arg) = (0, Vec::new(), String::new());
+        for c in part.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' if depth == 0 => break,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    args.push(std::mem::take(&mut arg));
+                    continue;
+                }
+                _ => {}
+            }
+            arg.push(c);
+        }
+        args.push(arg);
+        args.retain(|a| !a.trim().is_empty());
+        let name = args[1].trim().trim_matches('"').to_string();
+        let want = params
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("cuda.rs launches {name}, which kernels.cu lacks"));
+        assert_eq!(args.len() - 3, *want, "arguments passed to {name}");
+        launched.insert(name);
+    }
+    assert_eq!(params.len(), 14, "kernels found in kernels.cu");
+    let all: BTreeSet<String> = params.keys().map(|k| k.to_string()).collect();
+    assert_eq!(launched, all);
+}
