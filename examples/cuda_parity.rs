@@ -18,15 +18,10 @@ use relora_data::Batch;
 use relora_model::fused::{self, Ops, RopeTables};
 use relora_model::optim::clip_grad_norm;
 use relora_model::train::batch_tensors;
-use relora_model::{AdamConfig, AdamW, Llama, LlamaConfig, LoraInit, ResetMode, Rng};
+use relora_model::{AdamConfig, AdamW, Llama, LoraInit, ResetMode, Rng};
 
-const CFG: LlamaConfig = LlamaConfig {
-    vocab_size: 512,
-    hidden: 64,
-    intermediate: 172,
-    heads: 4,
-    layers: 2,
-};
+mod common;
+use common::{random_batch, trainable_grads, TINY as CFG};
 
 fn rel_err(gpu: &Tensor, cpu: &Tensor) -> anyhow::Result<f64> {
     let a = gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -80,16 +75,7 @@ fn run(dev: &Device, lora: bool, compute: DType, ops: Ops, b: &Batch) -> anyhow:
     let loss_t = model.loss(&ids, &targets, &weights, None)?;
     let loss = loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = loss_t.backward()?;
-    let mut grads: Vec<Tensor> = model
-        .trainable()
-        .iter()
-        .map(|(n, v, _)| {
-            store
-                .get(v.as_tensor())
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("{n}: no gradient"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut grads = trainable_grads(&model, &store)?;
     let reported = grads.clone();
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
     clip_grad_norm(&mut grads, Some(1.0))?;
@@ -252,13 +238,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .map_or("cuda", String::as_str);
     let gpu = relora_model::device(spec)?;
-    let mut rng = Rng::new(3);
-    let (bsz, t) = (4, 64);
-    let toks: Vec<u32> = (0..bsz * (t + 1))
-        .map(|_| rng.next_u32() % CFG.vocab_size as u32)
-        .collect();
-    let mask = vec![1u8; t + 1];
-    let b = Batch::from_rows((0..bsz).map(|i| (&toks[i * (t + 1)..(i + 1) * (t + 1)], &mask[..])));
+    let b = random_batch(3, 4, 64);
 
     let (mut checks, mut failed) = (0, 0);
     let op_tol = 1e-5;
@@ -274,61 +254,59 @@ fn main() -> anyhow::Result<()> {
         .flat_map(|o| [false, true].map(|l| (o, l)))
         .flat_map(|(o, l)| [DType::F32, DType::BF16].map(|c| (o, l, c)))
     {
-        {
-            let tol = if compute == DType::F32 { 1e-4 } else { 1e-2 };
-            let what = format!(
-                "{} {} ({} ops on the GPU)",
-                if lora { "relora" } else { "full" },
-                if compute == DType::F32 { "f32" } else { "bf16" },
-                if ops == Ops::Fused {
-                    "fused"
-                } else {
-                    "reference"
-                }
-            );
-            // Like against like: the CPU runs the same ops (the reference composition rounds
-            // every intermediate to bf16, the fused ops only their outputs).
-            let c = run(&Device::Cpu, lora, compute, ops, &b)?;
-            let g = run(&gpu, lora, compute, ops, &b)?;
-            let mut pairs: Vec<(String, f64)> = vec![
-                ("logits".into(), rel_err(&g.logits, &c.logits)?),
-                ("loss".into(), ((g.loss - c.loss) / c.loss).abs()),
-            ];
-            let names = c.model.trainable();
-            for (k, (n, _, _)) in names.iter().enumerate() {
-                pairs.push((format!("grad {n}"), rel_err(&g.grads[k], &c.grads[k])?));
+        let tol = if compute == DType::F32 { 1e-4 } else { 1e-2 };
+        let what = format!(
+            "{} {} ({} ops on the GPU)",
+            if lora { "relora" } else { "full" },
+            if compute == DType::F32 { "f32" } else { "bf16" },
+            if ops == Ops::Fused {
+                "fused"
+            } else {
+                "reference"
             }
-            // After the AdamW step, the merge and the reset: weights (W holds the merged
-            // update) and the moments the reset pruned.
-            let (gs, cs) = (g.model.state_tensors(), c.model.state_tensors());
-            for (n, ct) in &cs {
-                pairs.push((format!("after step {n}"), rel_err(&gs[n], ct)?));
-            }
-            for (gp, cp) in g.opt.params.iter().zip(&c.opt.params) {
-                if cp.is_lora {
-                    // The reset keeps the top 10% by magnitude; elements within rounding of
-                    // the threshold may fall either side, so compare the norms.
-                    pairs.push((format!("exp_avg {}", cp.name), norm_err(&gp.m, &cp.m)?));
-                }
-            }
-            let mut max = (String::new(), 0f64);
-            for (n, e) in &pairs {
-                checks += 1;
-                if e.is_nan() || *e > tol {
-                    failed += 1;
-                    println!("FAIL {what} {n}: relative error {e:.3e} > {tol:.0e}");
-                }
-                if *e > max.1 {
-                    max = (n.clone(), *e);
-                }
-            }
-            println!(
-                "{what}: {} tensors, worst {} at {:.3e} (tolerance {tol:.0e})",
-                pairs.len(),
-                max.0,
-                max.1
-            );
+        );
+        // Like against like: the CPU runs the same ops (the reference composition rounds
+        // every intermediate to bf16, the fused ops only their outputs).
+        let c = run(&Device::Cpu, lora, compute, ops, &b)?;
+        let g = run(&gpu, lora, compute, ops, &b)?;
+        let mut pairs: Vec<(String, f64)> = vec![
+            ("logits".into(), rel_err(&g.logits, &c.logits)?),
+            ("loss".into(), ((g.loss - c.loss) / c.loss).abs()),
+        ];
+        let names = c.model.trainable();
+        for (k, (n, _, _)) in names.iter().enumerate() {
+            pairs.push((format!("grad {n}"), rel_err(&g.grads[k], &c.grads[k])?));
         }
+        // After the AdamW step, the merge and the reset: weights (W holds the merged
+        // update) and the moments the reset pruned.
+        let (gs, cs) = (g.model.state_tensors(), c.model.state_tensors());
+        for (n, ct) in &cs {
+            pairs.push((format!("after step {n}"), rel_err(&gs[n], ct)?));
+        }
+        for (gp, cp) in g.opt.params.iter().zip(&c.opt.params) {
+            if cp.is_lora {
+                // The reset keeps the top 10% by magnitude; elements within rounding of
+                // the threshold may fall either side, so compare the norms.
+                pairs.push((format!("exp_avg {}", cp.name), norm_err(&gp.m, &cp.m)?));
+            }
+        }
+        let mut max = (String::new(), 0f64);
+        for (n, e) in &pairs {
+            checks += 1;
+            if e.is_nan() || *e > tol {
+                failed += 1;
+                println!("FAIL {what} {n}: relative error {e:.3e} > {tol:.0e}");
+            }
+            if *e > max.1 {
+                max = (n.clone(), *e);
+            }
+        }
+        println!(
+            "{what}: {} tensors, worst {} at {:.3e} (tolerance {tol:.0e})",
+            pairs.len(),
+            max.0,
+            max.1
+        );
     }
     // LoRA dropout draws its masks on the device: the same run RNG gives the same masks,
     // another gives others, and the mask keeps 90% of inputs at 1/0.9.

@@ -18,19 +18,14 @@
 use anyhow::Result;
 use candle_core::cuda::cudarc::driver::CudaContext;
 use candle_core::{DType, Device, Tensor};
-use relora_model::llama::cross_entropy;
 use relora_model::parallel::Collective;
-use relora_model::{Llama, LlamaConfig, Rng};
+use relora_model::train::batch_tensors;
+use relora_model::{Llama, Rng};
 use relora_parallel::nccl::{new_id, NcclGroup};
 use std::time::Instant;
 
-const CFG: LlamaConfig = LlamaConfig {
-    vocab_size: 512,
-    hidden: 64,
-    intermediate: 172,
-    heads: 4,
-    layers: 2,
-};
+mod common;
+use common::{random_batch, trainable_grads, TINY};
 
 /// `(what, ok, detail)` for each check one rank ran.
 type Checks = Vec<(String, bool, String)>;
@@ -47,27 +42,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 fn grads(model: &Llama, dev: &Device) -> Result<Vec<Tensor>> {
-    let mut rng = Rng::new(3);
-    let (b, t) = (2, 32);
-    let ids: Vec<u32> = (0..b * (t + 1))
-        .map(|_| rng.next_u32() % CFG.vocab_size as u32)
-        .collect();
-    let all = Tensor::from_vec(ids, (b, t + 1), dev)?;
-    let (inp, tgt) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?.flatten_all()?);
-    let logits = model.forward(&inp.contiguous()?, None)?;
-    let w = Tensor::ones(b * t, DType::F32, dev)?;
-    let loss = cross_entropy(&logits.reshape((b * t, CFG.vocab_size))?, &tgt, &w)?;
-    let store = loss.backward()?;
-    model
-        .trainable()
-        .iter()
-        .map(|(n, v, _)| {
-            store
-                .get(v.as_tensor())
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("{n}: no gradient"))
-        })
-        .collect()
+    let (ids, targets, weights) = batch_tensors(&random_batch(3, 2, 32), dev)?;
+    let store = model.loss(&ids, &targets, &weights, None)?.backward()?;
+    trainable_grads(model, &store)
 }
 
 fn rank_checks(rank: usize, world: usize, id: [u8; 128]) -> Result<Checks> {
@@ -110,7 +87,7 @@ fn rank_checks(rank: usize, world: usize, id: [u8; 128]) -> Result<Checks> {
     ));
 
     // Real gradients: the same on every rank, so the sum is world × each.
-    let model = Llama::random(CFG, &mut Rng::new(7), &dev)?;
+    let model = Llama::random(TINY, &mut Rng::new(7), &dev)?;
     let local = grads(&model, &dev)?;
     let mut summed = local.clone();
     group.all_reduce_sum(&mut summed)?;
