@@ -177,9 +177,10 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "RESULT {}{} device={dev:?} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
+        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
         if rank > 0 { format!("lora-r{rank}") } else { "full".into() },
         if reference { "-reference-ops" } else { "" },
+        relora_model::fused::gemm::isa(),
         cfg.param_count(),
         model.trainable_count(),
         mfu * 100.0,

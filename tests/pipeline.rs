@@ -1051,9 +1051,30 @@ fn forcing_a_stage_gives_the_same_bytes_and_runs_nothing_downstream() {
     );
     // The manifest says what the run ran on.
     let m = manifest(&env, "tiny.yaml", "warm", &[]);
-    for k in ["threads", "profile", "jobs", "target"] {
+    for k in ["threads", "profile", "jobs", "target", "cpu_isa"] {
         assert!(m["environment"].get(k).is_some(), "{}", m["environment"]);
     }
+}
+
+#[test]
+fn a_stage_wrapper_runs_each_stage_through_it_and_changes_no_key() {
+    let env = Env::new();
+    env.write(
+        "w.yaml",
+        "pipeline: w\nstages:\n  a:\n    kind: command\n    params: {run: \"echo wrapped by $WRAPPED_BY > $OUT/a.txt\"}\n",
+    );
+    let out = env.ok_with(
+        &["run", "w.yaml"],
+        &[("RELORA_STAGE_WRAPPER", "env WRAPPED_BY=wrapper")],
+    );
+    assert_eq!(ran(&out), ["a"]);
+    let shown: Value =
+        serde_json::from_slice(&env.run(&["show", "w.yaml", "a", "--json"]).stdout).unwrap();
+    let dir = PathBuf::from(shown["path"].as_str().expect("a path"));
+    let text = std::fs::read_to_string(dir.join("outputs/a.txt")).unwrap();
+    assert_eq!(text.trim(), "wrapped by wrapper");
+    // The same key without the wrapper: nothing runs again.
+    assert!(ran(&env.ok(&["run", "w.yaml"])).is_empty());
 }
 
 #[test]

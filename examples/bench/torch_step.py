@@ -142,7 +142,8 @@ f, b, o = (statistics.median(v) for v in (fwd, bwd, step))
 tps = args.batch * args.seq / ((f + b + o) / 1e3)
 kind = f"lora-r{args.lora_rank}" if args.lora_rank else "full"
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"RESULT torch-{kind} torch={torch.__version__} threads={args.threads} sdpa={int(args.sdpa)} "
+print(f"RESULT torch-{kind} torch={torch.__version__} isa={torch.backends.cpu.get_cpu_capability()} "
+      f"threads={torch.get_num_threads()} sdpa={int(args.sdpa)} "
       f"params={sum(p.numel() for p in model.parameters())} trainable={sum(p.numel() for p in trainable)} "
       f"batch={args.batch}x{args.seq} fwd_ms={f:.1f} bwd_ms={b:.1f} opt_ms={o:.1f} "
       f"tokens_per_s={tps:.0f} peak_rss_mib={rss:.0f}")

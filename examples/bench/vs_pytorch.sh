@@ -8,8 +8,13 @@
 # frozen W plus rank-32 LoRA on every projection, a ReLoRA step between restarts) it runs
 # `bench_step` (release build) and examples/bench/torch_step.py with the same model, batch
 # and thread count, then prints one table: forward, backward and optimizer ms (medians),
-# tokens/s, peak resident memory, and ours / PyTorch in tokens/s.
-# Needs: cargo, python3 with torch (`pip install torch`). THREADS (default 2) sets both sides.
+# tokens/s, peak resident memory, and ours / PyTorch in tokens/s. Above the table it names the
+# machine: the CPU model, the instruction set each side's matmuls dispatched to (gemm's
+# AVX-512 or AVX2+FMA kernels; torch's "CPU capability"), the threads, and both sides' f32
+# GFLOP/s on a 1024³ matmul (bench_matmul and torch_matmul.py). A figure holds for the
+# machine it was measured on.
+# Needs: cargo, python3 with torch (`pip install torch`; PYTHON picks the interpreter).
+# THREADS (default 2) sets both sides.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,8 +27,13 @@ declare -A ARGS=(
   [h1024x2]="--vocab 8000 --hidden 1024 --inter 2736 --heads 16 --layers 2 --seq 256 --batch 4"
 )
 
-python3 -c "import torch" 2>/dev/null || { echo "needs PyTorch: pip install torch" >&2; exit 1; }
-cargo build --release --example bench_step >&2
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import torch" 2>/dev/null || { echo "needs PyTorch: pip install torch" >&2; exit 1; }
+cargo build --release --example bench_step --example bench_matmul >&2
+cpu=$(grep -m1 '^model name' /proc/cpuinfo | sed 's/.*: //')
+ours_mm=$(RAYON_NUM_THREADS=$THREADS ./target/release/examples/bench_matmul | grep 'square-1024')
+torch_mm=$("$PYTHON" examples/bench/torch_matmul.py --threads "$THREADS" | grep 'square-1024')
+field() { tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 for config in $CONFIGS; do
@@ -32,14 +42,22 @@ for config in $CONFIGS; do
     echo "== $config ${lora[*]:-full}" >&2
     ours=$(RAYON_NUM_THREADS=$THREADS ./target/release/examples/bench_step ${ARGS[$config]} \
       --steps "$STEPS" "${lora[@]}" | grep '^RESULT')
-    torch=$(python3 examples/bench/torch_step.py ${ARGS[$config]} --steps "$STEPS" \
+    torch=$("$PYTHON" examples/bench/torch_step.py ${ARGS[$config]} --steps "$STEPS" \
       --threads "$THREADS" "${lora[@]}" | grep '^RESULT')
     echo "$config $rank ours $ours" >>"$results"
     echo "$config $rank torch $torch" >>"$results"
   done
 done
 
-python3 - "$results" <<'EOF'
+first_ours=$(grep -m1 ' ours ' "$results")
+first_torch=$(grep -m1 ' torch ' "$results")
+echo "CPU: $cpu ($(nproc) cores online), $THREADS threads on both sides"
+echo "relora-pipe: matmul kernels $(echo "$first_ours" | field isa); 1024³ f32 matmul \
+$(echo "$ours_mm" | field gemm) GFLOP/s"
+echo "PyTorch $(echo "$first_torch" | field torch): CPU capability $(echo "$first_torch" | field isa); \
+1024³ f32 matmul $(echo "$torch_mm" | field torch) GFLOP/s"
+echo
+"$PYTHON" - "$results" <<'EOF'
 import sys
 rows = {}
 for line in open(sys.argv[1]):

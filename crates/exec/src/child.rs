@@ -39,7 +39,7 @@ pub(crate) fn run_child(
         c.arg(exe);
         c
     } else {
-        Command::new(exe)
+        wrapped(exe)
     };
     // The ranks are mpirun's children, not ours: they watch this pid to stop with us.
     cmd.env(ORCHESTRATOR_PID, std::process::id().to_string());
@@ -124,6 +124,26 @@ pub(crate) fn run_child(
         }
     }
     Ok(())
+}
+
+/// A command that runs each single-process local stage, the stage's own command line after
+/// its words: a profiler (`perf record -g -o /tmp/p.data`), `valgrind`, or an emulated CPU
+/// (`qemu-x86_64 -cpu Haswell`, to run the AVX2 kernels on an AVX-512 machine). Split at
+/// spaces. For checking and profiling; it changes no key.
+pub const STAGE_WRAPPER: &str = "RELORA_STAGE_WRAPPER";
+
+/// `exe`, run through [`STAGE_WRAPPER`] when that is set.
+fn wrapped(exe: &Path) -> Command {
+    let wrapper = std::env::var(STAGE_WRAPPER).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    match words.next() {
+        Some(first) => {
+            let mut c = Command::new(first);
+            c.args(words).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
 }
 
 /// Set in a local stage's environment: the orchestrator's pid.

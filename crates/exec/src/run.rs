@@ -136,6 +136,7 @@ pub fn environment(jobs: usize) -> BTreeMap<String, String> {
     if let Some(caches) = cpu_caches() {
         env.insert("cpu_caches".into(), caches);
     }
+    env.insert("cpu_isa".into(), cpu_isa());
     if let Some(commit) = git_commit() {
         env.insert("commit".into(), commit);
     }
@@ -172,6 +173,33 @@ fn cpu_caches() -> Option<String> {
         out.push(format!("L{}{d} {}", level.trim(), size.trim()));
     }
     (!out.is_empty()).then(|| out.join(", "))
+}
+
+/// The vector extensions that choose the matmul kernels at run time (`avx512f avx2 fma`;
+/// `none` on an x86-64 CPU with none of them; the architecture's name elsewhere). An AVX2
+/// and an AVX-512 machine run different kernels, which block their sums differently, so the
+/// last bits of a result may differ between them (see the README's cache section).
+fn cpu_isa() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let found: Vec<&str> = [
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ]
+        .into_iter()
+        .filter_map(|(name, has)| has.then_some(name))
+        .collect();
+        if found.is_empty() {
+            "none".into()
+        } else {
+            found.join(" ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.into()
+    }
 }
 
 /// The git commit of the working folder (the repository the pipeline runs from), with
@@ -860,7 +888,7 @@ mod tests {
     #[test]
     fn the_environment_names_what_results_may_depend_on() {
         let env = environment(2);
-        for k in ["threads", "jobs", "profile", "target"] {
+        for k in ["threads", "jobs", "profile", "target", "cpu_isa"] {
             assert!(env.contains_key(k), "{k} missing from {env:?}");
         }
         assert_eq!(env["jobs"], "2");

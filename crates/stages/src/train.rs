@@ -577,7 +577,14 @@ impl StageKind for Train {
         Resources {
             // One GPU per rank when the stage runs on GPUs.
             gpus: device.gpus * ranks as u32,
-            ranks: ranks as u32,
+            // A binary without MPI starts the stage as one process, which says how to build
+            // one with MPI; launching it under mpirun would fail first where Open MPI is
+            // not installed, with a message about mpirun instead.
+            ranks: if relora_parallel::HAS_MPI {
+                ranks as u32
+            } else {
+                1
+            },
             ..device
         }
     }

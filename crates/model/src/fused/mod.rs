@@ -30,7 +30,7 @@ pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
-mod gemm;
+pub mod gemm;
 pub mod grads;
 mod host;
 pub mod linear;

@@ -416,3 +416,52 @@ fn cuda_launches_match_the_kernels_signatures() {
     let all: BTreeSet<String> = params.keys().map(|k| k.to_string()).collect();
     assert_eq!(launched, all);
 }
+
+/// The matmul helper's products are the same bytes on 1 and 2 threads, for the shapes whose
+/// long inner dimension a thread split could cut (a weight gradient over the batch's tokens,
+/// a LoRA factor's gradient), and they agree with faer's kernels (another crate, other
+/// blocking) to f32 rounding: both compute the same product.
+#[test]
+fn matmuls_do_not_depend_on_threads_and_agree_across_kernel_crates() {
+    use super::gemm::{mm_with, Backend, Threads};
+    let mut rng = Rng::new(5);
+    // (m, n, k, lhs stored transposed): dW = dyᵀ·x, dA = vᵀ·x, dB = dyᵀ·u, y = x·Aᵀ.
+    for (m, n, k, lhs_t) in [
+        (96, 80, 1500, true),
+        (32, 96, 2048, true),
+        (200, 32, 2048, true),
+        (1024, 32, 96, false),
+    ] {
+        let lhs = rng.normal_vec(m * k, 1.0);
+        let rhs = rng.normal_vec(k * n, 1.0);
+        let (lc, lr) = if lhs_t { (m, 1) } else { (1, k) };
+        let product = |backend: Backend, threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut dst = vec![0f32; m * n];
+            pool.install(|| unsafe {
+                // SAFETY: the buffers have the extents given; dst is fresh.
+                mm_with(
+                    backend,
+                    (m, n, k),
+                    (dst.as_mut_ptr(), 1, n),
+                    (lhs.as_ptr(), lc, lr),
+                    (rhs.as_ptr(), 1, n),
+                    1.0,
+                    false,
+                    Threads::All,
+                )
+            });
+            dst
+        };
+        let one = product(Backend::Gemm, 1);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one), bits(&product(Backend::Gemm, 2)), "{m}×{n}×{k}");
+        let faer = product(Backend::Faer, 2);
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (m, n), &Device::Cpu).unwrap();
+        let err = rel(&t(faer), &t(one));
+        assert!(err < 1e-6, "{m}×{n}×{k}: gemm against faer {err:e}");
+    }
+}
