@@ -3,10 +3,10 @@
 //! `faer`). examples/bench/torch_matmul.py times the same shapes and layouts in
 //! PyTorch; examples/bench/vs_pytorch.sh prints both.
 //!
-//! cargo run --release --example bench_matmul [-- --tokens 2048 --hidden 512 --inter 1376]
+//! cargo run --release --example bench_matmul [-- --tokens 2048 --hidden 512 --inter 1376 --vocab 8000]
 //!
 //! Shapes: a square 1024³ product; the projections of the 20.8M config (y = x·Wᵀ, dx = dy·W,
-//! dW = dyᵀ·x) and the six skinny products of a rank-32 and a rank-128 ReLoRA layer
+//! dW = dyᵀ·x), the LM head's three (logits, dx, dW) and the six skinny products of a rank-32 and a rank-128 ReLoRA layer
 //! (u = x·Aᵀ, y += u·Bᵀ, v = dy·B, dx += v·A, dA = vᵀ·x, dB = dyᵀ·u), each with the
 //! operand layouts the ops use (a `ᵀ` operand is read transposed, by strides). Threads:
 //! rayon's pool (RAYON_NUM_THREADS). Prints one `MATMUL` line per shape and backend.
@@ -44,7 +44,7 @@ fn shape(name: &str, (m, n, k): (usize, usize, usize), lhs_t: bool, rhs_t: bool)
 }
 
 /// The shapes of one training step (see the module doc).
-fn shapes(t: usize, h: usize, i: usize) -> Vec<Shape> {
+fn shapes(t: usize, h: usize, i: usize, v: usize) -> Vec<Shape> {
     let mut v = vec![
         shape("square-1024", (1024, 1024, 1024), false, false),
         shape("proj-fwd x·Wᵀ", (t, h, h), false, true),
@@ -52,6 +52,9 @@ fn shapes(t: usize, h: usize, i: usize) -> Vec<Shape> {
         shape("proj-dW dyᵀ·x", (h, h, t), true, false),
         shape("mlp-fwd x·Wᵀ", (t, i, h), false, true),
         shape("mlp-dW dyᵀ·x", (i, h, t), true, false),
+        shape("head-fwd x·Wᵀ", (t, v, h), false, true),
+        shape("head-dx dz·W", (t, h, v), false, false),
+        shape("head-dW dzᵀ·x", (v, h, t), true, false),
     ];
     for r in [32, 128] {
         v.extend([
@@ -117,10 +120,11 @@ pub fn cpu_model() -> String {
 }
 
 fn main() {
-    let (t, h, i) = (
+    let (t, h, i, v) = (
         arg("--tokens", 2048),
         arg("--hidden", 512),
         arg("--inter", 1376),
+        arg("--vocab", 8000),
     );
     println!(
         "# cpu={:?} isa={} threads={}",
@@ -128,7 +132,7 @@ fn main() {
         isa(),
         rayon::current_num_threads()
     );
-    for s in shapes(t, h, i) {
+    for s in shapes(t, h, i, v) {
         let g = gflops(&s, Backend::Gemm);
         let f = gflops(&s, Backend::Faer);
         println!(

@@ -3,7 +3,7 @@
 //!
 //! cargo run --release --example bench_step -- --vocab 8000 --hidden 512 --inter 1376 \
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
-//!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops]
+//!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
 //!
 //! `--reference-ops` times the reference composition of candle primitives instead of the
 //! fused ops (crates/model/src/fused). No gradient clipping and 5 warm-up steps, as the
@@ -85,6 +85,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As train stages run (see relora_model::alloc); --malloc-default measures without it.
+    if !std::env::args().any(|a| a == "--malloc-default") {
+        relora_model::alloc::keep_freed_memory();
+    }
     let vocab = arg("--vocab", 8000);
     let cfg = match arg_str("--model") {
         Some(name) => LlamaConfig::named(&name, vocab).expect("a model name such as llama_60m"),

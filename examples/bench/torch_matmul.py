@@ -1,6 +1,6 @@
 """PyTorch's GFLOP/s on the products `bench_matmul` times: same shapes, same layouts.
 
-    python3 examples/bench/torch_matmul.py [--tokens 2048 --hidden 512 --inter 1376] [--threads 2]
+    python3 examples/bench/torch_matmul.py [--tokens 2048 --hidden 512 --inter 1376 --vocab 8000] [--threads 2]
 
 A `ᵀ` operand is a transposed view (`.t()` of a row-major tensor), as the fused ops read it by
 strides, so MKL sees the same transposes ours does. Each product is repeated for ~0.3 s and
@@ -13,11 +13,12 @@ import time
 import torch
 
 ap = argparse.ArgumentParser()
-for name, default in [("tokens", 2048), ("hidden", 512), ("inter", 1376), ("threads", 2)]:
+for name, default in [("tokens", 2048), ("hidden", 512), ("inter", 1376), ("vocab", 8000),
+                      ("threads", 2)]:
     ap.add_argument("--" + name, type=int, default=default)
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
-t, h, i = args.tokens, args.hidden, args.inter
+t, h, i, v = args.tokens, args.hidden, args.inter, args.vocab
 
 shapes = [
     ("square-1024", (1024, 1024, 1024), False, False),
@@ -26,6 +27,9 @@ shapes = [
     ("proj-dW dyᵀ·x", (h, h, t), True, False),
     ("mlp-fwd x·Wᵀ", (t, i, h), False, True),
     ("mlp-dW dyᵀ·x", (i, h, t), True, False),
+    ("head-fwd x·Wᵀ", (t, v, h), False, True),
+    ("head-dx dz·W", (t, h, v), False, False),
+    ("head-dW dzᵀ·x", (v, h, t), True, False),
 ]
 for r in (32, 128):
     shapes += [

@@ -4,6 +4,7 @@
 //! Nothing here knows about YAML, pipelines or the cache: callers hand in a model config,
 //! a data loader and folders to write to.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod frozen;

@@ -89,6 +89,7 @@ impl StageKind for Eval {
         crate::estimate::eval(&p, inputs)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        relora_model::alloc::keep_freed_memory();
         let p: EvalParams = serde_json::from_value(ctx.params.clone())?;
         let device = p.device.open(&ctx.gpus)?;
         let model_dir = ctx.input("model")?.to_path_buf();

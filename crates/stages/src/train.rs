@@ -608,6 +608,7 @@ impl StageKind for Train {
         crate::estimate::train(&p, cfg, inputs)
     }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        relora_model::alloc::keep_freed_memory();
         run_train(ctx)
     }
 }
