@@ -12,6 +12,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::exp::exp;
 use super::gemm::{mm, Threads::One};
 use super::host::{self, SharedMut};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -142,11 +143,12 @@ impl CustomOp3 for Attention {
                         let (live, masked) = p.split_at_mut(i + 1);
                         let max = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                         let max = max * self.scale;
-                        let mut sum = 0f32;
+                        // The exponentials first, then their sum in order: the first
+                        // loop vectorises, the second keeps the sum's order fixed.
                         for x in live.iter_mut() {
-                            *x = (*x * self.scale - max).exp();
-                            sum += *x;
+                            *x = exp(*x * self.scale - max);
                         }
+                        let sum: f32 = live.iter().sum();
                         for x in live.iter_mut() {
                             *x /= sum;
                         }
@@ -271,7 +273,7 @@ impl Attention {
                     let i = q0 + r;
                     let (live, masked) = p.split_at_mut(i + 1);
                     for x in live.iter_mut() {
-                        *x = (*x * scale - lse[i]).exp();
+                        *x = exp(*x * scale - lse[i]);
                     }
                     masked.fill(0.0);
                 }

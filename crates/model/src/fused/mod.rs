@@ -30,6 +30,7 @@ pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod exp;
 pub mod gemm;
 pub mod grads;
 mod host;

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::exp::exp;
 use super::host;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -12,8 +13,9 @@ const CHUNK: usize = 16 * 1024;
 
 struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 impl CustomOp2 for SwiGlu {

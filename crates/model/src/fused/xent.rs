@@ -13,11 +13,27 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::exp::exp;
 use super::host;
 use super::linear;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
+
+/// Σ exp(z − shift) over a row, added in the row's order. The exponentials are computed a
+/// block at a time into a buffer, so that loop vectorises; the sum stays sequential.
+fn sum_exp(row: &[f32], shift: f32) -> f32 {
+    let mut buf = [0f32; 256];
+    let mut sum = 0f32;
+    for chunk in row.chunks(buf.len()) {
+        let buf = &mut buf[..chunk.len()];
+        for (e, &z) in buf.iter_mut().zip(chunk) {
+            *e = exp(z - shift);
+        }
+        sum = buf.iter().fold(sum, |s, &e| s + e);
+    }
+    sum
+}
 
 /// The targets and weights of one loss, checked against the vocabulary.
 struct Targets {
@@ -74,7 +90,7 @@ impl Targets {
             .enumerate()
             .map(|(i, (row, lse))| {
                 let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+                let sum = sum_exp(row, max);
                 *lse = max + sum.ln();
                 let w = self.weights[i];
                 if w == 0.0 {
@@ -98,7 +114,7 @@ impl Targets {
                 return;
             }
             for z in row.iter_mut() {
-                *z = c * (*z - lse[i]).exp();
+                *z = c * exp(*z - lse[i]);
             }
             row[self.targets[i] as usize] -= c;
         });
