@@ -23,6 +23,9 @@ fn arg(name: &str, default: usize) -> usize {
         .map_or(default, |v| v.parse().expect("a number"))
 }
 
+/// An op under test, applied to its inputs.
+type OpFn<'a> = Box<dyn Fn(&[Tensor]) -> Tensor + 'a>;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -85,7 +88,7 @@ fn main() {
     let tables = RopeTables::new(t, h / heads, 10_000.0);
     let scale = 1.0 / ((h / heads) as f64).sqrt();
     let gflop = |f: f64| f * 1e-9;
-    let ops: Vec<(&str, Vec<Tensor>, f64, Box<dyn Fn(&[Tensor]) -> Tensor>)> = vec![
+    let ops: Vec<(&str, Vec<Tensor>, f64, OpFn)> = vec![
         (
             "rms_norm",
             vec![

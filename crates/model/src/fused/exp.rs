@@ -39,8 +39,8 @@ pub fn exp(x: f32) -> f32 {
     } else if x > 88.72 {
         f32::INFINITY
     } else {
-        // NaN passes through the arithmetic above as NaN.
-        y + (x - x)
+        // A NaN x stays NaN through the clamp and the arithmetic above.
+        y
     }
 }
 
