@@ -239,6 +239,7 @@ fn phase_train(dir: &Path) -> Result<String> {
         clip_grad: Some(1.0),
         adam: AdamConfig::default(),
         restarts: None,
+        galore: None,
         checkpoint_every: 0,
         eval_every: 0,
         eval_sequences: 16,

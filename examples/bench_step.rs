@@ -3,6 +3,7 @@
 //!
 //! cargo run --release --example bench_step -- --vocab 8000 --hidden 512 --inter 1376 \
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
+//!     [--galore-rank 128 [--galore-gap 200]]
 //!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
 //!
 //! `--reference-ops` times the reference composition of candle primitives instead of the
@@ -13,6 +14,10 @@
 //! a datasheet peak (989 for H100/H200 SXM dense bf16, as llm.c and torchtitan report MFU).
 //! On the CPU it prints peak resident memory; on CUDA the most device
 //! memory seen in use (sampled after each forward and backward pass).
+//!
+//! `--galore-rank R`: GaLore's projected Adam on the seven projections (full-rank weights).
+//! Its subspace refresh (an SVD of every projection's gradient, every `--galore-gap` steps)
+//! is timed on its own after the run and printed with its cost amortised per step.
 
 use candle_core::{DType, Device, Tensor};
 use relora_data::Batch;
@@ -127,6 +132,24 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
+    let galore = arg("--galore-rank", 0);
+    let gap = arg("--galore-gap", 200);
+    if galore > 0 {
+        let names: Vec<String> = model
+            .projections()
+            .map(|(n, _)| format!("{n}.weight"))
+            .collect();
+        opt.use_galore(
+            relora_model::GaloreConfig {
+                rank: galore,
+                update_proj_gap: gap as u64,
+                scale: 0.25,
+                proj_type: relora_model::ProjType::Std,
+            },
+            |n| names.iter().any(|x| x == n),
+        )?;
+    }
+    let mut last_grads = Vec::new();
     let toks: Vec<u32> = (0..batch * (seq + 1))
         .map(|_| rng.next_u32() % cfg.vocab_size as u32)
         .collect();
@@ -159,13 +182,31 @@ fn main() -> anyhow::Result<()> {
         opt.step(&grads, 1e-3)?;
         dev.synchronize()?;
         let t3 = Instant::now();
+        if galore > 0 && step == steps + 4 {
+            last_grads = grads;
+        }
         if step >= 5 {
             fwd.push((t1 - t0).as_secs_f64() * 1e3);
             bwd.push((t2 - t1).as_secs_f64() * 1e3);
             opt_ms.push((t3 - t2).as_secs_f64() * 1e3);
         }
     }
-    let (f, bw, o) = (median(&mut fwd), median(&mut bwd), median(&mut opt_ms));
+    let (f, bw, mut o) = (median(&mut fwd), median(&mut bwd), median(&mut opt_ms));
+    // GaLore: one refresh of every projection's subspace, timed alone, amortised over the gap
+    // into the optimizer's per-step time.
+    let mut refresh_note = String::new();
+    if galore > 0 {
+        let t = Instant::now();
+        for (p, g) in opt.params.iter_mut().zip(&last_grads) {
+            if let Some(proj) = &mut p.galore {
+                proj.refresh(g)?;
+            }
+        }
+        dev.synchronize()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        refresh_note = format!(" galore_refresh_ms={ms:.1} galore_gap={gap}");
+        o += ms / gap as f64;
+    }
     let tokens = (batch * seq) as f64;
     let tps = tokens / ((f + bw + o) / 1e3);
     // LoRA skips the frozen weights' gradient: about 4·N instead of 6·N for those matmuls.
@@ -181,8 +222,12 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}",
-        if rank > 0 { format!("lora-r{rank}") } else { "full".into() },
+        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
+        match (rank, galore) {
+            (r, _) if r > 0 => format!("lora-r{r}"),
+            (_, g) if g > 0 => format!("galore-r{g}"),
+            _ => "full".into(),
+        },
         if reference { "-reference-ops" } else { "" },
         relora_model::fused::gemm::isa(),
         cfg.param_count(),

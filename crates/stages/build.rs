@@ -45,7 +45,7 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
             MODEL_CODE[2],
             MODEL_CODE[3],
             "crates/parallel",
-            "crates/stages/src/train.rs",
+            "crates/stages/src/train",
         ],
         MODEL_DEPS,
     ),
@@ -82,6 +82,8 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
             "crates/data",
             "crates/stages/src/export.rs",
             "crates/stages/src/record.rs",
+            // The model card names the method in the method's own words.
+            "crates/stages/src/train/method",
         ],
         &["safetensors", "candle-core", "tokenizers"],
     ),
@@ -138,8 +140,10 @@ fn main() {
     for (_, parts, _) in KINDS {
         for part in *parts {
             let p = root.join(part);
-            if p.is_dir() {
+            if p.join("src").is_dir() {
                 println!("cargo:rerun-if-changed={}", p.join("src").display());
+            } else if p.is_dir() {
+                println!("cargo:rerun-if-changed={}", p.display());
             }
         }
     }

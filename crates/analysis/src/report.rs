@@ -62,6 +62,18 @@ pub const PAPER_TABLE2: [(&str, &str, [f64; 4]); 4] = [
 ];
 pub const PAPER_TABLE2_COLS: [&str; 4] = ["60M", "130M", "250M", "350M"];
 
+/// The GaLore paper's Table 2 (Zhao et al., ICML 2024; C4 validation perplexity, LLaMA
+/// 60M/130M/350M/1B, T5 tokenizer): its own runs of each method, GaLore at ranks
+/// 128/256/256/512, ReLoRA and LoRA at the same ranks.
+pub const GALORE_TABLE2: [(&str, &str, [f64; 4]); 5] = [
+    ("full", "Full-Rank", [34.06, 25.08, 18.80, 15.56]),
+    ("galore", "GaLore", [34.88, 25.36, 18.95, 15.64]),
+    ("low_rank", "Low-Rank", [78.18, 45.51, 37.41, 142.53]),
+    ("lora", "LoRA", [34.99, 33.92, 25.58, 19.21]),
+    ("relora", "ReLoRA", [37.04, 29.37, 29.08, 18.33]),
+];
+pub const GALORE_TABLE2_COLS: [&str; 4] = ["60M", "130M", "350M", "1B"];
+
 /// The paper's Table 3 (130M ablations); `None` = diverged. Row membership is partly
 /// inferred (see the method reference, §8).
 pub const PAPER_TABLE3: [(&str, &str, Option<f64>); 7] = [
@@ -89,7 +101,11 @@ pub const PAPER_TABLE3: [(&str, &str, Option<f64>); 7] = [
 /// Row ids and labels of the paper's tables, the one this table is shaped like first (so a
 /// Table 3 lists its rows in the paper's order, and `lora` reads "LoRA alone" there).
 fn known_rows(paper: &str) -> Vec<(&'static str, &'static str)> {
-    let t2 = PAPER_TABLE2.iter().map(|r| (r.0, r.1));
+    let galore = ("galore", "GaLore (gradient low-rank projection)");
+    let t2 = PAPER_TABLE2
+        .iter()
+        .map(|r| (r.0, r.1))
+        .chain(std::iter::once(galore));
     let t3 = PAPER_TABLE3.iter().map(|r| (r.0, r.1));
     if paper == "table3" {
         t3.chain(t2).collect()
@@ -159,31 +175,52 @@ pub fn markdown(
         }
         s.push('\n');
     }
-    match paper {
-        "table2" => {
-            s.push_str("\nThe paper's Table 2 (C4 validation perplexity), for reference:\n\n| |");
-            for c in PAPER_TABLE2_COLS {
-                let _ = write!(s, " {c} |");
-            }
-            s.push_str("\n|---|---|---|---|---|\n");
-            for (_, label, v) in PAPER_TABLE2 {
-                let _ = writeln!(
-                    s,
-                    "| {label} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                    v[0], v[1], v[2], v[3]
-                );
-            }
+    if paper == "table2" {
+        reference_table(
+            &mut s,
+            "The paper's Table 2 (C4 validation perplexity)",
+            &PAPER_TABLE2_COLS,
+            &PAPER_TABLE2,
+        );
+    }
+    // GaLore rows are compared with the GaLore paper's own table, which has other sizes.
+    if rows.iter().any(|r| r == "galore") {
+        reference_table(
+            &mut s,
+            "The GaLore paper's Table 2 (Zhao et al. 2024; C4 validation perplexity)",
+            &GALORE_TABLE2_COLS,
+            &GALORE_TABLE2,
+        );
+    }
+    if paper == "table3" {
+        s.push_str("\nThe paper's Table 3 (130M, C4 validation perplexity), for reference:\n\n| | 130M |\n|---|---|\n");
+        for (_, label, v) in PAPER_TABLE3 {
+            let cell = v.map_or("diverged".to_string(), |p| format!("{p:.2}"));
+            let _ = writeln!(s, "| {label} | {cell} |");
         }
-        "table3" => {
-            s.push_str("\nThe paper's Table 3 (130M, C4 validation perplexity), for reference:\n\n| | 130M |\n|---|---|\n");
-            for (_, label, v) in PAPER_TABLE3 {
-                let cell = v.map_or("diverged".to_string(), |p| format!("{p:.2}"));
-                let _ = writeln!(s, "| {label} | {cell} |");
-            }
-        }
-        _ => {}
     }
     s
+}
+
+/// A published table of four columns, appended under `heading`.
+fn reference_table(
+    s: &mut String,
+    heading: &str,
+    cols: &[&str; 4],
+    rows: &[(&str, &str, [f64; 4])],
+) {
+    let _ = write!(s, "\n{heading}, for reference:\n\n| |");
+    for c in cols {
+        let _ = write!(s, " {c} |");
+    }
+    s.push_str("\n|---|---|---|---|---|\n");
+    for (_, label, v) in rows {
+        let _ = writeln!(
+            s,
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            v[0], v[1], v[2], v[3]
+        );
+    }
 }
 
 /// One line per cell (per replicate), rows in the table's order.
@@ -251,6 +288,22 @@ mod tests {
         assert_eq!(
             c.lines().nth(1).unwrap(),
             "full,\"Full training\",9M,,180.0000,3400000"
+        );
+        assert!(!md.contains("GaLore"), "no GaLore row, no GaLore table");
+        // A GaLore row comes after ReLoRA, and brings the GaLore paper's table.
+        let mut with_galore = cells.clone();
+        with_galore.push(cell("galore", "9M", 190.0, 3_400_000));
+        let md = markdown("Quickstart", &with_galore, &BTreeMap::new(), "table2");
+        assert!(
+            md.contains(
+                "| Low-rank pre-training with ReLoRA | 210.46 (1.2M) |\n\
+             | GaLore (gradient low-rank projection) | 190.00 (3.4M) |\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| GaLore | 34.88 | 25.36 | 18.95 | 15.64 |"),
+            "{md}"
         );
     }
 

@@ -103,9 +103,9 @@ fn code_salt(kind: &str) -> Option<String> {
     })
 }
 
-/// A kind's own module: `crates/stages/src/<kind>.rs`.
+/// A kind's own module: `crates/stages/src/<kind>.rs`, or the folder `…/src/<kind>`.
 fn is_own_module(kind: &str, part: &str) -> bool {
-    part.ends_with(&format!("/{kind}.rs"))
+    part.ends_with(&format!("/{kind}.rs")) || part.ends_with(&format!("/src/{kind}"))
 }
 
 /// A line for the user when the code-salt test hook is set, so it is never silent.

@@ -240,8 +240,9 @@ fn is_test_file(rel: &Path) -> bool {
 }
 
 /// The fingerprint of one part of the code: a crate folder (its `src/**/*.rs`, normalised,
-/// its CUDA kernels `src/**/*.cu` and its `assets/**`, byte for byte) or a single `.rs` file. Returns 16 hex digits and the
-/// files read, for the build script's `rerun-if-changed`.
+/// its CUDA kernels `src/**/*.cu` and its `assets/**`, byte for byte), a module folder (its
+/// `**/*.rs`) or a single `.rs` file. Returns 16 hex digits and the files read, for the
+/// build script's `rerun-if-changed`.
 pub fn fingerprint_part(root: &Path, part: &str) -> std::io::Result<(String, Vec<PathBuf>)> {
     let path = root.join(part);
     let mut h = blake3::Hasher::new();
@@ -257,14 +258,23 @@ pub fn fingerprint_part(root: &Path, part: &str) -> std::io::Result<(String, Vec
         add(part, normalize_rust(&src).as_bytes());
         read.push(path);
     } else {
-        for (sub, rust) in [("src", true), ("assets", false)] {
+        // A crate has `src/` (and maybe `assets/`); a module folder inside one is all source.
+        let subs: &[(&str, bool)] = if path.join("src").is_dir() {
+            &[("src", true), ("assets", false)]
+        } else {
+            &[("", true)]
+        };
+        for &(sub, rust) in subs {
             let dir = path.join(sub);
             if !dir.is_dir() {
                 continue;
             }
             for rel in files_below(&dir)? {
                 let file = dir.join(&rel);
-                let name = format!("{sub}/{}", rel.to_string_lossy());
+                let name = match sub {
+                    "" => rel.to_string_lossy().to_string(),
+                    _ => format!("{sub}/{}", rel.to_string_lossy()),
+                };
                 let ext = rel.extension().and_then(|e| e.to_str());
                 if rust && ext == Some("cu") {
                     // CUDA kernels run as the Rust code does; hashed byte for byte.
@@ -398,6 +408,14 @@ mod tests {
         std::fs::create_dir_all(dir.join("c/assets")).unwrap();
         std::fs::write(dir.join("c/assets/font.ttf"), [0u8, 1, 2]).unwrap();
         let h2 = fingerprint_part(&dir, "c").unwrap().0;
+        // A module folder inside a crate: its Rust files, nested ones included.
+        std::fs::create_dir_all(dir.join("c/src/m/sub")).unwrap();
+        std::fs::write(dir.join("c/src/m/mod.rs"), "mod sub;").unwrap();
+        std::fs::write(dir.join("c/src/m/sub/x.rs"), "pub fn x() {}").unwrap();
+        let (m1, files) = fingerprint_part(&dir, "c/src/m").unwrap();
+        assert_eq!(files.len(), 2);
+        std::fs::write(dir.join("c/src/m/sub/x.rs"), "pub fn x() { }\nfn y() {}").unwrap();
+        assert_ne!(fingerprint_part(&dir, "c/src/m").unwrap().0, m1);
         assert_ne!(h2, h1);
         std::fs::write(dir.join("c/src/lib.rs"), "pub fn f() -> u8 { 2 }").unwrap();
         let h3 = fingerprint_part(&dir, "c").unwrap().0;

@@ -56,6 +56,14 @@ fn optimizer_tensors(opt: &AdamW) -> HashMap<String, Tensor> {
     for p in &opt.params {
         m.insert(format!("m.{}", p.name), p.m.clone());
         m.insert(format!("v.{}", p.name), p.v.clone());
+        if let Some(g) = &p.galore {
+            if let Some(l) = &g.left {
+                m.insert(format!("galore_left.{}", p.name), l.clone());
+            }
+            if let Some(r) = &g.right {
+                m.insert(format!("galore_right.{}", p.name), r.clone());
+            }
+        }
     }
     m
 }
@@ -119,12 +127,46 @@ pub fn load(ckpt: &Path, model: &Llama, opt: &mut AdamW, dev: &Device) -> Result
                 p.name
             );
         };
+        // Another method's moments (a GaLore run continued as full-rank, say) have another
+        // shape; caught here rather than as a shape error in the first step.
+        for (what, t, want) in [("first", m, &p.m), ("second", v, &p.v)] {
+            if t.dims() != want.dims() {
+                bail!(
+                    "checkpoint {}: the {what} moment of `{}` is {:?}, this stage's optimizer \
+                     keeps {:?}; was it written by another training method?",
+                    ckpt.display(),
+                    p.name,
+                    t.dims(),
+                    want.dims()
+                );
+            }
+        }
         p.m = m.clone();
         p.v = v.clone();
+        if let Some(g) = &mut p.galore {
+            g.left = moments.get(&format!("galore_left.{}", p.name)).cloned();
+            g.right = moments.get(&format!("galore_right.{}", p.name)).cloned();
+        }
     }
     let path = ckpt.join("state.json");
     let state: TrainState = serde_json::from_slice(&std::fs::read(&path)?)
         .with_context(|| format!("{} is corrupt", path.display()))?;
     opt.step = state.opt_step;
+    // A projector set by a step taken must come back, or the run would not continue bit
+    // for bit (a fresh SVD at the next step would replace the subspace early).
+    if opt.step > 0 {
+        if let Some(p) = opt
+            .params
+            .iter()
+            .find(|p| p.galore.as_ref().is_some_and(|g| !g.is_set()))
+        {
+            bail!(
+                "checkpoint {} has no GaLore projector for `{}`, though {} steps were taken",
+                ckpt.display(),
+                p.name,
+                opt.step
+            );
+        }
+    }
     Ok(state)
 }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod frozen;
 pub mod fused;
+pub mod galore;
 pub mod linear;
 pub mod llama;
 pub mod optim;
@@ -19,6 +20,7 @@ pub mod schedule;
 pub mod train;
 
 pub use config::LlamaConfig;
+pub use galore::{GaloreConfig, ProjType};
 pub use linear::{Linear, LoraInit};
 pub use llama::Llama;
 pub use optim::{AdamConfig, AdamW, ResetMode};

@@ -1,6 +1,8 @@
-//! AdamW with its moments in reach, so ReLoRA can prune them (§4), and gradient clipping.
+//! AdamW with its moments in reach, so ReLoRA can prune them (§4), GaLore's projected
+//! moments ([`crate::galore`]), and gradient clipping.
 
 use crate::fused;
+use crate::galore::{GaloreConfig, Projector};
 use crate::rng::Rng;
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -46,6 +48,8 @@ pub struct ParamState {
     pub is_lora: bool,
     pub m: Tensor,
     pub v: Tensor,
+    /// GaLore: the moments are the projected gradient's (see [`AdamW::use_galore`]).
+    pub galore: Option<Projector>,
 }
 
 pub struct AdamW {
@@ -70,6 +74,7 @@ impl AdamW {
                     name,
                     var,
                     is_lora,
+                    galore: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -79,6 +84,26 @@ impl AdamW {
             step: 0,
             fused: true,
         })
+    }
+
+    /// GaLore for the 2-D parameters that `project` selects by name: their moments shrink
+    /// to the projected shape. Returns how many were selected.
+    pub fn use_galore(
+        &mut self,
+        cfg: GaloreConfig,
+        project: impl Fn(&str) -> bool,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for p in self.params.iter_mut().filter(|p| project(&p.name)) {
+            let t = p.var.as_tensor();
+            let shape = t.dims2()?;
+            let proj = Projector::new(cfg, shape);
+            p.m = Tensor::zeros(proj.low_shape(), t.dtype(), t.device())?;
+            p.v = p.m.clone();
+            p.galore = Some(proj);
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// One update with gradients in parameter order.
@@ -113,6 +138,10 @@ impl AdamW {
             grad_scale: grad_scale as f32,
         };
         for (p, g) in self.params.iter_mut().zip(grads) {
+            if p.galore.is_some() {
+                galore_step(p, g, lr, grad_scale, c, self.step)?;
+                continue;
+            }
             let t = p.var.as_tensor();
             let fusable = [t, &p.m, &p.v, g].iter().all(|x| {
                 let dev = x.device();
@@ -156,6 +185,42 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// One GaLore update of a projected weight, in galore-torch's order of operations (see
+/// [`crate::galore`]); `step` counts this update.
+fn galore_step(
+    p: &mut ParamState,
+    g: &Tensor,
+    lr: f64,
+    grad_scale: f64,
+    c: AdamConfig,
+    step: u64,
+) -> Result<()> {
+    let g = if grad_scale == 1.0 {
+        g.clone()
+    } else {
+        (g * grad_scale)?
+    };
+    let proj = p
+        .galore
+        .as_mut()
+        .expect("only called for projected weights");
+    if proj.refreshes_at(step - 1) {
+        proj.refresh(&g)?;
+    }
+    let low = proj.project(&g)?;
+    p.m = ((&p.m * c.beta1)? + (&low * (1.0 - c.beta1))?)?;
+    p.v = ((&p.v * c.beta2)? + (low.sqr()? * (1.0 - c.beta2))?)?;
+    let normalised = (&p.m / (p.v.sqrt()? + c.eps)?)?;
+    let update = proj.project_back(&normalised)?;
+    let step_size =
+        lr * (1.0 - c.beta2.powi(step as i32)).sqrt() / (1.0 - c.beta1.powi(step as i32));
+    let mut w = (p.var.as_tensor() - (update * step_size)?)?;
+    if c.weight_decay > 0.0 {
+        w = (&w - (&w * (lr * c.weight_decay))?)?;
+    }
+    p.var.set(&w)
 }
 
 /// The `q`-quantile of `values` with linear interpolation between order statistics.

@@ -292,6 +292,7 @@ fn config(steps: u64, restarts: Option<Restarts>) -> TrainConfig {
         clip_grad: Some(1.0),
         adam: AdamConfig::default(),
         restarts,
+        galore: None,
         checkpoint_every: 3,
         eval_every: 0,
         eval_sequences: 8,

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::fused::grads::accumulate;
+use crate::galore::GaloreConfig;
 use crate::llama::Llama;
 use crate::optim::{clip_factor, grad_norm, AdamConfig, AdamW, ResetMode};
 use crate::parallel::{Collective, CommTime, Solo};
@@ -39,6 +40,10 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     pub adam: AdamConfig,
     pub restarts: Option<Restarts>,
+    /// GaLore's projected moments for every projection weight (attention and MLP); the
+    /// embeddings, norms and LM head keep plain AdamW, as in the GaLore authors' code.
+    #[serde(default)]
+    pub galore: Option<GaloreConfig>,
     pub checkpoint_every: u64,
     pub eval_every: u64,
     pub eval_sequences: usize,
@@ -128,7 +133,14 @@ pub fn evaluate(
 
 impl Trainer {
     pub fn new(model: Llama, cfg: TrainConfig, seed: u64, device: Device) -> Result<Trainer> {
-        let opt = AdamW::new(model.trainable(), cfg.adam)?;
+        let mut opt = AdamW::new(model.trainable(), cfg.adam)?;
+        if let Some(g) = cfg.galore {
+            let projections: std::collections::HashSet<String> = model
+                .projections()
+                .map(|(name, _)| format!("{name}.weight"))
+                .collect();
+            opt.use_galore(g, |name| projections.contains(name))?;
+        }
         let state = TrainState {
             step: 0,
             opt_step: 0,

@@ -10,9 +10,9 @@
 //! mask's saving. A frozen weight (LoRA, ReLoRA) needs no weight gradient: 4 per token, not 6.
 
 use crate::eval::EvalParams;
-use crate::record::Method;
 use crate::tokenize::TokenizeParams;
-use crate::train::{LoraBase, TrainParams};
+use crate::train::method::block_and_head;
+use crate::train::TrainParams;
 use anyhow::Result;
 use relora_data::{DatasetManifest, TokenizerSource};
 use relora_exec::{Estimate, InputEstimate};
@@ -155,34 +155,6 @@ fn dataset_estimate(m: &DatasetManifest) -> Estimate {
     }
 }
 
-/// Matmul weights of a LLaMA's blocks and LM head.
-fn block_and_head(cfg: &LlamaConfig) -> (f64, f64) {
-    let (h, i) = (cfg.hidden as f64, cfg.intermediate as f64);
-    (
-        cfg.layers as f64 * (4.0 * h * h + 3.0 * h * i),
-        cfg.vocab_size as f64 * h,
-    )
-}
-
-/// (trainable, frozen) matmul weights of the model a train stage trains.
-fn matmul_weights(p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
-    let (blocks, head) = block_and_head(cfg);
-    match p.method {
-        Method::Full | Method::Control => (blocks + head, 0.0),
-        Method::Relora | Method::Lora => {
-            let lora = p.lora.clone().unwrap_or_default();
-            let (h, i, r) = (cfg.hidden as f64, cfg.intermediate as f64, lora.rank as f64);
-            let factors = cfg.layers as f64 * (4.0 * r * 2.0 * h + 3.0 * r * (h + i));
-            let frozen = if lora.base == LoraBase::None && !has_init {
-                0.0
-            } else {
-                blocks
-            };
-            (factors + head, frozen)
-        }
-    }
-}
-
 /// A train stage: its model, tokens, FLOPs and the data it reads.
 pub fn train(
     p: &TrainParams,
@@ -201,7 +173,12 @@ pub fn train(
         .map_or(1, |b| (b / (p.micro_batch * p.seq_len)).max(1));
     let step_tokens = (accum * p.micro_batch * p.seq_len) as f64;
     let tokens = p.steps as f64 * step_tokens;
-    let (trainable, frozen) = matmul_weights(p, &cfg, inputs.contains_key("init"));
+    let (trainable, frozen) = p
+        .method
+        .matmul_weights(p, &cfg, inputs.contains_key("init"));
+    let optimizer = p
+        .method
+        .optimizer_floats(p, &cfg, inputs.contains_key("init"));
     let s = p.seq_len as f64;
     let attention = 4.0 * cfg.layers as f64 * cfg.hidden as f64 * s;
     let per_token = 6.0 * trainable + 4.0 * frozen + 3.0 * attention;
@@ -223,6 +200,12 @@ pub fn train(
             si(cfg.param_count() as f64),
             si(trainable),
             si(frozen)
+        ),
+        format!(
+            "optimizer state: {} floats, {:.1} MB in f32 ({})",
+            si(optimizer),
+            optimizer * 4.0 / 1e6,
+            p.method.summary()
         ),
         format!(
             "{} tokens: {} steps × {step_tokens} tokens ({}{} sequences of {})",
@@ -265,6 +248,7 @@ pub fn train(
         facts: json!({
             "flops": flops,
             "tokens": tokens,
+            "optimizer_bytes": optimizer * 4.0,
             "seq_len": p.seq_len,
             // Evaluation runs the merged model.
             "forward_flops_per_token": 2.0 * (blocks + head) + attention,

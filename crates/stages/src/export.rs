@@ -89,12 +89,9 @@ fn model_card(
     provenance: Option<&str>,
 ) -> String {
     let m = &info.model;
-    let method = match info.method {
-        crate::record::Method::Full => "full-rank training",
-        crate::record::Method::Relora => "ReLoRA (low-rank updates merged into the weights)",
-        crate::record::Method::Lora => "LoRA (low-rank training without restarts)",
-        crate::record::Method::Control => "full-rank training of a narrower model (Control)",
-    };
+    // A name this binary does not know (a newer one's record) is shown as it is.
+    let method =
+        crate::train::method::find(&info.method).map_or(info.method.as_str(), |m| m.summary());
     let title = title.map_or_else(
         || format!("LLaMA, {} parameters, {method}", m.param_count()),
         str::to_string,

@@ -2,7 +2,7 @@
 //! (`model.safetensors`, `train.json`, `tokenizer.json`), so a train stage can continue
 //! pre-training it (`init: STAGE`) and tokenize stages can use its tokenizer.
 
-use crate::record::{Method, TrainInfo};
+use crate::record::TrainInfo;
 use anyhow::{Context, Result};
 use relora_data::Packing;
 use relora_exec::{parse_params, StageContext, StageKind};
@@ -92,7 +92,7 @@ impl StageKind for Import {
         let cfg = imported.cfg;
         let info = TrainInfo {
             model: cfg,
-            method: Method::Full,
+            method: "full".into(),
             step: 0,
             tokens: 0,
             loader: Default::default(),

@@ -16,7 +16,7 @@
 //! | `command` | any | a shell command with declared files and outputs |
 //! | `download` | – | http(s) files pinned by sha256, resumable |
 //! | `tokenize` | `corpus`?, `tokenizer`? | corpus → tokenizer → parquet shards |
-//! | `train` | `data`, `init`? | full / relora / lora / control training |
+//! | `train` | `data`, `init`? | training by a method of `train/method/` (full, relora, lora, control, galore) |
 //! | `eval` | `model`, `data` | validation perplexity |
 //! | `svd` | `final`, `base`? | singular values of the weight updates |
 //! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |

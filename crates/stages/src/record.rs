@@ -8,21 +8,12 @@ use relora_model::LlamaConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The training methods (the paper's Table 2 rows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Full,
-    Relora,
-    Lora,
-    Control,
-}
-
 /// What a train stage records about itself for the stages that consume it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainInfo {
     pub model: LlamaConfig,
-    pub method: Method,
+    /// The method's name (`method:` of the stage, or `full` for an import).
+    pub method: String,
     pub step: u64,
     pub tokens: u64,
     pub loader: LoaderState,
