@@ -8,6 +8,9 @@
 //!    primitives; then one clipped AdamW step, a merge-and-reinit and a magnitude reset of
 //!    the LoRA moments. Every tensor is compared as ‖gpu − cpu‖ / ‖cpu‖ against 1e-4 (f32)
 //!    or 1e-2 (bf16; the CPU side is the emulated bf16 of `relora_model::precision`).
+//! 3. GaLore: three projected Adam steps on every projection of the full model (a new
+//!    subspace at the first and the third; the SVD on the host, the products on the device),
+//!    the same gradients on both sides: weights and projected moments within 1e-4.
 //!
 //!   cargo run --release --features cuda --example cuda_parity [-- --device cuda:0]
 //!
@@ -18,7 +21,7 @@ use relora_data::Batch;
 use relora_model::fused::{self, Ops, RopeTables};
 use relora_model::optim::clip_grad_norm;
 use relora_model::train::batch_tensors;
-use relora_model::{AdamConfig, AdamW, Llama, LoraInit, ResetMode, Rng};
+use relora_model::{AdamConfig, AdamW, GaloreConfig, Llama, LoraInit, ProjType, ResetMode, Rng};
 
 mod common;
 use common::{random_batch, trainable_grads, TINY as CFG};
@@ -342,6 +345,68 @@ fn main() -> anyhow::Result<()> {
             "dropout on the device: same seed differs by {same:.1e}, another seed by {other:.1e}, \
              kept {kept:.4}, scale {max:.6}: {}",
             if ok { "ok" } else { "FAIL" }
+        );
+    }
+    // GaLore on the device against the CPU, from the same weights and gradients.
+    {
+        let c = run(&Device::Cpu, false, DType::F32, Ops::Fused, &b)?;
+        let cfg = GaloreConfig {
+            rank: 4,
+            update_proj_gap: 2,
+            scale: 0.25,
+            proj_type: ProjType::Std,
+        };
+        let names: Vec<String> = c
+            .model
+            .projections()
+            .map(|(n, _)| format!("{n}.weight"))
+            .collect();
+        let mut sides = Vec::new();
+        for dev in [&Device::Cpu, &gpu] {
+            let vars = c
+                .model
+                .trainable()
+                .into_iter()
+                .map(|(n, v, l)| Ok((n, Var::from_tensor(&v.as_tensor().to_device(dev)?)?, l)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut opt = AdamW::new(vars.clone(), AdamConfig::default())?;
+            opt.use_galore(cfg, |n| names.contains(&n.to_string()))?;
+            for step in 1..=3 {
+                let grads = c
+                    .grads
+                    .iter()
+                    .map(|g| (g.to_device(dev)? * step as f64).map_err(Into::into))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                opt.step(&grads, 1e-3)?;
+            }
+            sides.push(opt);
+        }
+        let (cpu_opt, gpu_opt) = (&sides[0], &sides[1]);
+        let mut worst = (String::new(), 0f64);
+        for (cp, gp) in cpu_opt.params.iter().zip(&gpu_opt.params) {
+            for (what, a, b) in [
+                ("weight", gp.var.as_tensor(), cp.var.as_tensor()),
+                ("exp_avg", &gp.m, &cp.m),
+            ] {
+                let e = rel_err(a, b)?;
+                checks += 1;
+                if e.is_nan() || e > 1e-4 {
+                    failed += 1;
+                    println!(
+                        "FAIL galore {what} {}: relative error {e:.3e} > 1e-4",
+                        cp.name
+                    );
+                }
+                if e > worst.1 {
+                    worst = (format!("{what} {}", cp.name), e);
+                }
+            }
+        }
+        println!(
+            "galore (rank 4, refresh at steps 1 and 3): {} tensors, worst {} at {:.3e} (tolerance 1e-4)",
+            2 * cpu_opt.params.len(),
+            worst.0,
+            worst.1
         );
     }
     println!("PARITY {checks} checks, {failed} failed");

@@ -2,6 +2,7 @@
 
     python3 examples/bench/torch_step.py --vocab 8000 --hidden 512 --inter 1376 --heads 8 \
         --layers 4 --seq 256 --batch 8 --steps 10 [--lora-rank 32] [--threads 2] [--sdpa]
+        [--galore-rank 128 [--galore-gap 200]]
 
 The model is the one relora-model builds: pre-norm blocks, RMSNorm (eps 1e-6), rotate-half RoPE
 (base 10,000), causal attention, SwiGLU, no biases, untied LM head, weights ~ N(0, 0.02). With
@@ -9,6 +10,12 @@ The model is the one relora-model builds: pre-norm blocks, RMSNorm (eps 1e-6), r
 uniform, B zero): a ReLoRA step between restarts. Attention is the eager composition (scores,
 mask, softmax, weighted sum) unless --sdpa asks for torch's fused kernel. AdamW is torch's
 default (the multi-tensor `foreach` implementation), lr 1e-3, no weight decay, no clipping.
+
+With --galore-rank r the optimizer is the authors' GaLoreAdamW (`pip install galore-torch`) with
+the seven projections' weights projected at rank r (scale 0.25, proj_type std) and the rest
+plain; its subspace refresh (an SVD of each projection's gradient every --galore-gap steps) is
+timed on its own after the run and added to the optimizer's time amortised over the gap, as
+bench_step does.
 
 Each step is timed in three parts (forward with the loss read back, backward, optimizer
 step); the medians over --steps steps after 5 warm-up steps are printed on one RESULT line
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 ap = argparse.ArgumentParser()
 for name, default in [("vocab", 8000), ("hidden", 512), ("inter", 1376), ("heads", 8),
                       ("layers", 4), ("seq", 256), ("batch", 8), ("steps", 10),
-                      ("lora-rank", 0), ("threads", 2)]:
+                      ("lora-rank", 0), ("threads", 2), ("galore-rank", 0), ("galore-gap", 200)]:
     ap.add_argument("--" + name, type=int, default=default)
 ap.add_argument("--sdpa", action="store_true")
 args = ap.parse_args()
@@ -118,7 +125,18 @@ class Llama(torch.nn.Module):
 
 model = Llama()
 trainable = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
+if args.galore_rank:
+    from galore_torch import GaLoreAdamW
+
+    projected = [m.weight for m in model.modules() if isinstance(m, Projection)]
+    ids_projected = {id(p) for p in projected}
+    plain = [p for p in trainable if id(p) not in ids_projected]
+    opt = GaLoreAdamW([dict(params=plain),
+                       dict(params=projected, rank=args.galore_rank, update_proj_gap=args.galore_gap,
+                            scale=0.25, proj_type="std")],
+                      lr=1e-3, weight_decay=0.0, no_deprecation_warning=True)
+else:
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
 tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
 ids, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
 
@@ -139,11 +157,24 @@ for i in range(args.steps + 5):
         step.append((t3 - t2) * 1e3)
 
 f, b, o = (statistics.median(v) for v in (fwd, bwd, step))
+refresh = ""
+if args.galore_rank:
+    # One refresh of every projector, on a fresh gradient, amortised over the gap.
+    F.cross_entropy(model(ids).reshape(-1, args.vocab), targets).backward()
+    t0 = time.perf_counter()
+    for p in projected:
+        proj = opt.state[p]["projector"]
+        proj.ortho_matrix = None
+        proj.project(p.grad, 1)
+    ms = (time.perf_counter() - t0) * 1e3
+    o += ms / args.galore_gap
+    refresh = f" galore_refresh_ms={ms:.1f} galore_gap={args.galore_gap}"
 tps = args.batch * args.seq / ((f + b + o) / 1e3)
-kind = f"lora-r{args.lora_rank}" if args.lora_rank else "full"
+kind = (f"lora-r{args.lora_rank}" if args.lora_rank
+        else f"galore-r{args.galore_rank}" if args.galore_rank else "full")
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"RESULT torch-{kind} torch={torch.__version__} isa={torch.backends.cpu.get_cpu_capability()} "
       f"threads={torch.get_num_threads()} sdpa={int(args.sdpa)} "
       f"params={sum(p.numel() for p in model.parameters())} trainable={sum(p.numel() for p in trainable)} "
       f"batch={args.batch}x{args.seq} fwd_ms={f:.1f} bwd_ms={b:.1f} opt_ms={o:.1f} "
-      f"tokens_per_s={tps:.0f} peak_rss_mib={rss:.0f}")
+      f"tokens_per_s={tps:.0f} peak_rss_mib={rss:.0f}{refresh}")

@@ -3,6 +3,7 @@
 #
 #   bash examples/bench/vs_pytorch.sh            # the three configs, full-rank and LoRA r32
 #   STEPS=5 CONFIGS=tiny bash examples/bench/vs_pytorch.sh
+#   CONFIGS=20.8M KINDS="full lora32 galore128" bash examples/bench/vs_pytorch.sh
 #
 # For each config (tiny, the 20.8M model, hidden 1024 × 2 layers) and each kind (full-rank;
 # frozen W plus rank-32 LoRA on every projection, a ReLoRA step between restarts) it runs
@@ -13,7 +14,11 @@
 # AVX-512 or AVX2+FMA kernels; torch's "CPU capability"), the threads, and both sides' f32
 # GFLOP/s on a 1024³ matmul (bench_matmul and torch_matmul.py). A figure holds for the
 # machine it was measured on.
-# Needs: cargo, python3 with torch (`pip install torch`; PYTHON picks the interpreter).
+# KINDS (default "full lora32") may add galoreR: GaLore at rank R (update_proj_gap 200, scale
+# 0.25), against the authors' GaLoreAdamW, each side's subspace refresh timed alone and
+# amortised over the 200 steps into the optimizer's time.
+# Needs: cargo, python3 with torch (`pip install torch`; PYTHON picks the interpreter), and
+# galore-torch for galoreR.
 # THREADS (default 2) sets both sides.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +26,7 @@ cd "$(dirname "$0")/../.."
 STEPS=${STEPS:-10}
 THREADS=${THREADS:-2}
 CONFIGS=${CONFIGS:-"tiny 20.8M h1024x2"}
+KINDS=${KINDS:-"full lora32"}
 declare -A ARGS=(
   [tiny]="--vocab 1000 --hidden 128 --inter 352 --heads 4 --layers 2 --seq 64 --batch 8"
   [20.8M]="--vocab 8000 --hidden 512 --inter 1376 --heads 8 --layers 4 --seq 256 --batch 8"
@@ -37,15 +43,20 @@ field() { tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 for config in $CONFIGS; do
-  for rank in 0 32; do
-    lora=(); [ "$rank" -gt 0 ] && lora=(--lora-rank "$rank")
-    echo "== $config ${lora[*]:-full}" >&2
+  for kind in $KINDS; do
+    case $kind in
+      full) extra=() ;;
+      lora*) extra=(--lora-rank "${kind#lora}") ;;
+      galore*) extra=(--galore-rank "${kind#galore}") ;;
+      *) echo "unknown kind $kind (full, loraR, galoreR)" >&2; exit 1 ;;
+    esac
+    echo "== $config $kind" >&2
     ours=$(RAYON_NUM_THREADS=$THREADS ./target/release/examples/bench_step ${ARGS[$config]} \
-      --steps "$STEPS" "${lora[@]}" | grep '^RESULT')
+      --steps "$STEPS" "${extra[@]}" | grep '^RESULT')
     torch=$("$PYTHON" examples/bench/torch_step.py ${ARGS[$config]} --steps "$STEPS" \
-      --threads "$THREADS" "${lora[@]}" | grep '^RESULT')
-    echo "$config $rank ours $ours" >>"$results"
-    echo "$config $rank torch $torch" >>"$results"
+      --threads "$THREADS" "${extra[@]}" | grep '^RESULT')
+    echo "$config $kind ours $ours" >>"$results"
+    echo "$config $kind torch $torch" >>"$results"
   done
 done
 
@@ -61,16 +72,15 @@ echo
 import sys
 rows = {}
 for line in open(sys.argv[1]):
-    config, rank, who, rest = line.split(" ", 3)
+    config, kind, who, rest = line.split(" ", 3)
     kv = dict(f.split("=", 1) for f in rest.split() if "=" in f)
-    rows[(config, rank, who)] = kv
+    rows[(config, kind, who)] = kv
 print("| config | kind | | fwd ms | bwd ms | opt ms | tokens/s | peak RSS MiB | ours / PyTorch |")
 print("|---|---|---|---|---|---|---|---|---|")
-for (config, rank, who), kv in rows.items():
-    kind = "full" if rank == "0" else f"LoRA r{rank}"
+for (config, kind, who), kv in rows.items():
     ratio = ""
     if who == "ours":
-        other = rows.get((config, rank, "torch"))
+        other = rows.get((config, kind, "torch"))
         if other:
             ratio = f"{float(kv['tokens_per_s']) / float(other['tokens_per_s']):.2f}×"
     name = "relora-pipe" if who == "ours" else "PyTorch eager"

@@ -63,8 +63,8 @@ code=$?
 note "quickstart on cuda (exit $code, $(( $(date +%s) - start )) s): $(grep -E 'stage\(s\) ran' "$OUT/quickstart.txt" | tail -1)"
 grep -E "perplexity|ReLoRA|Full|LoRA|Control" "$OUT/quickstart.txt" | tail -8 >> "$summary"
 
-# 3. Throughput in bf16: 60M, 130M and 350M, full-rank and ReLoRA (rank 128), T5 vocabulary,
-#    micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate and
+# 3. Throughput in bf16: 60M, 130M and 350M, full-rank and ReLoRA (rank 128), GaLore at 130M,
+#    T5 vocabulary, micro-batch 32 × 256 tokens. MFU is against the card's measured bf16 matmul rate and
 #    against the datasheet's dense bf16 peak (PEAK_TFLOPS, 989 for H100/H200 SXM).
 for model in llama_60m llama_130m llama_350m; do
   for rank in 0 128; do
@@ -74,5 +74,11 @@ for model in llama_60m llama_130m llama_350m; do
       | sed "s/^RESULT/$model/" >> "$OUT/throughput.txt"
   done
 done
+# GaLore at 130M (rank 256, the GaLore paper's): its step, and its SVD refresh (on the host)
+# amortised over 200 steps.
+timeout 40 "$bin/bench_step" --model llama_130m --vocab 32100 --seq 256 --batch 32 \
+  --steps 10 --device cuda --dtype bf16 --galore-rank 256 \
+  --peak-tflops "${PEAK_TFLOPS:-989}" 2>&1 | grep RESULT \
+  | sed "s/^RESULT/llama_130m/" >> "$OUT/throughput.txt"
 cat "$OUT/throughput.txt" >> "$summary"
 cat "$summary"

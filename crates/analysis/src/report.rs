@@ -10,6 +10,8 @@ pub struct Cell {
     pub col: String,
     pub perplexity: f64,
     pub trainable_params: Option<u64>,
+    /// Bytes of optimizer state (f32 moments, GaLore's projectors) the run ended with.
+    pub optimizer_bytes: Option<u64>,
     /// Which replicate (a seed) this is, when a cell has several; they are shown as
     /// mean ± standard deviation.
     pub replicate: Option<String>,
@@ -27,13 +29,19 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 /// One table cell's text: a value, or mean ± std over its replicates, with the trainable
-/// parameter count in brackets when known.
+/// parameter count and the optimizer state in brackets when known.
 fn cell_text(found: &[&Cell]) -> String {
-    let params = found
+    let trainable = found.iter().find_map(|c| c.trainable_params).map(human);
+    let optimizer = found
         .iter()
-        .find_map(|c| c.trainable_params)
-        .map(|p| format!(" ({})", human(p)))
-        .unwrap_or_default();
+        .find_map(|c| c.optimizer_bytes)
+        .map(|b| format!("{:.1} MB", b as f64 / 1e6));
+    let params = match (trainable, optimizer) {
+        (Some(t), Some(o)) => format!(" ({t}, {o})"),
+        (Some(t), None) => format!(" ({t})"),
+        (None, Some(o)) => format!(" ({o})"),
+        (None, None) => String::new(),
+    };
     match found {
         [] => "–".to_string(),
         [one] if one.replicate.is_none() => format!("{:.2}{params}", one.perplexity),
@@ -152,10 +160,17 @@ pub fn markdown(
         }
     }
     let replicated = cells.iter().any(|c| c.replicate.is_some());
-    let what = if replicated {
-        "Validation perplexity, mean ± sample standard deviation over n replicates (trainable parameters)."
+    let brackets = if cells.iter().any(|c| c.optimizer_bytes.is_some()) {
+        "(trainable parameters, optimizer state in f32)"
     } else {
-        "Validation perplexity (trainable parameters)."
+        "(trainable parameters)"
+    };
+    let what = if replicated {
+        format!(
+            "Validation perplexity, mean ± sample standard deviation over n replicates {brackets}."
+        )
+    } else {
+        format!("Validation perplexity {brackets}.")
     };
     let mut s = format!("## {title}\n\n{what}\n\n| |");
     for c in &cols {
@@ -225,12 +240,14 @@ fn reference_table(
 
 /// One line per cell (per replicate), rows in the table's order.
 pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>, paper: &str) -> String {
-    let mut s = String::from("row,label,column,replicate,perplexity,trainable_params\n");
+    let mut s = String::from(
+        "row,label,column,replicate,perplexity,trainable_params,optimizer_state_bytes\n",
+    );
     for r in order(cells.iter().map(|c| c.row.clone()), paper) {
         for c in cells.iter().filter(|c| c.row == r) {
             let _ = writeln!(
                 s,
-                "{},{:?},{},{},{:.4},{}",
+                "{},{:?},{},{},{:.4},{},{}",
                 c.row,
                 label_of(&c.row, labels, paper),
                 c.col,
@@ -238,7 +255,8 @@ pub fn csv(cells: &[Cell], labels: &BTreeMap<String, String>, paper: &str) -> St
                 c.perplexity,
                 c.trainable_params
                     .map(|p| p.to_string())
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                c.optimizer_bytes.map(|b| b.to_string()).unwrap_or_default()
             );
         }
     }
@@ -266,6 +284,7 @@ mod tests {
             col: col.into(),
             perplexity: p,
             trainable_params: Some(n),
+            optimizer_bytes: None,
             replicate: None,
         };
         let cells = vec![
@@ -287,7 +306,7 @@ mod tests {
         let c = csv(&cells, &BTreeMap::new(), "table2");
         assert_eq!(
             c.lines().nth(1).unwrap(),
-            "full,\"Full training\",9M,,180.0000,3400000"
+            "full,\"Full training\",9M,,180.0000,3400000,"
         );
         assert!(!md.contains("GaLore"), "no GaLore row, no GaLore table");
         // A GaLore row comes after ReLoRA, and brings the GaLore paper's table.
@@ -314,6 +333,7 @@ mod tests {
             col: "2 layers".into(),
             perplexity: p,
             trainable_params: Some(603_800),
+            optimizer_bytes: None,
             replicate: Some(seed.into()),
         };
         assert_eq!(mean_std(&[2.0, 4.0, 6.0]), (4.0, 2.0));
@@ -335,6 +355,7 @@ mod tests {
             col: "4 layers".into(),
             perplexity: p,
             trainable_params: None,
+            optimizer_bytes: None,
             replicate: None,
         };
         let cells = vec![cell("relora", 1.0), cell("jagged", 2.0), cell("lora", 3.0)];

@@ -106,6 +106,23 @@ impl AdamW {
         Ok(n)
     }
 
+    /// Floats of state this optimizer keeps: both moments of every parameter, and GaLore's
+    /// projectors.
+    pub fn state_floats(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| {
+                let projector = p.galore.as_ref().map_or(0, |g| {
+                    [&g.left, &g.right]
+                        .iter()
+                        .filter_map(|t| t.as_ref().map(Tensor::elem_count))
+                        .sum()
+                });
+                p.m.elem_count() + p.v.elem_count() + projector
+            })
+            .sum()
+    }
+
     /// One update with gradients in parameter order.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step_scaled(grads, lr, 1.0)

@@ -135,6 +135,7 @@ impl StageKind for Eval {
             "model": info.model,
             "trainable_params": info.trainable_params,
             "frozen_params": info.frozen_params,
+            "optimizer_state_floats": info.optimizer_state_floats,
             "train_tokens": info.tokens,
         });
         println!(

@@ -104,6 +104,7 @@ impl StageKind for Import {
                 .to_string(),
             trainable_params: cfg.param_count(),
             frozen_params: 0,
+            optimizer_state_floats: None,
             final_loss: None,
             eval_loss: None,
             perplexity: None,

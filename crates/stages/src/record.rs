@@ -23,6 +23,10 @@ pub struct TrainInfo {
     pub tokenizer_blake3: String,
     pub trainable_params: usize,
     pub frozen_params: usize,
+    /// Floats of optimizer state at the end (moments, and GaLore's projectors); absent in
+    /// records written before it was kept.
+    #[serde(default)]
+    pub optimizer_state_floats: Option<usize>,
     pub final_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,

@@ -116,6 +116,7 @@ impl StageKind for Report {
                             .as_f64()
                             .context("eval.json has no perplexity")?,
                         trainable_params: v["trainable_params"].as_u64(),
+                        optimizer_bytes: v["optimizer_state_floats"].as_u64().map(|f| f * 4),
                         replicate,
                     });
                 }
