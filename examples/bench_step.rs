@@ -3,7 +3,7 @@
 //!
 //! cargo run --release --example bench_step -- --vocab 8000 --hidden 512 --inter 1376 \
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
-//!     [--galore-rank 128 [--galore-gap 200]]
+//!     [--galore-rank 128 [--galore-gap 200]] [--lora-rank 32 --frozen bf16|int8|nf4]
 //!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
 //!
 //! `--reference-ops` times the reference composition of candle primitives instead of the
@@ -126,9 +126,18 @@ fn main() -> anyhow::Result<()> {
     if reference {
         model.ops = relora_model::fused::Ops::Reference;
     }
+    // The frozen W's format (`--frozen`, with --lora-rank): f32 unless asked.
+    let frozen = match arg_str("--frozen").as_deref() {
+        None | Some("f32") => relora_model::quant::FrozenFormat::F32,
+        Some("bf16") => relora_model::quant::FrozenFormat::Bf16,
+        Some("int8") => relora_model::quant::FrozenFormat::Int8,
+        Some("nf4") => relora_model::quant::FrozenFormat::Nf4,
+        Some(other) => anyhow::bail!("--frozen {other}: use f32, bf16, int8 or nf4"),
+    };
     if rank > 0 {
         for (_, p) in model.projections_mut() {
             p.add_lora(rank, 32.0, 0.0, LoraInit::KaimingAZeroB, &mut rng)?;
+            p.quantize_frozen(frozen, 64)?;
         }
     }
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
@@ -224,7 +233,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
         match (rank, galore) {
-            (r, _) if r > 0 => format!("lora-r{r}"),
+            (r, _) if r > 0 => format!("lora-r{r}-{}", frozen.name()),
             (_, g) if g > 0 => format!("galore-r{g}"),
             _ => "full".into(),
         },

@@ -555,6 +555,51 @@ fn galore_trains_low_rank_moments_and_resumes_bit_identically() {
     assert_eq!(shape("m.embed_tokens.weight")[1], 32);
 }
 
+/// ReLoRA over a frozen W kept in bf16, int8 and NF4: merges quantise again (their error is
+/// in the metrics), a killed run resumes from the compact W bit for bit, and the outputs
+/// hold f32 merged weights as with an f32 W.
+#[test]
+fn relora_with_a_compact_frozen_w_merges_and_resumes_bit_identically() {
+    for (format, worst) in [("bf16", 0.01), ("int8", 0.02), ("nf4", 0.15)] {
+        let stage = format!(
+            r#"  relora-q:
+    kind: train
+    inputs: {{data: tokens, init: warm}}
+    params:
+      method: relora
+      steps: 30
+      lr: 1.0e-2
+      lora: {{rank: 4, alpha: 8, dropout: 0.0, frozen: {format}, block: 32}}
+      relora: {{merge_every: 10, restart_warmup: 3, reset: {{mode: magnitude, fraction: 0.9}}}}
+"#
+        );
+        let yaml = format!("{TINY_ML}{stage}");
+        let (_env, dir, m) = killed_mid_run_resumes_bit_identically(&yaml, "relora-q", &[]);
+        let errors: Vec<f64> = m.iter().filter_map(|x| x["quant_error"].as_f64()).collect();
+        assert_eq!(errors.len(), 3, "{format}: one error per merge");
+        assert!(
+            errors.iter().all(|e| *e > 0.0 && *e < worst),
+            "{format}: ‖W − Q(W)‖/‖W‖ after the merges {errors:?}"
+        );
+        let eval: Vec<f64> = m.iter().filter_map(|x| x["eval_loss"].as_f64()).collect();
+        assert!(
+            eval[2] < eval[0],
+            "{format}: the validation loss did not fall: {eval:?}"
+        );
+        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+        assert_eq!(header["layers.0.q_proj.weight"]["dtype"], "F32", "{format}");
+        let train: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("train.json")).unwrap()).unwrap();
+        assert_eq!(
+            train["frozen_params"],
+            2 * (4 * 32 * 32 + 3 * 32 * 64),
+            "{format}"
+        );
+    }
+}
+
 /// Run `stage` of `yaml` once uninterrupted and once killed (SIGKILL to the orchestrator)
 /// after its checkpoint at step 10, then resumed; the two must give the same bytes and
 /// metrics. Returns the resumed run's environment (its cache), outputs folder and metrics.

@@ -110,7 +110,7 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Restore model tensors, optimizer moments and state from a checkpoint folder.
-pub fn load(ckpt: &Path, model: &Llama, opt: &mut AdamW, dev: &Device) -> Result<TrainState> {
+pub fn load(ckpt: &Path, model: &mut Llama, opt: &mut AdamW, dev: &Device) -> Result<TrainState> {
     let tensors = load_tensors(&ckpt.join("state.safetensors"), dev)?;
     model
         .load_state(&tensors)

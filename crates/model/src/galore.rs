@@ -29,7 +29,7 @@
 //!   fails for `reverse_std` when the rank equals the smaller side; here the side chosen at
 //!   projection is used both ways.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 /// Which singular vectors the gradient is projected onto (galore-torch's `proj_type`).
@@ -165,6 +165,62 @@ impl Projector {
         Ok(low)
     }
 
+    /// `w ← (w − step · project_back(low)) · keep`, galore-torch's update followed by its
+    /// decoupled weight decay (`keep` = 1 − lr·wd). On the CPU the back-projection is one
+    /// matmul accumulated into the weight in place, with no m×n temporary; elsewhere (CUDA),
+    /// or without `fused`, the composed ops.
+    pub fn apply(&self, var: &Var, low: &Tensor, step: f64, keep: f64, fused: bool) -> Result<()> {
+        let w = var.as_tensor();
+        let fusable = fused
+            && [w, low]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            && w.is_contiguous();
+        if !fusable {
+            let mut next = (w - (self.project_back(low)? * step)?)?;
+            if keep != 1.0 {
+                next = (next * keep)?;
+            }
+            return var.set(&next);
+        }
+        let (p, q) = self.parts()?;
+        // Both sides: P·low first (m×r), then the product with Q goes into w.
+        let left = match (p, q) {
+            (Some(p), Some(_)) => p.matmul(low)?,
+            _ => low.clone(),
+        };
+        let (lhs, rhs) = match (p, q) {
+            (Some(p), None) => (p.clone(), left),
+            (_, Some(q)) => (left, q.clone()),
+            (None, None) => unreachable!("a projector has a side"),
+        };
+        let (m, k) = lhs.dims2()?;
+        let n = rhs.dims2()?.1;
+        let beta = (-step * self.cfg.scale) as f32;
+        super::fused::host::read([&lhs, &rhs], "galore", |[a, b]| {
+            super::fused::host::modify(w, "galore", |out| {
+                // SAFETY: `out` is m×n, `a` m×k and `b` k×n, all row-major and contiguous,
+                // and `out` shares no memory with them (the weight is not a projector).
+                unsafe {
+                    super::fused::gemm::mm(
+                        (m, n, k),
+                        (out.as_mut_ptr(), 1, n),
+                        (a.as_ptr(), 1, k),
+                        (b.as_ptr(), 1, n),
+                        beta,
+                        true,
+                        super::fused::gemm::Threads::All,
+                    )
+                }
+                if keep != 1.0 {
+                    let keep = keep as f32;
+                    out.iter_mut().for_each(|x| *x *= keep);
+                }
+            })
+        })??;
+        Ok(())
+    }
+
     /// A low-rank update mapped back to the weight's shape, times `scale`.
     pub fn project_back(&self, low: &Tensor) -> Result<Tensor> {
         let (p, q) = self.parts()?;
@@ -231,7 +287,7 @@ mod tests {
     use super::*;
     use crate::optim::{AdamConfig, AdamW};
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     fn host(t: &Tensor) -> Vec<Vec<f64>> {
         t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
@@ -312,12 +368,15 @@ mod tests {
     fn projected_adam_follows_galore_torch_step_by_step() {
         let mut rng = Rng::new(9);
         let dev = Device::Cpu;
-        for (shape, proj_type) in [
+        for ((shape, proj_type), fused) in [
             ((12, 20), ProjType::Std),
             ((20, 12), ProjType::Std),
             ((12, 20), ProjType::ReverseStd),
             ((16, 16), ProjType::Full),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|c| [(c, true), (c, false)])
+        {
             let (m, n) = shape;
             let cfg = GaloreConfig {
                 rank: 4,
@@ -344,6 +403,7 @@ mod tests {
             let var = Var::from_vec(w0.clone(), shape, &dev).unwrap();
             let mut opt = AdamW::new(vec![("w".into(), var.clone(), false)], adam).unwrap();
             opt.use_galore(cfg, |_| true).unwrap();
+            opt.fused = fused;
             let low = Projector::new(cfg, shape).low_shape();
             assert_eq!(opt.params[0].m.dims2().unwrap(), low);
 

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod optim;
 pub mod parallel;
 pub mod precision;
+pub mod quant;
 pub mod rng;
 pub mod schedule;
 pub mod train;

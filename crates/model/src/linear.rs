@@ -4,8 +4,10 @@
 use crate::frozen::frozen_matmul;
 use crate::fused::{self, Ops};
 use crate::precision::matmul;
+use crate::quant::{FrozenFormat, QuantWeight};
 use crate::rng::Rng;
 use candle_core::{Device, Result, Tensor, Var};
+use std::sync::Arc;
 
 /// How a low-rank layer is initialised (§2 of the method reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,6 +35,9 @@ pub struct Linear {
     pub weight: Option<Var>,
     /// Whether W is trained (full-rank) or frozen (LoRA).
     pub weight_trainable: bool,
+    /// A frozen W kept in a compact format ([`Linear::quantize_frozen`]); `weight` is then
+    /// None.
+    pub quantized: Option<Arc<QuantWeight>>,
     pub lora: Option<Lora>,
 }
 
@@ -99,6 +104,7 @@ impl Linear {
             out_dim,
             weight: Some(Var::from_tensor(&weight)?),
             weight_trainable: true,
+            quantized: None,
             lora: None,
         })
     }
@@ -181,6 +187,18 @@ impl Linear {
                     let (a, b) = (param(&l.a).to_dtype(dt)?, param(&l.b).to_dtype(dt)?);
                     return fused::lora_linear(x, w.as_tensor(), &a, &b, l.scale, mask);
                 }
+                // The same with W in a compact format, dequantised inside the op.
+                (None, false, Some(l)) if self.quantized.is_some() => {
+                    let mask = match dropout_rng {
+                        Some(rng) if l.dropout > 0.0 => {
+                            Some(mask_values(rng, m * self.in_dim, l.dropout))
+                        }
+                        _ => None,
+                    };
+                    let (a, b) = (param(&l.a).to_dtype(dt)?, param(&l.b).to_dtype(dt)?);
+                    let q = self.quantized.clone().expect("checked");
+                    return fused::lora::lora_linear_quantized(x, q, &a, &b, l.scale, mask);
+                }
                 // Factorised layers keep the reference composition.
                 _ => {}
             }
@@ -192,7 +210,12 @@ impl Linear {
             Some(w) if self.weight_trainable => Some(matmul(&x2, &param(w).to_dtype(dt)?.t()?)?),
             // Detached: the frozen op never differentiates W, so the cast needs no graph.
             Some(w) => Some(frozen_matmul(&x2, &w.as_tensor().detach().to_dtype(dt)?)?),
-            None => None,
+            // A compact W, dequantised whole for this pass (the composed path is for
+            // checking and for devices without the fused kernel).
+            None => match &self.quantized {
+                Some(q) => Some(frozen_matmul(&x2, &self.dequantized(q, &x2)?)?),
+                None => None,
+            },
         };
         if let Some(l) = &self.lora {
             let xd = match dropout_rng {
@@ -226,31 +249,82 @@ impl Linear {
         }
     }
 
+    /// A compact W in f32 (on `like`'s device, in its dtype).
+    fn dequantized(&self, q: &QuantWeight, like: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(q.dequantize(), (q.rows, q.cols), like.device())?.to_dtype(like.dtype())
+    }
+
+    /// The frozen W as a dense f32 tensor, whatever its format (None without one).
+    pub fn frozen_weight(&self) -> Result<Option<Tensor>> {
+        match (&self.weight, &self.quantized) {
+            (Some(w), _) => Ok(Some(w.as_tensor().clone())),
+            (None, Some(q)) => {
+                let dev = self.device();
+                Ok(Some(Tensor::from_vec(
+                    q.dequantize(),
+                    (q.rows, q.cols),
+                    &dev,
+                )?))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Keep the frozen W in `format` (bf16, int8, NF4 with `block` weights a scale) instead
+    /// of f32; returns ‖W − Q(W)‖ / ‖W‖. A no-op for f32 or a layer without a frozen W.
+    pub fn quantize_frozen(&mut self, format: FrozenFormat, block: usize) -> Result<f64> {
+        if format == FrozenFormat::F32 || self.weight_trainable {
+            return Ok(0.0);
+        }
+        let Some(w) = self.frozen_weight()? else {
+            return Ok(0.0);
+        };
+        let data = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let q = QuantWeight::quantize(&data, (self.out_dim, self.in_dim), format, block);
+        let err = q.relative_error(&data);
+        self.quantized = Some(Arc::new(q));
+        self.weight = None;
+        Ok(err)
+    }
+
     /// W + s·B·A, or s·B·A alone for a factorised layer: what this layer computes.
     pub fn effective_weight(&self) -> Result<Tensor> {
         let delta = self.lora_delta()?;
-        match (&self.weight, delta) {
-            (Some(w), Some(d)) => w.as_tensor() + d,
-            (Some(w), None) => Ok(w.as_tensor().clone()),
+        match (self.frozen_weight()?, delta) {
+            (Some(w), Some(d)) => w + d,
+            (Some(w), None) => Ok(w),
             (None, Some(d)) => Ok(d),
             (None, None) => candle_core::bail!("a layer with neither W nor LoRA"),
         }
     }
 
-    /// The ReLoRA restart: W ← W + s·B·A, then A re-drawn and B ← 0.
-    pub fn merge_and_reinit(&mut self, rng: &mut Rng) -> Result<()> {
+    /// The ReLoRA restart: W ← W + s·B·A, then A re-drawn and B ← 0. A compact W is
+    /// dequantised, merged in f32 and quantised again; returns ‖W − Q(W)‖ / ‖W‖ of the new
+    /// W (0 for f32).
+    pub fn merge_and_reinit(&mut self, rng: &mut Rng) -> Result<f64> {
         let Some(delta) = self.lora_delta()? else {
-            return Ok(());
+            return Ok(0.0);
         };
-        let w = self.weight.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("cannot merge into a factorised layer".into())
-        })?;
-        w.set(&(w.as_tensor() + delta)?)?;
+        let mut error = 0.0;
+        match (&self.weight, self.quantized.clone()) {
+            (Some(w), _) => w.set(&(w.as_tensor() + delta)?)?,
+            (None, Some(q)) => {
+                let merged = (self.dequantized(&q, &delta)? + delta)?;
+                let data = merged.flatten_all()?.to_vec1::<f32>()?;
+                let again = QuantWeight::quantize(&data, (q.rows, q.cols), q.format, q.block);
+                error = again.relative_error(&data);
+                self.quantized = Some(Arc::new(again));
+            }
+            (None, None) => candle_core::bail!("cannot merge into a factorised layer"),
+        }
         let l = self.lora.as_ref().expect("delta implies LoRA");
         let (rank, in_dim) = l.a.dims2()?;
-        let dev = w.device().clone();
+        let dev = l.a.device().clone();
         l.a.set(&kaiming_uniform(rng, rank, in_dim, &dev)?.to_dtype(l.a.dtype())?)?;
         l.b.set(&l.b.as_tensor().zeros_like()?)?;
-        Ok(())
+        Ok(error)
     }
 }

@@ -220,8 +220,17 @@ impl Llama {
             .sum()
     }
 
+    /// Frozen weights, dense or compact.
     pub fn frozen_count(&self) -> usize {
-        self.frozen().iter().map(|(_, v)| v.elem_count()).sum()
+        let compact: usize = self
+            .projections()
+            .filter_map(|(_, p)| p.quantized.as_ref().map(|q| q.rows * q.cols))
+            .sum();
+        self.frozen()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+            + compact
     }
 
     /// Every tensor needed to restore this exact model (frozen W and LoRA factors included).
@@ -234,11 +243,26 @@ impl Llama {
         for (n, v) in self.frozen() {
             m.insert(n, v.as_tensor().clone());
         }
+        // A compact W as its codes and scales, so a resumed run continues from exactly it.
+        for (n, p) in self.projections() {
+            if let Some(q) = &p.quantized {
+                let dev = p
+                    .lora
+                    .as_ref()
+                    .map_or(Device::Cpu, |l| l.a.device().clone());
+                let codes = Tensor::from_slice(&q.codes, q.codes.len(), &dev);
+                let scales = Tensor::from_slice(&q.scales, q.scales.len(), &dev);
+                if let (Ok(c), Ok(s)) = (codes, scales) {
+                    m.insert(format!("{n}.weight.codes"), c);
+                    m.insert(format!("{n}.weight.scales"), s);
+                }
+            }
+        }
         m
     }
 
     /// Load tensors written by [`Llama::state_tensors`] into this (already wrapped) model.
-    pub fn load_state(&self, t: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
         let all = self
             .trainable()
             .into_iter()
@@ -249,6 +273,31 @@ impl Llama {
                 candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`"))
             })?;
             var.set(&x.to_dtype(var.dtype())?)?;
+        }
+        for (name, p) in self.projections_mut() {
+            let Some(q) = &p.quantized else { continue };
+            let get = |what: &str| {
+                t.get(&format!("{name}.weight.{what}")).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "checkpoint has no `{name}.weight.{what}` for this stage's {} frozen \
+                         weights",
+                        q.format.name()
+                    ))
+                })
+            };
+            let codes = get("codes")?.to_vec1::<u8>()?;
+            let scales = get("scales")?.to_vec1::<f32>()?;
+            if codes.len() != q.codes.len() || scales.len() != q.scales.len() {
+                candle_core::bail!(
+                    "checkpoint's `{name}.weight` is not {} of this layer's shape",
+                    q.format.name()
+                );
+            }
+            p.quantized = Some(std::sync::Arc::new(crate::quant::QuantWeight {
+                codes,
+                scales,
+                ..(**q).clone()
+            }));
         }
         Ok(())
     }

@@ -156,7 +156,7 @@ impl AdamW {
         };
         for (p, g) in self.params.iter_mut().zip(grads) {
             if p.galore.is_some() {
-                galore_step(p, g, lr, grad_scale, c, self.step)?;
+                galore_step(p, g, lr, grad_scale, c, self.step, self.fused)?;
                 continue;
             }
             let t = p.var.as_tensor();
@@ -213,6 +213,7 @@ fn galore_step(
     grad_scale: f64,
     c: AdamConfig,
     step: u64,
+    fused: bool,
 ) -> Result<()> {
     let g = if grad_scale == 1.0 {
         g.clone()
@@ -230,14 +231,16 @@ fn galore_step(
     p.m = ((&p.m * c.beta1)? + (&low * (1.0 - c.beta1))?)?;
     p.v = ((&p.v * c.beta2)? + (low.sqr()? * (1.0 - c.beta2))?)?;
     let normalised = (&p.m / (p.v.sqrt()? + c.eps)?)?;
-    let update = proj.project_back(&normalised)?;
     let step_size =
         lr * (1.0 - c.beta2.powi(step as i32)).sqrt() / (1.0 - c.beta1.powi(step as i32));
-    let mut w = (p.var.as_tensor() - (update * step_size)?)?;
-    if c.weight_decay > 0.0 {
-        w = (&w - (&w * (lr * c.weight_decay))?)?;
-    }
-    p.var.set(&w)
+    // galore-torch: p -= step_size · back(m / denom); then p -= lr · wd · p.
+    proj.apply(
+        &p.var,
+        &normalised,
+        step_size,
+        1.0 - lr * c.weight_decay,
+        fused,
+    )
 }
 
 /// The `q`-quantile of `values` with linear interpolation between order statistics.

@@ -366,7 +366,7 @@ fn checkpoint_round_trip_restores_every_tensor_and_state() {
     t.state.loader = l.state();
     let path = checkpoint::save(&dir.path().join("c"), &t.model, &t.opt, &t.state).unwrap();
     let mut u = relora_trainer(9, 4);
-    let state = checkpoint::load(&path, &u.model, &mut u.opt, &Device::Cpu).unwrap();
+    let state = checkpoint::load(&path, &mut u.model, &mut u.opt, &Device::Cpu).unwrap();
     assert_eq!(state, t.state);
     assert_eq!(u.opt.step, t.opt.step);
     for (p, q) in t.opt.params.iter().zip(&u.opt.params) {
@@ -399,7 +399,7 @@ fn checkpoint_round_trip_restores_every_tensor_and_state() {
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = format!(
         "{:#}",
-        checkpoint::load(&path, &u.model, &mut u.opt, &Device::Cpu).unwrap_err()
+        checkpoint::load(&path, &mut u.model, &mut u.opt, &Device::Cpu).unwrap_err()
     );
     assert!(e.contains("state.safetensors"), "{e}");
 }

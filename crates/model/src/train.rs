@@ -67,6 +67,9 @@ pub struct StepMetrics {
     pub perplexity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
+    /// After a merge into a compact frozen W: the largest ‖W − Q(W)‖ / ‖W‖ over layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant_error: Option<f64>,
 }
 
 pub struct Trainer {
@@ -187,7 +190,7 @@ impl Trainer {
         let Some(ckpt) = checkpoint::latest(dir) else {
             return Ok(None);
         };
-        self.state = checkpoint::load(&ckpt, &self.model, &mut self.opt, &self.device)?;
+        self.state = checkpoint::load(&ckpt, &mut self.model, &mut self.opt, &self.device)?;
         loader.restore(&self.state.loader)?;
         // Drop metrics lines written after the checkpoint; they will be written again.
         if self.comm.rank() == 0 {
@@ -295,13 +298,20 @@ impl Trainer {
 
             // ReLoRA: merge the low-rank factors into W and start them afresh.
             let mut event = Vec::new();
+            let mut quant_error = None;
             if let Some(r) = self.cfg.restarts {
                 let s = self.state.step;
                 if r.merge_every.is_some_and(|k| s.is_multiple_of(k)) {
+                    let mut worst = 0f64;
                     for (_, p) in self.model.projections_mut() {
-                        p.merge_and_reinit(&mut self.state.restart_rng)?;
+                        worst = worst.max(p.merge_and_reinit(&mut self.state.restart_rng)?);
                     }
                     event.push("merge");
+                    // A compact frozen W is quantised again at every merge: its error shows
+                    // whether that drifts.
+                    if self.model.projections().any(|(_, p)| p.quantized.is_some()) {
+                        quant_error = Some(worst);
+                    }
                 }
                 if r.reset_every.is_some_and(|k| s.is_multiple_of(k)) {
                     self.opt.reset_lora(r.reset, &mut self.state.reset_rng)?;
@@ -320,6 +330,7 @@ impl Trainer {
                 eval_loss: None,
                 perplexity: None,
                 event: (!event.is_empty()).then(|| event.join("+")),
+                quant_error,
             };
             let is_last = self.state.step == end_step;
             if let (Some(v), 0) = (valid, rank) {

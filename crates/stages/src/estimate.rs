@@ -179,6 +179,10 @@ pub fn train(
     let optimizer = p
         .method
         .optimizer_floats(p, &cfg, inputs.contains_key("init"));
+    let (trainable_params, frozen_bytes) =
+        p.method
+            .parameter_bytes(p, &cfg, inputs.contains_key("init"));
+    let trainable_bytes = 4.0 * trainable_params;
     let s = p.seq_len as f64;
     let attention = 4.0 * cfg.layers as f64 * cfg.hidden as f64 * s;
     let per_token = 6.0 * trainable + 4.0 * frozen + 3.0 * attention;
@@ -206,6 +210,15 @@ pub fn train(
             si(optimizer),
             optimizer * 4.0 / 1e6,
             p.method.summary()
+        ),
+        format!(
+            "weights, gradients and optimizer state: {:.1} MB (trainable weights and their \
+             gradients {:.1} MB each in f32, frozen weights {:.1} MB {}); activations not \
+             included",
+            (2.0 * trainable_bytes + frozen_bytes + optimizer * 4.0) / 1e6,
+            trainable_bytes / 1e6,
+            frozen_bytes / 1e6,
+            p.method.frozen_format(p).unwrap_or("f32"),
         ),
         format!(
             "{} tokens: {} steps × {step_tokens} tokens ({}{} sequences of {})",
@@ -249,6 +262,8 @@ pub fn train(
             "flops": flops,
             "tokens": tokens,
             "optimizer_bytes": optimizer * 4.0,
+            "trainable_bytes": trainable_bytes,
+            "frozen_bytes": frozen_bytes,
             "seq_len": p.seq_len,
             // Evaluation runs the merged model.
             "forward_flops_per_token": 2.0 * (blocks + head) + attention,

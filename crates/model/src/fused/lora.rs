@@ -11,12 +11,47 @@
 
 use super::gemm::{mm, Threads::All};
 use super::host;
-use super::linear;
+use super::{compact, linear};
+use crate::quant::QuantWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+/// The frozen weight, [out, in]: f32, or compact and dequantised inside the matmuls.
+enum Frozen {
+    /// Contiguous f32.
+    Dense(Tensor),
+    Compact(Arc<QuantWeight>),
+}
+
+impl Frozen {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Frozen::Dense(w) => w.dims().to_vec(),
+            Frozen::Compact(q) => vec![q.rows, q.cols],
+        }
+    }
+
+    /// `x·Wᵀ`, [m × out].
+    fn forward(&self, x: &[f32], dims: (usize, usize, usize)) -> Result<Vec<f32>> {
+        match self {
+            Frozen::Dense(w) => host::read([w], "lora_linear", |[w]| linear::forward(x, w, dims)),
+            Frozen::Compact(q) => Ok(compact::forward(x, q, dims.0)),
+        }
+    }
+
+    /// `dy·W`, [m × in].
+    fn input_grad(&self, dy: &[f32], dims: (usize, usize, usize)) -> Result<Vec<f32>> {
+        match self {
+            Frozen::Dense(w) => {
+                host::read([w], "lora_linear", |[w]| linear::input_grad(dy, w, dims))
+            }
+            Frozen::Compact(q) => Ok(compact::input_grad(dy, q, dims.0)),
+        }
+    }
+}
 
 struct LoraLinear {
-    /// The frozen weight, [out, in], f32 contiguous.
-    w: Tensor,
+    w: Frozen,
     scale: f32,
     /// The inverted-dropout mask over x, [tokens × in], when dropout is on.
     mask: Option<Vec<f32>>,
@@ -76,9 +111,7 @@ impl CustomOp3 for LoraLinear {
         let mut u = vec![0f32; m * rank];
         let xd = masked(x, &self.mask);
         let xd = xd.as_deref().unwrap_or(x);
-        let mut y = host::read([&self.w], "lora_linear", |[w]| {
-            linear::forward(x, w, (m, in_dim, out))
-        })?;
+        let mut y = self.w.forward(x, (m, in_dim, out))?;
         // SAFETY: every buffer has the extents given; u is fresh and y this op's own.
         unsafe {
             // u = xd·Aᵀ
@@ -118,9 +151,11 @@ impl CustomOp3 for LoraLinear {
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / in_dim.max(1);
         let (rank, out) = (a.dim(0)?, b.dim(0)?);
-        let (dx, da, db) = host::read([x, a, b, dy, &self.w], "lora_linear", |xabdw| {
-            self.backward(xabdw, u, (m, in_dim, out, rank))
-        })?;
+        let dims = (m, in_dim, out);
+        let (dx, da, db) = host::read([x, a, b, dy], "lora_linear", |[x, a, b, dy]| {
+            let dx = self.w.input_grad(dy, dims)?;
+            Ok::<_, candle_core::Error>(self.backward([x, a, b, dy], dx, u, (m, in_dim, out, rank)))
+        })??;
         Ok((
             Some(host::tensor(dx, x.dims())?),
             Some(host::tensor(da, &[rank, in_dim])?),
@@ -130,16 +165,17 @@ impl CustomOp3 for LoraLinear {
 }
 
 impl LoraLinear {
-    /// (dx, dA, dB) from x, A, B, dy and W (row-major slices) and the saved u.
+    /// (dx, dA, dB) from x, A, B and dy (row-major slices), the frozen path's `dx = dy·W`
+    /// and the saved u.
     fn backward(
         &self,
-        [x, a, b, dy, w]: [&[f32]; 5],
+        [x, a, b, dy]: [&[f32]; 4],
+        mut dx: Vec<f32>,
         u: &[f32],
         (m, in_dim, out, rank): (usize, usize, usize, usize),
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let s = self.scale;
         let mut v = vec![0f32; m * rank];
-        let mut dx = linear::input_grad(dy, w, (m, in_dim, out));
         let mut da = vec![0f32; rank * in_dim];
         let mut db = vec![0f32; out * rank];
         let xd = masked(x, &self.mask);
@@ -221,7 +257,29 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = LoraLinear {
-        w: f32_of(&w.detach())?,
+        w: Frozen::Dense(f32_of(&w.detach())?),
+        scale: scale as f32,
+        mask,
+        u: host::Saved::new(),
+    };
+    host::in_f32(x, |x| {
+        x.contiguous()?.apply_op3(&f32_of(a)?, &f32_of(b)?, op)
+    })
+}
+
+/// [`lora_linear`] with the frozen W in a compact format ([`crate::quant`]), dequantised a
+/// block of rows at a time inside the matmuls.
+pub fn lora_linear_quantized(
+    x: &Tensor,
+    w: Arc<QuantWeight>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let op = LoraLinear {
+        w: Frozen::Compact(w),
         scale: scale as f32,
         mask,
         u: host::Saved::new(),

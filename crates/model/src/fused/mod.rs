@@ -28,12 +28,13 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod compact;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod exp;
 pub mod gemm;
 pub mod grads;
-mod host;
+pub(crate) mod host;
 pub mod linear;
 pub mod lora;
 pub mod norm;

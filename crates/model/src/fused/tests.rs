@@ -279,6 +279,42 @@ fn lora_linear_matches_reference_and_finite_differences() {
     }
 }
 
+/// The LoRA layer with a compact frozen W against the same layer with that W dequantised
+/// and dense: the forward pass bit for bit (blocks of W's rows split the output's columns,
+/// not its sums), the gradients to rounding (dx = dy·W sums over W's rows block by block).
+/// W is taller than one dequantisation block, so the blocks are exercised.
+#[test]
+fn lora_linear_with_a_compact_w_matches_the_dense_one() {
+    use crate::quant::{FrozenFormat, QuantWeight};
+    let mut rng = Rng::new(17);
+    let (m, i, o, r) = (6, 256, 1100, 4);
+    let x = randn(&mut rng, &[m, i], 1.0);
+    let w = randn(&mut rng, &[o, i], 0.05);
+    let a = randn(&mut rng, &[r, i], 0.5);
+    let b = randn(&mut rng, &[o, r], 0.5);
+    let data = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for format in [FrozenFormat::Bf16, FrozenFormat::Int8, FrozenFormat::Nf4] {
+        let q = std::sync::Arc::new(QuantWeight::quantize(&data, (o, i), format, 64));
+        let dense = Tensor::from_vec(q.dequantize(), (o, i), &Device::Cpu).unwrap();
+        let compact = |t: &[Tensor]| {
+            lora::lora_linear_quantized(&t[0], q.clone(), &t[1], &t[2], 2.0, None).unwrap()
+        };
+        let reference = |t: &[Tensor]| lora_linear(&t[0], &dense, &t[1], &t[2], 2.0, None).unwrap();
+        let inputs = [x.clone(), a.clone(), b.clone()];
+        let (yc, _, gc) = run(&inputs, DType::F32, &compact);
+        let (yr, _, gr) = run(&inputs, DType::F32, &reference);
+        assert_eq!(
+            yc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            yr.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{format:?}: forward"
+        );
+        for (k, (a, b)) in gc.iter().zip(&gr).enumerate() {
+            let e = rel(a, b);
+            assert!(e < 1e-6, "{format:?}: gradient {k} differs by {e:e}");
+        }
+    }
+}
+
 #[test]
 fn linear_matches_reference_and_finite_differences() {
     let mut rng = Rng::new(8);

@@ -284,7 +284,7 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         .with_collective(comm);
     if let (Some(dir), InitMode::Continue) = (&init_dir, p.init_mode) {
         let ckpt = dir.join("checkpoint");
-        trainer.state = checkpoint::load(&ckpt, &trainer.model, &mut trainer.opt, &device)
+        trainer.state = checkpoint::load(&ckpt, &mut trainer.model, &mut trainer.opt, &device)
             .with_context(|| format!("continuing from {}", dir.display()))?;
         loader.restore(&trainer.state.loader)?;
     }

@@ -32,7 +32,13 @@ impl TrainMethod for Control {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(c);
+            l.check(p, c);
+            c.require(
+                l.frozen == relora_model::quant::FrozenFormat::F32,
+                &["lora", "frozen"],
+                "Control trains a full-rank model with no frozen W; `lora.frozen` is for \
+                 relora and lora",
+            );
         }
     }
     fn model_config(&self, p: &TrainParams, named: LlamaConfig) -> LlamaConfig {

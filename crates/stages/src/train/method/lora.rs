@@ -5,8 +5,10 @@
 
 use super::{block_and_head, TrainMethod};
 use crate::check::Checks;
-use crate::train::params::TrainParams;
+use crate::device::DeviceParam;
+use crate::train::params::{model_config, TrainParams};
 use anyhow::Result;
+use relora_model::quant::FrozenFormat;
 use relora_model::{Llama, LlamaConfig, LoraInit, Rng};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,12 @@ pub struct LoraParams {
     pub init: Option<LoraInit>,
     #[serde(default = "d_base")]
     pub base: LoraBase,
+    /// How the frozen W is stored: f32, or compact (bf16, int8, nf4); see relora_model::quant.
+    #[serde(default)]
+    pub frozen: FrozenFormat,
+    /// NF4's block: weights per scale. Must divide every projection's input width.
+    #[serde(default = "d_block")]
+    pub block: usize,
 }
 
 impl Default for LoraParams {
@@ -46,6 +54,8 @@ impl Default for LoraParams {
             dropout: d_dropout(),
             init: None,
             base: d_base(),
+            frozen: FrozenFormat::F32,
+            block: d_block(),
         }
     }
 }
@@ -57,6 +67,9 @@ fn d_alpha() -> f64 {
 }
 fn d_dropout() -> f32 {
     0.1
+}
+fn d_block() -> usize {
+    64
 }
 fn d_base() -> LoraBase {
     LoraBase::FrozenRandom
@@ -70,8 +83,9 @@ pub fn relora_trainable(cfg: &LlamaConfig, r: usize) -> usize {
 }
 
 impl LoraParams {
-    /// The `lora:` section's checks, for any method that reads it.
-    pub(super) fn check(&self, c: &mut Checks) {
+    /// The `lora:` section's checks, for any method that reads it; `p` for the model's
+    /// widths and the device.
+    pub(super) fn check(&self, p: &TrainParams, c: &mut Checks) {
         c.at_least(
             &["lora", "rank"],
             self.rank as u64,
@@ -87,6 +101,45 @@ impl LoraParams {
             true,
             false,
         );
+        if self.frozen == FrozenFormat::F32 {
+            return;
+        }
+        c.require(
+            self.base != LoraBase::None,
+            &["lora", "frozen"],
+            format!(
+                "lora.frozen: {} stores the frozen W, and `base: none` has none",
+                self.frozen.name()
+            ),
+        );
+        c.require(
+            !matches!(p.device, DeviceParam::Cuda | DeviceParam::CudaId(_)),
+            &["lora", "frozen"],
+            format!(
+                "lora.frozen: {} has a CPU kernel only so far; on a GPU keep `frozen: f32`",
+                self.frozen.name()
+            ),
+        );
+        if self.frozen == FrozenFormat::Nf4 {
+            c.at_least(
+                &["lora", "block"],
+                self.block as u64,
+                1,
+                "weights per NF4 scale",
+            );
+            if let (Ok(cfg), true) = (model_config(&p.model, 32), self.block > 0) {
+                let widths = [cfg.hidden, cfg.intermediate];
+                c.require(
+                    widths.iter().all(|w| w % self.block == 0),
+                    &["lora", "block"],
+                    format!(
+                        "lora.block ({}) must divide every projection's input width (hidden {}, \
+                         intermediate {}), so that no block straddles two rows of W",
+                        self.block, cfg.hidden, cfg.intermediate
+                    ),
+                );
+            }
+        }
     }
 
     /// A low-rank branch on every projection of `model`; without W where `base: none` starts
@@ -108,8 +161,24 @@ impl LoraParams {
             if factorised {
                 layer.weight = None;
             }
+            layer.quantize_frozen(self.frozen, self.block)?;
         }
         Ok(())
+    }
+
+    /// (trainable parameters, bytes of the frozen W in its format).
+    pub(super) fn parameter_bytes(&self, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
+        let trainable = relora_trainable(cfg, self.rank) as f64;
+        if self.base == LoraBase::None && !has_init {
+            return (trainable, 0.0);
+        }
+        let (h, i) = (cfg.hidden, cfg.intermediate);
+        let shapes = [(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i)];
+        let per_block: usize = shapes
+            .iter()
+            .map(|&(rows, cols)| self.frozen.bytes(rows, cols, self.block))
+            .sum();
+        (trainable, (cfg.layers * per_block) as f64)
     }
 
     /// (trainable, frozen) matmul weights: the factors and the LM head train, W is frozen
@@ -141,7 +210,7 @@ impl TrainMethod for Lora {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(c);
+            l.check(p, c);
         }
     }
     fn adapt_model(
@@ -161,6 +230,15 @@ impl TrainMethod for Lora {
             .clone()
             .unwrap_or_default()
             .matmul_weights(cfg, has_init)
+    }
+    fn parameter_bytes(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
+        p.lora
+            .clone()
+            .unwrap_or_default()
+            .parameter_bytes(cfg, has_init)
+    }
+    fn frozen_format(&self, p: &TrainParams) -> Option<&'static str> {
+        Some(p.lora.clone().unwrap_or_default().frozen.name())
     }
     fn optimizer_floats(&self, p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> f64 {
         // Adam's two moments for the factors, embeddings, norms and head; none for W.

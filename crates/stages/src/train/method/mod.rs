@@ -79,6 +79,16 @@ pub trait TrainMethod: Sync {
         2.0 * cfg.param_count() as f64
     }
 
+    /// (trainable parameters, bytes of frozen weights), for `plan --estimate`'s memory.
+    fn parameter_bytes(&self, _p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> (f64, f64) {
+        (cfg.param_count() as f64, 0.0)
+    }
+
+    /// The format frozen weights are kept in, where the method has any.
+    fn frozen_format(&self, _p: &TrainParams) -> Option<&'static str> {
+        None
+    }
+
     /// (trainable, frozen) matmul weights, for `plan --estimate`'s FLOPs.
     fn matmul_weights(&self, _p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> (f64, f64) {
         let (blocks, head) = block_and_head(cfg);

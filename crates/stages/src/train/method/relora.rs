@@ -106,7 +106,7 @@ impl TrainMethod for Relora {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(c);
+            l.check(p, c);
             c.require(
                 l.base != LoraBase::None,
                 &["lora", "base"],
@@ -159,6 +159,15 @@ impl TrainMethod for Relora {
             .clone()
             .unwrap_or_default()
             .matmul_weights(cfg, has_init)
+    }
+    fn parameter_bytes(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
+        p.lora
+            .clone()
+            .unwrap_or_default()
+            .parameter_bytes(cfg, has_init)
+    }
+    fn frozen_format(&self, p: &TrainParams) -> Option<&'static str> {
+        Some(p.lora.clone().unwrap_or_default().frozen.name())
     }
     fn optimizer_floats(&self, p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> f64 {
         // Adam's two moments for the factors, embeddings, norms and head; none for W.

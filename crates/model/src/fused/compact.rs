@@ -1,0 +1,72 @@
+//! `x·Wᵀ` and `dy·W` with W in a compact format ([`crate::quant`]): W is dequantised a
+//! block of rows at a time into a small f32 buffer that the matmul reads, so no f32 copy of
+//! W exists beyond that buffer (about 512 KB, warm in cache for its product).
+//!
+//! Splitting W by rows splits `x·Wᵀ` by output columns, which leaves every output's sum in
+//! the order the whole product would use: the forward pass equals the dense one on the
+//! dequantised W bit for bit. `dy·W` sums over W's rows, so there each block adds a
+//! partial sum: the same values to rounding, in another order.
+
+use super::gemm::{mm, Threads::All};
+use crate::quant::QuantWeight;
+
+/// Floats in the dequantisation buffer.
+const BUFFER: usize = 1 << 17;
+
+/// Rows of W per block, and the buffer.
+fn blocks(q: &QuantWeight) -> (usize, Vec<f32>) {
+    let rows = (BUFFER / q.cols.max(1)).clamp(1, q.rows.max(1));
+    (rows, vec![0f32; rows * q.cols])
+}
+
+/// `y = x·Wᵀ` for x [m × in] and W [out × in].
+pub fn forward(x: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
+    let (out, in_dim) = (q.rows, q.cols);
+    let mut y = vec![0f32; m * out];
+    let (per, mut buf) = blocks(q);
+    for first in (0..out).step_by(per) {
+        let rows = per.min(out - first);
+        let w = &mut buf[..rows * in_dim];
+        q.dequantize_rows(first, w);
+        // SAFETY: y is m × out and this writes its columns first..first + rows; x is
+        // m × in; w is rows × in, read transposed.
+        unsafe {
+            mm(
+                (m, rows, in_dim),
+                (y.as_mut_ptr().add(first), 1, out),
+                (x.as_ptr(), 1, in_dim),
+                (w.as_ptr(), in_dim, 1),
+                1.0,
+                false,
+                All,
+            )
+        };
+    }
+    y
+}
+
+/// `dx = dy·W` for dy [m × out], [m × in].
+pub fn input_grad(dy: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
+    let (out, in_dim) = (q.rows, q.cols);
+    let mut dx = vec![0f32; m * in_dim];
+    let (per, mut buf) = blocks(q);
+    for first in (0..out).step_by(per) {
+        let rows = per.min(out - first);
+        let w = &mut buf[..rows * in_dim];
+        q.dequantize_rows(first, w);
+        // SAFETY: dx is m × in; dy's columns first..first + rows are m × rows with row
+        // stride out; w is rows × in.
+        unsafe {
+            mm(
+                (m, in_dim, rows),
+                (dx.as_mut_ptr(), 1, in_dim),
+                (dy.as_ptr().add(first), 1, out),
+                (w.as_ptr(), 1, in_dim),
+                1.0,
+                first > 0,
+                All,
+            )
+        };
+    }
+    dx
+}
