@@ -7,12 +7,14 @@
 //!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
 //!
 //! `--reference-ops` times the reference composition of candle primitives instead of the
-//! fused ops (crates/model/src/fused). No gradient clipping and 5 warm-up steps, as the
+//! fused ops (crates/model/src/fused). No gradient clipping and 5 warm-up steps (`--warmup N`), as the
 //! PyTorch script. Prints forward, backward and optimizer milliseconds (medians), tokens/s,
 //! and an MFU estimate: model FLOPs (6·N + attention per token, for LoRA too) against this
 //! device's measured matmul rate in the compute dtype, and with `--peak-tflops P` also against
 //! a datasheet peak (989 for H100/H200 SXM dense bf16, as llm.c and torchtitan report MFU).
-//! On the CPU it prints peak resident memory; on CUDA the most device
+//! On the CPU it prints peak resident memory during the steps (`peak_rss_mib`; the kernel's
+//! high-water mark is reset once the model is built, whose own peak is `build_peak_rss_mib`;
+//! use `--malloc-default` so that memory freed after building leaves the process); on CUDA the most device
 //! memory seen in use (sampled after each forward and backward pass).
 //!
 //! `--galore-rank R`: GaLore's projected Adam on the seven projections (full-rank weights).
@@ -137,6 +139,7 @@ fn main() -> anyhow::Result<()> {
     if rank > 0 {
         for (_, p) in model.projections_mut() {
             p.add_lora(rank, 32.0, 0.0, LoraInit::KaimingAZeroB, &mut rng)?;
+            // NF4 blocks of 64 weights, QLoRA's.
             p.quantize_frozen(frozen, 64)?;
         }
     }
@@ -159,6 +162,11 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     let mut last_grads = Vec::new();
+    // The peak so far is building the model (all of it in f32 first, then each frozen W
+    // converted); the step's peak is measured from here, after resetting the kernel's
+    // high-water mark (with --malloc-default, so freed memory leaves the process).
+    let build_peak = peak_rss_mib();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let toks: Vec<u32> = (0..batch * (seq + 1))
         .map(|_| rng.next_u32() % cfg.vocab_size as u32)
         .collect();
@@ -168,7 +176,8 @@ fn main() -> anyhow::Result<()> {
     );
     let (mut fwd, mut bwd, mut opt_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut dev_mib = 0f64;
-    for step in 0..steps + 5 {
+    let warmup = arg("--warmup", 5);
+    for step in 0..steps + warmup {
         let t0 = Instant::now();
         let loss = batch_loss(&model, &b, &dev, None)?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -191,10 +200,10 @@ fn main() -> anyhow::Result<()> {
         opt.step(&grads, 1e-3)?;
         dev.synchronize()?;
         let t3 = Instant::now();
-        if galore > 0 && step == steps + 4 {
+        if galore > 0 && step + 1 == steps + warmup {
             last_grads = grads;
         }
-        if step >= 5 {
+        if step >= warmup {
             fwd.push((t1 - t0).as_secs_f64() * 1e3);
             bwd.push((t2 - t1).as_secs_f64() * 1e3);
             opt_ms.push((t3 - t2).as_secs_f64() * 1e3);
@@ -231,7 +240,7 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
+        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} build_peak_rss_mib={build_peak:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
         match (rank, galore) {
             (r, _) if r > 0 => format!("lora-r{r}-{}", frozen.name()),
             (_, g) if g > 0 => format!("galore-r{g}"),

@@ -22,6 +22,7 @@ TABLES = [
     ("table2", "Table 2, seed 0"),
     ("table2-seeds", "Table 2 over seeds 0, 1 and 2"),
     ("table3", "Table 3, seed 0"),
+    ("table-frozen", "ReLoRA with its frozen W in fewer bits, seed 0"),
 ]
 BEGIN = "<!-- paper-cpu tables: begin (written by scripts/readme_tables.py; do not edit) -->"
 END = "<!-- paper-cpu tables: end -->"

@@ -279,6 +279,9 @@ impl Linear {
         let Some(w) = self.frozen_weight()? else {
             return Ok(0.0);
         };
+        if format == FrozenFormat::Nf4 && block == 0 {
+            candle_core::bail!("nf4: a block holds at least one weight");
+        }
         let data = w
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?

@@ -10,9 +10,11 @@
 //! - `bf16`: each weight rounded to bfloat16 (to nearest, ties to even): 2 bytes a weight.
 //! - `int8`: per row, scale = max|w| / 127, code = round(w / scale) in −127…127: 1 byte a
 //!   weight and 4 bytes a row.
-//! - `nf4`: per block of `block` consecutive weights of a row, scale = max|w|; each weight
-//!   is the index of the NF4 level nearest to w / scale, two to a byte: half a byte a weight
-//!   and 4 bytes a block. No double quantisation of the scales.
+//! - `nf4`: per block of `block` consecutive weights of the flattened (row-major) W, scale =
+//!   max|w|; each weight is the index of the NF4 level nearest to w / scale, two to a byte:
+//!   half a byte a weight and 4 bytes a block. Blocks run over the flattened W, as
+//!   bitsandbytes' do, so a block may straddle two rows and any size fits any shape (LLaMA
+//!   1B's MLP width, 5461, is odd). No double quantisation of the scales.
 
 use serde::{Deserialize, Serialize};
 
@@ -106,8 +108,7 @@ fn nf4_index(x: f32) -> u8 {
 }
 
 impl QuantWeight {
-    /// `w` (`rows × cols`, row-major) in `format`. For NF4, `block` must divide `cols` (a
-    /// block never straddles two rows, so rows can be dequantised alone).
+    /// `w` (`rows × cols`, row-major) in `format`; `block` (NF4) at least 1.
     pub fn quantize(
         w: &[f32],
         (rows, cols): (usize, usize),
@@ -140,10 +141,7 @@ impl QuantWeight {
                 (codes, scales)
             }
             FrozenFormat::Nf4 => {
-                assert!(
-                    block > 0 && cols % block == 0,
-                    "nf4: block {block} must divide the row length {cols}"
-                );
+                assert!(block > 0, "nf4: a block holds at least one weight");
                 let mut scales = Vec::with_capacity(w.len() / block);
                 let mut idx = Vec::with_capacity(w.len());
                 for b in w.chunks(block) {
@@ -197,15 +195,18 @@ impl QuantWeight {
                 }
             }
             FrozenFormat::Nf4 => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let k = start + i;
-                    let byte = self.codes[k / 2];
-                    let idx = if k.is_multiple_of(2) {
-                        byte & 15
-                    } else {
-                        byte >> 4
-                    };
-                    *o = NF4_LEVELS[idx as usize] * self.scales[k / self.block];
+                // Block by block: one scale each, no division per weight.
+                let end = start + out.len();
+                let mut k = start;
+                while k < end {
+                    let b = k / self.block;
+                    let stop = ((b + 1) * self.block).min(end);
+                    let scale = self.scales[b];
+                    for j in k..stop {
+                        let nibble = (self.codes[j >> 1] >> ((j & 1) * 4)) & 15;
+                        out[j - start] = NF4_LEVELS[nibble as usize] * scale;
+                    }
+                    k = stop;
                 }
             }
         }
@@ -309,6 +310,9 @@ mod tests {
             (FrozenFormat::Int8, 64, 0.02),
             (FrozenFormat::Nf4, 64, 0.12),
             (FrozenFormat::Nf4, 32, 0.12),
+            // Blocks that straddle rows, and a short last block.
+            (FrozenFormat::Nf4, 48, 0.12),
+            (FrozenFormat::Nf4, 100, 0.12),
         ] {
             let q = QuantWeight::quantize(&w, (rows, cols), format, block);
             let want = reference(&w, rows, cols, format, block);

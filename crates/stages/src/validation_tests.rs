@@ -133,7 +133,7 @@ const CASES: &[Case] = &[
     case(train!("galore", "galore: {rank: 8, scale: 0} #<"), "scale", "stages.s.params.galore.scale", "galore.scale must be in (0, ∞); got 0"),
     case(train!("galore", "galore: {rank: 8, proj_type: diagonal} #<"), "proj_type", "stages.s.params.galore.proj_type", "unknown variant `diagonal`"),
     case(train!("full", "galore: {rank: 8} #<"), "galore", "stages.s.params.galore", "`galore:` is not used by method full; remove it, or pick a method that reads it (galore)"),
-    case(train!("lora", "model: {hidden: 32, intermediate: 64, heads: 2, layers: 2}", "lora: {rank: 4, frozen: nf4, block: 48} #<"), "block", "stages.s.params.lora.block", "lora.block (48) must divide every projection's input width (hidden 32, intermediate 64)"),
+    case(train!("lora", "lora: {rank: 4, frozen: nf4, block: 0} #<"), "block", "stages.s.params.lora.block", "lora.block must be at least 1 (weights per NF4 scale)"),
     case(train!("lora", "lora: {rank: 4, base: none, frozen: int8} #<"), "frozen", "stages.s.params.lora.frozen", "lora.frozen: int8 stores the frozen W, and `base: none` has none"),
     case(train!("lora", "device: cuda", "lora: {rank: 4, frozen: nf4} #<"), "frozen", "stages.s.params.lora.frozen", "lora.frozen: nf4 has a CPU kernel only so far"),
     case(train!("control", "lora: {rank: 4, frozen: int8} #<"), "frozen", "stages.s.params.lora.frozen", "Control trains a full-rank model with no frozen W"),

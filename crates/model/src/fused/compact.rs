@@ -1,6 +1,7 @@
 //! `x·Wᵀ` and `dy·W` with W in a compact format ([`crate::quant`]): W is dequantised a
 //! block of rows at a time into a small f32 buffer that the matmul reads, so no f32 copy of
-//! W exists beyond that buffer (about 512 KB, warm in cache for its product).
+//! W exists beyond that buffer (8 MB: smaller blocks make the matmul pack x again for
+//! every few rows, which doubled the forward pass's time at LLaMA 1B's shapes).
 //!
 //! Splitting W by rows splits `x·Wᵀ` by output columns, which leaves every output's sum in
 //! the order the whole product would use: the forward pass equals the dense one on the
@@ -9,14 +10,24 @@
 
 use super::gemm::{mm, Threads::All};
 use crate::quant::QuantWeight;
+use rayon::prelude::*;
 
 /// Floats in the dequantisation buffer.
-const BUFFER: usize = 1 << 17;
+const BUFFER: usize = 1 << 21;
 
 /// Rows of W per block, and the buffer.
 fn blocks(q: &QuantWeight) -> (usize, Vec<f32>) {
     let rows = (BUFFER / q.cols.max(1)).clamp(1, q.rows.max(1));
     (rows, vec![0f32; rows * q.cols])
+}
+
+/// Rows `first..` of W into `w` (whole rows), on all of rayon's threads: at a micro-batch
+/// of a few hundred tokens dequantising costs as much as the product it feeds.
+fn fill(q: &QuantWeight, first: usize, w: &mut [f32]) {
+    const ROWS_PER_TASK: usize = 8;
+    w.par_chunks_mut(q.cols * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, rows)| q.dequantize_rows(first + i * ROWS_PER_TASK, rows));
 }
 
 /// `y = x·Wᵀ` for x [m × in] and W [out × in].
@@ -27,7 +38,7 @@ pub fn forward(x: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
     for first in (0..out).step_by(per) {
         let rows = per.min(out - first);
         let w = &mut buf[..rows * in_dim];
-        q.dequantize_rows(first, w);
+        fill(q, first, w);
         // SAFETY: y is m × out and this writes its columns first..first + rows; x is
         // m × in; w is rows × in, read transposed.
         unsafe {
@@ -53,7 +64,7 @@ pub fn input_grad(dy: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
     for first in (0..out).step_by(per) {
         let rows = per.min(out - first);
         let w = &mut buf[..rows * in_dim];
-        q.dequantize_rows(first, w);
+        fill(q, first, w);
         // SAFETY: dx is m × in; dy's columns first..first + rows are m × rows with row
         // stride out; w is rows × in.
         unsafe {

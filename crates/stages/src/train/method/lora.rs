@@ -6,7 +6,7 @@
 use super::{block_and_head, TrainMethod};
 use crate::check::Checks;
 use crate::device::DeviceParam;
-use crate::train::params::{model_config, TrainParams};
+use crate::train::params::TrainParams;
 use anyhow::Result;
 use relora_model::quant::FrozenFormat;
 use relora_model::{Llama, LlamaConfig, LoraInit, Rng};
@@ -41,7 +41,7 @@ pub struct LoraParams {
     /// How the frozen W is stored: f32, or compact (bf16, int8, nf4); see relora_model::quant.
     #[serde(default)]
     pub frozen: FrozenFormat,
-    /// NF4's block: weights per scale. Must divide every projection's input width.
+    /// NF4's block: weights per scale, over the flattened W.
     #[serde(default = "d_block")]
     pub block: usize,
 }
@@ -83,8 +83,7 @@ pub fn relora_trainable(cfg: &LlamaConfig, r: usize) -> usize {
 }
 
 impl LoraParams {
-    /// The `lora:` section's checks, for any method that reads it; `p` for the model's
-    /// widths and the device.
+    /// The `lora:` section's checks, for any method that reads it; `p` for the device.
     pub(super) fn check(&self, p: &TrainParams, c: &mut Checks) {
         c.at_least(
             &["lora", "rank"],
@@ -121,24 +120,13 @@ impl LoraParams {
             ),
         );
         if self.frozen == FrozenFormat::Nf4 {
+            // Blocks run over the flattened W (as bitsandbytes'), so any size fits.
             c.at_least(
                 &["lora", "block"],
                 self.block as u64,
                 1,
                 "weights per NF4 scale",
             );
-            if let (Ok(cfg), true) = (model_config(&p.model, 32), self.block > 0) {
-                let widths = [cfg.hidden, cfg.intermediate];
-                c.require(
-                    widths.iter().all(|w| w % self.block == 0),
-                    &["lora", "block"],
-                    format!(
-                        "lora.block ({}) must divide every projection's input width (hidden {}, \
-                         intermediate {}), so that no block straddles two rows of W",
-                        self.block, cfg.hidden, cfg.intermediate
-                    ),
-                );
-            }
         }
     }
 
