@@ -1,4 +1,5 @@
-//! relora-model: the LLaMA model, LoRA layers and the ReLoRA training engine on candle.
+//! relora-model: the LLaMA model, LoRA layers and the ReLoRA training engine on candle, with
+//! GaLore's projected optimizer ([`galore`]) and frozen weights in compact formats ([`quant`]).
 //!
 //! Plain structs with a `forward`; the training loop in [`train`] reads top to bottom.
 //! Nothing here knows about YAML, pipelines or the cache: callers hand in a model config,
