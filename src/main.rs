@@ -69,6 +69,10 @@ enum Cmd {
         /// new entry's manifest. Repeatable.
         #[arg(long, value_name = "KIND")]
         accept_code_change: Vec<String>,
+        /// Run even a stage that `plan --estimate` predicts will need more memory than this
+        /// machine has (checked for stages that run here, on the CPU).
+        #[arg(long)]
+        force_memory: bool,
     },
     /// Say, for each stage, whether it is cached or will run, and why.
     #[command(
@@ -221,9 +225,30 @@ fn real_main() -> Result<ExitCode> {
             until,
             keep_going,
             accept_code_change,
+            force_memory,
         } => {
             let dag = load(&p, &reg)?;
             let executor = executor(&dag, &reg, &e)?;
+            if !force_memory {
+                let over =
+                    relora_exec::over_memory(&dag, &reg, &cache, &executor, until.as_deref())?;
+                if !over.is_empty() {
+                    for o in &over {
+                        eprintln!(
+                            "stage `{}` is predicted to need {:.1} GB, more than this machine's \
+                             {:.1} GB\n  {}",
+                            o.stage,
+                            o.predicted_bytes / 1e9,
+                            o.machine_bytes / 1e9,
+                            o.detail
+                        );
+                    }
+                    anyhow::bail!(
+                        "nothing was run: lower micro_batch, keep the frozen weights in fewer \
+                         bits (`lora.frozen`), or pass --force-memory to try anyway"
+                    );
+                }
+            }
             let opts = RunOptions {
                 executor,
                 jobs,

@@ -600,6 +600,48 @@ fn relora_with_a_compact_frozen_w_merges_and_resumes_bit_identically() {
     }
 }
 
+/// A stage predicted to need more memory than the machine has is refused before anything
+/// runs, with the prediction's parts; `plan --estimate` shows the same prediction.
+#[test]
+fn a_stage_too_big_for_this_machine_is_refused_before_anything_runs() {
+    let env = Env::new();
+    let data = repo().join("examples/data");
+    // LLaMA 1B full-rank at 4,096 × 256 tokens a micro-batch: weights, gradients and
+    // moments are 19 GB (a 300-token vocabulary), its activations 3.7 TB, more than any
+    // machine this runs on.
+    let yaml = format!(
+        "pipeline: big\nstages:\n{}  huge:\n    kind: train\n    inputs: {{data: tokens}}\n    \
+         params: {{method: full, model: llama_1b, steps: 2, lr: 1.0e-3, seq_len: 256, micro_batch: 4096}}\n",
+        tiny_tokens_stage!()
+    )
+    .replace("DATA", data.to_str().unwrap());
+    env.write("big.yaml", &yaml);
+    let plan = env.ok(&["plan", "big.yaml", "--estimate"]);
+    // 1.2B parameters × 16 bytes, and 4 bytes × 1M tokens × 24 layers × (10 · 2048 + 3 · 5461).
+    let gb = |text: &str, after: &str| -> f64 {
+        let rest = &text[text.find(after).unwrap_or_else(|| panic!("{text}")) + after.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let predicted = gb(&plan, "peak memory ≈ ");
+    assert!((predicted - 3733.0).abs() < 5.0, "{plan}");
+    let out = env.run(&["run", "big.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        (gb(&err, "stage `huge` is predicted to need ") - predicted).abs() < 0.1,
+        "{err}"
+    );
+    assert!(
+        err.contains("activations of a micro-batch") && err.contains("--force-memory"),
+        "{err}"
+    );
+    // Nothing ran, not even the tokenize stage it depends on.
+    let entries = std::fs::read_dir(env.path().join("cache/entries"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(entries, 0, "{err}");
+}
+
 /// Run `stage` of `yaml` once uninterrupted and once killed (SIGKILL to the orchestrator)
 /// after its checkpoint at step 10, then resumed; the two must give the same bytes and
 /// metrics. Returns the resumed run's environment (its cache), outputs folder and metrics.

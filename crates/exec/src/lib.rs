@@ -20,6 +20,7 @@ mod graph;
 mod interrupt;
 mod kind;
 mod launch;
+mod memory;
 mod plan;
 mod progress;
 mod run;
@@ -31,6 +32,7 @@ pub use kind::{
     parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind, PROGRESS_PREFIX,
 };
 pub use launch::{Launch, LaunchEvent, Launcher, Local};
+pub use memory::{machine_memory, over_memory, OverMemory};
 pub use plan::{
     code_salt_note, components, estimates, explain_change, key_params, plan, StagePlan, State,
 };
