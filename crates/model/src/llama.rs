@@ -104,13 +104,23 @@ impl Llama {
         }
         tensors.insert("norm.weight".to_string(), Tensor::ones(h, DType::F32, dev)?);
         tensors.insert("lm_head.weight".to_string(), normal(cfg.vocab_size, h)?);
-        Llama::from_tensors(cfg, &tensors)
+        Llama::from_owned_tensors(cfg, tensors)
     }
 
     /// A full-rank model from plain LLaMA tensors (as [`Llama::merged_tensors`] writes them).
     pub fn from_tensors(cfg: LlamaConfig, t: &HashMap<String, Tensor>) -> Result<Llama> {
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t.get(name).ok_or_else(|| {
+        Llama::build(cfg, |name| t.get(name).cloned())
+    }
+
+    /// [`Llama::from_tensors`], taking the tensors: each is dropped once the model holds its
+    /// copy, so building needs one model's memory and one tensor more, not two models'.
+    pub fn from_owned_tensors(cfg: LlamaConfig, mut t: HashMap<String, Tensor>) -> Result<Llama> {
+        Llama::build(cfg, |name| t.remove(name))
+    }
+
+    fn build(cfg: LlamaConfig, mut take: impl FnMut(&str) -> Option<Tensor>) -> Result<Llama> {
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let x = take(name).ok_or_else(|| {
                 candle_core::Error::Msg(format!("checkpoint has no tensor `{name}`"))
             })?;
             if x.dims() != shape {
@@ -119,7 +129,7 @@ impl Llama {
                     x.dims()
                 );
             }
-            Ok(x.clone())
+            Ok(x)
         };
         let (h, i, v) = (cfg.hidden, cfg.intermediate, cfg.vocab_size);
         let shapes = [[h, h], [h, h], [h, h], [h, h], [i, h], [i, h], [h, i]];

@@ -109,7 +109,7 @@ fn build_model(
     let mut model = match (init_dir, p.init_mode) {
         (Some(dir), InitMode::Weights) => {
             let path = dir.join("model.safetensors");
-            Llama::from_tensors(cfg, &load_tensors(&path, device)?)
+            Llama::from_owned_tensors(cfg, load_tensors(&path, device)?)
                 .with_context(|| format!("loading {}", path.display()))?
         }
         _ => Llama::random(cfg, &mut rng, device)?,
