@@ -16,27 +16,31 @@
 //! (that process, and its end).
 
 mod child;
+mod environment;
 mod graph;
 mod interrupt;
 mod kind;
 mod launch;
 mod memory;
+mod placement;
 mod plan;
 mod progress;
 mod run;
 mod slurm;
 
 pub use child::child_main;
+pub use environment::environment;
 pub use graph::Dag;
 pub use kind::{
     parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind, PROGRESS_PREFIX,
 };
 pub use launch::{Launch, LaunchEvent, Launcher, Local};
 pub use memory::{machine_memory, over_memory, OverMemory};
+pub use placement::{check_executor_block, placements};
 pub use plan::{
     code_salt_note, components, estimates, explain_change, key_params, plan, StagePlan, State,
 };
-pub use run::{check_executor_block, environment, placements, run, Outcome, RunOptions, RunReport};
+pub use run::{run, Outcome, RunOptions, RunReport};
 pub use slurm::{jobs_in, Slurm};
 
 use anyhow::Result;

@@ -8,8 +8,8 @@
 //! on Slurm, and GPU memory, are not checked.
 
 use crate::graph::Dag;
+use crate::placement::placements;
 use crate::plan::{estimates, plan, State};
-use crate::run::placements;
 use crate::Registry;
 use anyhow::Result;
 use relora_cache::Cache;

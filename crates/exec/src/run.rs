@@ -1,14 +1,15 @@
 //! The scheduler, and one stage's way through the cache: look up, lock, compute in a child
 //! process (or adopt an entry the user vouched for), commit.
 
-use crate::launch::{Launch, LaunchEvent, Launcher, Local};
+use crate::environment::{environment, stage_environment, threads_per_stage};
+use crate::launch::{Launch, LaunchEvent, Launcher};
+use crate::placement::{check_executor_kinds, resources, Launchers};
 use crate::plan::{components, components_without_code, explain_change};
 use crate::progress::Display;
-use crate::slurm::Slurm;
 use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
 use anyhow::{bail, Context, Result};
 use relora_cache::{now_unix, Adoption, Cache, CommitInfo, KeyComponents, LockHolder, Manifest};
-use relora_spec::{ExecutorSpec, ExecutorType, ResourceRequest};
+use relora_spec::{ExecutorSpec, ResourceRequest};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -85,145 +86,6 @@ enum Event {
     /// A batch job's state changed.
     Launch(usize, String),
     Done(usize, Result<Finished, String>),
-}
-
-/// The launchers of a run: the executor's, and the local one for the kinds it keeps on
-/// this machine (`local_kinds`: a download where compute nodes have no network).
-struct Launchers {
-    main: Box<dyn Launcher>,
-    local: Local,
-    local_kinds: Vec<String>,
-}
-
-impl Launchers {
-    fn new(executor: &ExecutorSpec) -> Launchers {
-        Launchers {
-            main: match executor.executor_type() {
-                ExecutorType::Local => Box::new(Local),
-                ExecutorType::Slurm => Box::new(Slurm::new(executor)),
-            },
-            local: Local,
-            local_kinds: executor.local_kinds.clone(),
-        }
-    }
-
-    /// The launcher for stages of `kind`.
-    fn for_kind(&self, kind: &str) -> &dyn Launcher {
-        if self.local_kinds.iter().any(|k| k == kind) {
-            &self.local
-        } else {
-            self.main.as_ref()
-        }
-    }
-}
-
-/// What a run ran on, for the manifest: results of floating-point code can depend on these
-/// (see the README's cache section), so two entries can be compared by them.
-pub fn environment(jobs: usize) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("threads".into(), stage_threads(jobs).to_string());
-    env.insert("jobs".into(), jobs.to_string());
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    env.insert("profile".into(), profile.into());
-    env.insert(
-        "target".into(),
-        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
-    );
-    if let Some(caches) = cpu_caches() {
-        env.insert("cpu_caches".into(), caches);
-    }
-    env.insert("cpu_isa".into(), cpu_isa());
-    if let Some(commit) = git_commit() {
-        env.insert("commit".into(), commit);
-    }
-    if let Some(h) = relora_cache::hostname() {
-        env.insert("host".into(), h);
-    }
-    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
-        if let Some(model) = info.lines().find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|r| r.trim_start_matches([' ', '\t', ':']))
-        }) {
-            env.insert("cpu".into(), model.trim().to_string());
-        }
-    }
-    env
-}
-
-/// The CPU's data cache sizes (`L1d 48K, L2 1024K, L3 32768K`). candle's matmuls (gemm)
-/// size their blocks from these, so the order in which long sums are added, and with it
-/// the last bits of a result, depends on them.
-fn cpu_caches() -> Option<String> {
-    let mut out = Vec::new();
-    for i in 0..8 {
-        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
-        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
-        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
-        else {
-            continue;
-        };
-        if kind.trim() == "Instruction" {
-            continue;
-        }
-        let d = if kind.trim() == "Data" { "d" } else { "" };
-        out.push(format!("L{}{d} {}", level.trim(), size.trim()));
-    }
-    (!out.is_empty()).then(|| out.join(", "))
-}
-
-/// The vector extensions that choose the matmul kernels at run time (`avx512f avx2 fma`;
-/// `none` on an x86-64 CPU with none of them; the architecture's name elsewhere). An AVX2
-/// and an AVX-512 machine run different kernels, which block their sums differently, so the
-/// last bits of a result may differ between them (see the README's cache section).
-fn cpu_isa() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let found: Vec<&str> = [
-            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-            ("fma", std::arch::is_x86_feature_detected!("fma")),
-        ]
-        .into_iter()
-        .filter_map(|(name, has)| has.then_some(name))
-        .collect();
-        if found.is_empty() {
-            "none".into()
-        } else {
-            found.join(" ")
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH.into()
-    }
-}
-
-/// The git commit of the working folder (the repository the pipeline runs from), with
-/// `-dirty` when tracked files differ from it; None outside a repository.
-fn git_commit() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let clean = std::process::Command::new("git")
-        .args(["diff", "--quiet", "HEAD", "--"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    Some(if clean {
-        commit
-    } else {
-        format!("{commit}-dirty")
-    })
 }
 
 /// Run the pipeline: every selected stage that is not cached, in dependency order.
@@ -394,99 +256,6 @@ fn select(
     Ok(selected)
 }
 
-/// What stage `i` asks for: its own `resources:`, then what its kind derives from its
-/// params (a `device`), then the executor's resources for its kind, then its `default`.
-fn resources(dag: &Dag, registry: &Registry, executor: &ExecutorSpec, i: usize) -> ResourceRequest {
-    let s = &dag.pipeline.stages[i];
-    let from_kind: ResourceRequest = registry
-        .get(&s.kind)
-        .map(|k| k.resources(&s.params))
-        .unwrap_or_default()
-        .into();
-    let none = ResourceRequest::default();
-    let per_kind = executor.resources.get(&s.kind).unwrap_or(&none);
-    let default = executor.resources.get("default").unwrap_or(&none);
-    s.resources
-        .clone()
-        .unwrap_or_default()
-        .or(&from_kind)
-        .or(per_kind)
-        .or(default)
-}
-
-/// Each kind an `executor:` block names (under `resources`, other than `default`, and
-/// `local_kinds`) that this binary lacks: its key path and what is wrong.
-fn unknown_kinds(spec: &ExecutorSpec, registry: &Registry) -> Vec<(Vec<String>, String)> {
-    let under_resources = spec
-        .resources
-        .keys()
-        .filter(|k| *k != "default")
-        .map(|k| (vec!["resources".to_string(), k.clone()], k));
-    let local = spec
-        .local_kinds
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (vec!["local_kinds".to_string(), i.to_string()], k));
-    under_resources
-        .chain(local)
-        .filter(|(_, k)| registry.get(k).is_none())
-        .map(|(path, k)| {
-            let mut full = vec!["executor".to_string()];
-            full.extend(path);
-            let message = format!(
-                "no stage kind `{k}`{}; known kinds: {}",
-                relora_spec::did_you_mean(k, registry.names()),
-                registry.names().collect::<Vec<_>>().join(", ")
-            );
-            (full, message)
-        })
-        .collect()
-}
-
-/// The merged executor settings name only kinds this binary has.
-fn check_executor_kinds(executor: &ExecutorSpec, registry: &Registry) -> Result<()> {
-    match unknown_kinds(executor, registry).into_iter().next() {
-        Some((path, message)) => bail!("at `{}`: {message}", path.join(".")),
-        None => Ok(()),
-    }
-}
-
-/// Check that the kinds an `executor:` block names exist, with errors at its lines.
-pub fn check_executor_block(
-    block: &relora_spec::ExecutorBlock,
-    registry: &Registry,
-) -> Result<(), relora_spec::SpecErrors> {
-    let errors: Vec<_> = unknown_kinds(&block.spec, registry)
-        .into_iter()
-        .map(|(path, message)| {
-            let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            block.source.error(&path, message)
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(relora_spec::SpecErrors(errors))
-    }
-}
-
-/// For `plan`: how each stage would be launched under this executor.
-pub fn placements(dag: &Dag, registry: &Registry, executor: &ExecutorSpec) -> Result<Vec<String>> {
-    check_executor_kinds(executor, registry)?;
-    let launchers = Launchers::new(executor);
-    Ok(dag
-        .pipeline
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            launchers
-                .for_kind(&s.kind)
-                .describe(&resources(dag, registry, executor, i))
-        })
-        .collect())
-}
-
 /// What a worker needs to run one stage.
 struct Job {
     comps: KeyComponents,
@@ -638,56 +407,6 @@ impl Scheduler<'_> {
             }
         }
     }
-}
-
-/// The run's environment plus the GPUs this stage held (how `device: auto` resolved) and
-/// the executor that ran it.
-fn stage_environment(
-    env: &BTreeMap<String, String>,
-    gpus: &[u32],
-    executor: &str,
-) -> BTreeMap<String, String> {
-    let mut env = env.clone();
-    env.insert("executor".into(), executor.into());
-    let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
-    env.insert(
-        "gpus".into(),
-        if ids.is_empty() {
-            "none".into()
-        } else {
-            ids.join(",")
-        },
-    );
-    env
-}
-
-/// Compute threads for each stage when `jobs` run at once: the cores shared out, unless the
-/// user set RAYON_NUM_THREADS. Each stage would otherwise start a thread per core, and on 2
-/// cores two training stages at once each ran 8 times slower than one alone, a quarter of
-/// the work in all (threads taking turns). Results do not depend on the thread count
-/// (checked: identical bytes on 1 and 2 threads), so keys are unaffected.
-fn threads_per_stage(jobs: usize) -> Option<usize> {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() || jobs <= 1 {
-        return None;
-    }
-    Some((cores() / jobs).max(1))
-}
-
-/// The threads a stage computes with: ours, else the user's RAYON_NUM_THREADS, else one
-/// per core (rayon's own default).
-fn stage_threads(jobs: usize) -> usize {
-    threads_per_stage(jobs)
-        .or_else(|| {
-            std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n: &usize| n > 0)
-        })
-        .unwrap_or_else(cores)
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One stage: cached, adopted, or computed under its key's lock and committed.
@@ -883,14 +602,5 @@ mod tests {
         assert_eq!(panic_message(p.as_ref()), "index out of bounds: 7");
         let p = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
         assert_eq!(panic_message(p.as_ref()), "plain");
-    }
-
-    #[test]
-    fn the_environment_names_what_results_may_depend_on() {
-        let env = environment(2);
-        for k in ["threads", "jobs", "profile", "target", "cpu_isa"] {
-            assert!(env.contains_key(k), "{k} missing from {env:?}");
-        }
-        assert_eq!(env["jobs"], "2");
     }
 }
