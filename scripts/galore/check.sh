@@ -9,6 +9,9 @@ PYTHON=${PYTHON:-python3}
 # `cargo test` builds the examples; build it here when it has not run.
 REPLAY=${REPLAY:-target/debug/examples/galore_replay}
 [ -x "$REPLAY" ] || cargo build -q --example galore_replay
+# galore-torch imports bitsandbytes, which may try to fetch kernels from the Hugging Face
+# hub; nothing here needs them.
+export HF_HUB_OFFLINE=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PYTHON" scripts/galore/check.py "$REPLAY" "$work"
