@@ -11,9 +11,15 @@
 //! This crate knows nothing of ML or of pipelines: only keys, folders and bytes. Its errors
 //! ([`CacheError`]) name the file or key they concern.
 
+mod lock;
+mod maintenance;
+
+pub use lock::{hostname, EntryLock, LockHolder};
+pub use maintenance::GcReport;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -160,103 +166,10 @@ impl Manifest {
     }
 }
 
-/// What `gc` did.
-#[derive(Debug, Clone, Default)]
-pub struct GcReport {
-    /// Entries removed.
-    pub entries: usize,
-    /// Bytes freed (entries, scratch and staging folders).
-    pub bytes: u64,
-    /// Lock files removed.
-    pub locks: usize,
-    /// Keys left alone because a running stage holds their lock.
-    pub busy: Vec<String>,
-}
-
 /// The cache folder.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
-}
-
-/// Held while an entry is being computed; dropping it releases the lock.
-pub struct EntryLock {
-    file: File,
-    path: PathBuf,
-    /// A previous holder that died without releasing the lock cleanly.
-    pub stale_holder: Option<LockHolder>,
-}
-
-/// This machine's name, if the kernel says it.
-pub fn hostname() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-}
-
-/// Who holds (or held) a key's lock, as it wrote itself into the lock file. The host
-/// matters when the cache is shared by machines: a pid alone names nothing there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockHolder {
-    /// The holder's process id, on `host`.
-    pub pid: u32,
-    /// The holder's machine (empty in lock files of older versions).
-    pub host: String,
-}
-
-impl LockHolder {
-    /// This process.
-    pub fn me() -> LockHolder {
-        LockHolder {
-            pid: std::process::id(),
-            host: hostname().unwrap_or_default(),
-        }
-    }
-
-    /// `PID HOST` as written by [`Cache::lock`] (or a bare pid, as older versions wrote).
-    fn parse(text: &str) -> Option<LockHolder> {
-        let mut it = text.split_whitespace();
-        let pid = it.next()?.parse().ok()?;
-        Some(LockHolder {
-            pid,
-            host: it.next().unwrap_or_default().to_string(),
-        })
-    }
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "process {}", self.pid)?;
-        if !self.host.is_empty() {
-            write!(f, " on {}", self.host)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for EntryLock {
-    fn drop(&mut self) {
-        let _ = self.file.set_len(0);
-        let _ = self.file.unlock();
-    }
-}
-
-impl EntryLock {
-    /// Remove the lock file while holding it (for `gc`). Anyone who opened the old file and
-    /// then gets its lock sees that the path no longer names it and starts again.
-    fn remove(self) {
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// Whether `file` is still the file at `path` (a lock file can be removed by `gc` between
-/// open and lock).
-fn same_file(file: &File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-        _ => false,
-    }
 }
 
 /// Put `new` where `old` is in one step, so readers see the old entry or the new one and
@@ -440,89 +353,6 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).io("reading", &path),
         }
-    }
-
-    fn lock_path(&self, key: &str) -> PathBuf {
-        self.root.join("locks").join(format!("{key}.lock"))
-    }
-
-    /// Open and lock the key's lock file; `wait: false` returns None when another process
-    /// holds it. Retries when `gc` removed the file between our open and our lock.
-    fn acquire(
-        &self,
-        key: &str,
-        wait: bool,
-        mut on_wait: impl FnMut(Option<LockHolder>),
-    ) -> Result<Option<(File, PathBuf)>> {
-        let path = self.lock_path(key);
-        loop {
-            let mut file = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .io("opening lock", &path)?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) if !wait => return Ok(None),
-                Err(fs::TryLockError::WouldBlock) => {
-                    let mut s = String::new();
-                    let _ = file.read_to_string(&mut s);
-                    on_wait(LockHolder::parse(&s));
-                    file.lock().io("locking", &path)?;
-                }
-                Err(fs::TryLockError::Error(e)) => return Err(e).io("locking", &path),
-            }
-            if same_file(&file, &path) {
-                return Ok(Some((file, path)));
-            }
-        }
-    }
-
-    /// Take the key's lock, waiting for another process that holds it.
-    pub fn lock(&self, key: &str, on_wait: impl FnMut(Option<LockHolder>)) -> Result<EntryLock> {
-        let key = Self::checked(key)?;
-        let (mut file, path) = self
-            .acquire(key, true, on_wait)?
-            .expect("a waiting acquire always takes the lock");
-        let mut prev = String::new();
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(0))
-            .io("reading lock", &path)?;
-        file.read_to_string(&mut prev).io("reading lock", &path)?;
-        // A clean release empties the file, so a name left in it is a holder that died.
-        let me = LockHolder::me();
-        let stale_holder = LockHolder::parse(&prev).filter(|h| *h != me);
-        // Only the holder of this lock builds this key, so any staging folder left for it
-        // belongs to a dead attempt.
-        let staging = self.root.join("staging");
-        for e in fs::read_dir(&staging).io("listing", &staging)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(key) {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-        file.set_len(0).io("writing lock", &path)?;
-        file.seek(std::io::SeekFrom::Start(0))
-            .io("writing lock", &path)?;
-        write!(file, "{} {}", me.pid, me.host).io("writing lock", &path)?;
-        file.sync_all().io("writing lock", &path)?;
-        Ok(EntryLock {
-            file,
-            path,
-            stale_holder,
-        })
-    }
-
-    /// The key's lock if nobody holds it now (for `gc`, which must never wait on a run).
-    fn try_lock(&self, key: &str) -> Result<Option<EntryLock>> {
-        Ok(self
-            .acquire(key, false, |_| {})?
-            .map(|(file, path)| EntryLock {
-                file,
-                path,
-                stale_holder: None,
-            }))
     }
 
     /// A fresh staging folder for `key`. Call with the key's lock held.
@@ -713,130 +543,13 @@ impl Cache {
         let bytes = fs::read(self.ref_path(pipeline, stage)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
-
-    /// Every committed entry's key.
-    pub fn keys(&self) -> Result<Vec<String>> {
-        let mut keys: Vec<String> = fs::read_dir(self.root.join("entries"))
-            .io("listing", &self.root.join("entries"))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|k| is_hex_key(k))
-            .collect();
-        keys.sort();
-        Ok(keys)
-    }
-
-    /// Remove every entry (and scratch folder) whose key is not in `keep`, and every lock
-    /// file and dead staging folder. A key whose lock another process holds (a stage running
-    /// now) is left alone, entry, scratch and all. Returns what was done.
-    pub fn gc(&self, keep: &HashSet<String>) -> Result<GcReport> {
-        let mut report = GcReport::default();
-        let mut names: Vec<(String, &str)> = Vec::new();
-        for sub in ["entries", "scratch"] {
-            for e in fs::read_dir(self.root.join(sub))
-                .io("listing", &self.root.join(sub))?
-                .flatten()
-            {
-                names.push((e.file_name().to_string_lossy().to_string(), sub));
-            }
-        }
-        for (name, sub) in names {
-            if keep.contains(&name) || !is_hex_key(&name) {
-                continue;
-            }
-            let Some(lock) = self.try_lock(&name)? else {
-                report.busy.push(name);
-                continue;
-            };
-            let path = self.root.join(sub).join(&name);
-            report.bytes += dir_size(&path);
-            if path.exists() {
-                fs::remove_dir_all(&path).io("removing", &path)?;
-            }
-            if sub == "entries" {
-                report.entries += 1;
-            }
-            drop(lock);
-        }
-        for e in fs::read_dir(self.root.join("staging"))
-            .io("listing", &self.root.join("staging"))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().to_string();
-            let key = name.get(..64).unwrap_or_default();
-            if !is_hex_key(key) {
-                continue;
-            }
-            // A staging folder whose key nobody holds belongs to a dead attempt.
-            if let Some(lock) = self.try_lock(key)? {
-                report.bytes += dir_size(&e.path());
-                let _ = fs::remove_dir_all(e.path());
-                drop(lock);
-            }
-        }
-        for e in fs::read_dir(self.root.join("locks"))
-            .io("listing", &self.root.join("locks"))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(key) = name.strip_suffix(".lock").filter(|k| is_hex_key(k)) else {
-                continue;
-            };
-            if let Some(lock) = self.try_lock(key)? {
-                lock.remove();
-                report.locks += 1;
-            }
-        }
-        report.busy.sort();
-        report.busy.dedup();
-        Ok(report)
-    }
-
-    /// Re-hash every entry's outputs; returns (key, problem) for each mismatch.
-    pub fn verify(&self) -> Result<Vec<(String, String)>> {
-        let mut problems = Vec::new();
-        for key in self.keys()? {
-            let m = match self.lookup(&key) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    problems.push((key, "no manifest.json".into()));
-                    continue;
-                }
-                Err(e) => {
-                    problems.push((key, format!("{e:#}")));
-                    continue;
-                }
-            };
-            match hash_outputs(&self.entry_dir(&key).join("outputs")) {
-                Ok((files, hash)) => {
-                    if hash != m.output_hash {
-                        let bad: Vec<String> = files
-                            .iter()
-                            .filter(|f| !m.outputs.contains(f))
-                            .map(|f| f.path.clone())
-                            .chain(
-                                m.outputs
-                                    .iter()
-                                    .filter(|o| !files.iter().any(|f| f.path == o.path))
-                                    .map(|o| format!("{} (missing)", o.path)),
-                            )
-                            .collect();
-                        problems.push((
-                            key,
-                            format!("stage `{}`: changed outputs: {}", m.stage, bad.join(", ")),
-                        ));
-                    }
-                }
-                Err(e) => problems.push((key, format!("{e:#}"))),
-            }
-        }
-        Ok(problems)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::same_file;
+    use std::collections::HashSet;
 
     fn tmp() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
