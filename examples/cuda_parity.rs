@@ -282,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         }
         // After the AdamW step, the merge and the reset: weights (W holds the merged
         // update) and the moments the reset pruned.
-        let (gs, cs) = (g.model.state_tensors(), c.model.state_tensors());
+        let (gs, cs) = (g.model.state_tensors()?, c.model.state_tensors()?);
         for (n, ct) in &cs {
             pairs.push((format!("after step {n}"), rel_err(&gs[n], ct)?));
         }

@@ -96,7 +96,7 @@ pub fn save(dir: &Path, model: &Llama, opt: &AdamW, state: &TrainState) -> Resul
 
 /// The model, optimizer and state files of a checkpoint, into an existing folder.
 pub fn write_folder(dir: &Path, model: &Llama, opt: &AdamW, state: &TrainState) -> Result<()> {
-    save_tensors(&model.state_tensors(), &dir.join("state.safetensors"))?;
+    save_tensors(&model.state_tensors()?, &dir.join("state.safetensors"))?;
     save_tensors(&optimizer_tensors(opt), &dir.join("optim.safetensors"))?;
     write_file_atomic(&dir.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
     Ok(())

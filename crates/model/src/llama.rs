@@ -243,8 +243,9 @@ impl Llama {
             + compact
     }
 
-    /// Every tensor needed to restore this exact model (frozen W and LoRA factors included).
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    /// Every tensor needed to restore this exact model (frozen W and LoRA factors included;
+    /// a compact W as its codes and scales, so a resumed run continues from exactly it).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut m: HashMap<String, Tensor> = self
             .trainable()
             .into_iter()
@@ -253,22 +254,19 @@ impl Llama {
         for (n, v) in self.frozen() {
             m.insert(n, v.as_tensor().clone());
         }
-        // A compact W as its codes and scales, so a resumed run continues from exactly it.
         for (n, p) in self.projections() {
             if let Some(q) = &p.quantized {
                 let dev = p
                     .lora
                     .as_ref()
                     .map_or(Device::Cpu, |l| l.a.device().clone());
-                let codes = Tensor::from_slice(&q.codes, q.codes.len(), &dev);
-                let scales = Tensor::from_slice(&q.scales, q.scales.len(), &dev);
-                if let (Ok(c), Ok(s)) = (codes, scales) {
-                    m.insert(format!("{n}.weight.codes"), c);
-                    m.insert(format!("{n}.weight.scales"), s);
-                }
+                let codes = Tensor::from_slice(&q.codes, q.codes.len(), &dev)?;
+                let scales = Tensor::from_slice(&q.scales, q.scales.len(), &dev)?;
+                m.insert(format!("{n}.weight.codes"), codes);
+                m.insert(format!("{n}.weight.scales"), scales);
             }
         }
-        m
+        Ok(m)
     }
 
     /// Load tensors written by [`Llama::state_tensors`] into this (already wrapped) model.

@@ -30,15 +30,22 @@ fn fill(q: &QuantWeight, first: usize, w: &mut [f32]) {
         .for_each(|(i, rows)| q.dequantize_rows(first + i * ROWS_PER_TASK, rows));
 }
 
+/// `f(first, rows, w)` for each block of W's rows, `w` those rows in f32.
+fn for_each_block(q: &QuantWeight, mut f: impl FnMut(usize, usize, &[f32])) {
+    let (per, mut buf) = blocks(q);
+    for first in (0..q.rows).step_by(per) {
+        let rows = per.min(q.rows - first);
+        let w = &mut buf[..rows * q.cols];
+        fill(q, first, w);
+        f(first, rows, w);
+    }
+}
+
 /// `y = x·Wᵀ` for x [m × in] and W [out × in].
 pub fn forward(x: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
     let (out, in_dim) = (q.rows, q.cols);
     let mut y = vec![0f32; m * out];
-    let (per, mut buf) = blocks(q);
-    for first in (0..out).step_by(per) {
-        let rows = per.min(out - first);
-        let w = &mut buf[..rows * in_dim];
-        fill(q, first, w);
+    for_each_block(q, |first, rows, w| {
         // SAFETY: y is m × out and this writes its columns first..first + rows; x is
         // m × in; w is rows × in, read transposed.
         unsafe {
@@ -51,8 +58,8 @@ pub fn forward(x: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
                 false,
                 All,
             )
-        };
-    }
+        }
+    });
     y
 }
 
@@ -60,11 +67,7 @@ pub fn forward(x: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
 pub fn input_grad(dy: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
     let (out, in_dim) = (q.rows, q.cols);
     let mut dx = vec![0f32; m * in_dim];
-    let (per, mut buf) = blocks(q);
-    for first in (0..out).step_by(per) {
-        let rows = per.min(out - first);
-        let w = &mut buf[..rows * in_dim];
-        fill(q, first, w);
+    for_each_block(q, |first, rows, w| {
         // SAFETY: dx is m × in; dy's columns first..first + rows are m × rows with row
         // stride out; w is rows × in.
         unsafe {
@@ -77,7 +80,7 @@ pub fn input_grad(dy: &[f32], q: &QuantWeight, m: usize) -> Vec<f32> {
                 first > 0,
                 All,
             )
-        };
-    }
+        }
+    });
     dx
 }

@@ -255,16 +255,8 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<Vec<f32>>,
 ) -> Result<Tensor> {
-    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let op = LoraLinear {
-        w: Frozen::Dense(f32_of(&w.detach())?),
-        scale: scale as f32,
-        mask,
-        u: host::Saved::new(),
-    };
-    host::in_f32(x, |x| {
-        x.contiguous()?.apply_op3(&f32_of(a)?, &f32_of(b)?, op)
-    })
+    let w = Frozen::Dense(w.detach().to_dtype(DType::F32)?.contiguous()?);
+    apply(x, w, a, b, scale, mask)
 }
 
 /// [`lora_linear`] with the frozen W in a compact format ([`crate::quant`]), dequantised a
@@ -277,9 +269,20 @@ pub fn lora_linear_quantized(
     scale: f64,
     mask: Option<Vec<f32>>,
 ) -> Result<Tensor> {
+    apply(x, Frozen::Compact(w), a, b, scale, mask)
+}
+
+fn apply(
+    x: &Tensor,
+    w: Frozen,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = LoraLinear {
-        w: Frozen::Compact(w),
+        w,
         scale: scale as f32,
         mask,
         u: host::Saved::new(),

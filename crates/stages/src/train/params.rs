@@ -147,6 +147,11 @@ pub struct ParallelParams {
 }
 
 impl TrainParams {
+    /// The `lora:` section, or its defaults where the stage has none.
+    pub fn lora(&self) -> LoraParams {
+        self.lora.clone().unwrap_or_default()
+    }
+
     /// Data-parallel ranks (1 without `parallel`).
     pub fn ranks(&self) -> usize {
         self.parallel.map_or(1, |p| p.ranks)

@@ -12,7 +12,7 @@ pub struct Control;
 impl Control {
     /// The rank whose ReLoRA trainable count Control matches.
     fn rank(p: &TrainParams) -> usize {
-        p.lora.clone().unwrap_or_default().rank
+        p.lora().rank
     }
 }
 

@@ -208,28 +208,19 @@ impl TrainMethod for Lora {
         from_init: bool,
         rng: &mut Rng,
     ) -> Result<()> {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .add_branches(model, from_init, rng)
+        p.lora().add_branches(model, from_init, rng)
     }
     fn matmul_weights(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .matmul_weights(cfg, has_init)
+        p.lora().matmul_weights(cfg, has_init)
     }
     fn parameter_bytes(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .parameter_bytes(cfg, has_init)
+        p.lora().parameter_bytes(cfg, has_init)
     }
     fn frozen_format(&self, p: &TrainParams) -> Option<&'static str> {
-        Some(p.lora.clone().unwrap_or_default().frozen.name())
+        Some(p.lora().frozen.name())
     }
     fn optimizer_floats(&self, p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> f64 {
         // Adam's two moments for the factors, embeddings, norms and head; none for W.
-        2.0 * relora_trainable(cfg, p.lora.clone().unwrap_or_default().rank) as f64
+        2.0 * relora_trainable(cfg, p.lora().rank) as f64
     }
 }

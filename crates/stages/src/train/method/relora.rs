@@ -3,7 +3,8 @@
 //! and a jagged cosine schedule that climbs back from zero after each restart (Lialin et
 //! al., §3; the `relora:` section).
 
-use super::{relora_trainable, LoraBase, TrainMethod};
+use super::lora::Lora;
+use super::{LoraBase, TrainMethod};
 use crate::check::Checks;
 use crate::train::params::TrainParams;
 use anyhow::Result;
@@ -129,10 +130,7 @@ impl TrainMethod for Relora {
         from_init: bool,
         rng: &mut Rng,
     ) -> Result<()> {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .add_branches(model, from_init, rng)
+        Lora.adapt_model(p, model, from_init, rng)
     }
     fn configure(&self, p: &TrainParams, total: u64, cfg: &mut TrainConfig) {
         let Some(r) = &p.relora else { return };
@@ -154,23 +152,17 @@ impl TrainMethod for Relora {
             };
         }
     }
+    // The branches, their sizes and their frozen W are LoRA's (`lora.rs`).
     fn matmul_weights(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .matmul_weights(cfg, has_init)
+        Lora.matmul_weights(p, cfg, has_init)
     }
     fn parameter_bytes(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> (f64, f64) {
-        p.lora
-            .clone()
-            .unwrap_or_default()
-            .parameter_bytes(cfg, has_init)
+        Lora.parameter_bytes(p, cfg, has_init)
     }
     fn frozen_format(&self, p: &TrainParams) -> Option<&'static str> {
-        Some(p.lora.clone().unwrap_or_default().frozen.name())
+        Lora.frozen_format(p)
     }
-    fn optimizer_floats(&self, p: &TrainParams, cfg: &LlamaConfig, _has_init: bool) -> f64 {
-        // Adam's two moments for the factors, embeddings, norms and head; none for W.
-        2.0 * relora_trainable(cfg, p.lora.clone().unwrap_or_default().rank) as f64
+    fn optimizer_floats(&self, p: &TrainParams, cfg: &LlamaConfig, has_init: bool) -> f64 {
+        Lora.optimizer_floats(p, cfg, has_init)
     }
 }
