@@ -642,6 +642,24 @@ fn a_stage_too_big_for_this_machine_is_refused_before_anything_runs() {
     assert_eq!(entries, 0, "{err}");
 }
 
+/// Every file under `dir` (relative path → bytes).
+fn files_below(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
 /// Run `stage` of `yaml` once uninterrupted and once killed (SIGKILL to the orchestrator)
 /// after its checkpoint at step 10, then resumed; the two must give the same bytes and
 /// metrics. Returns the resumed run's environment (its cache), outputs folder and metrics.
@@ -684,6 +702,18 @@ fn killed_mid_run_resumes_bit_identically(
         "resumed weights differ from an uninterrupted run"
     );
     assert_eq!(m, ref_metrics);
+    // Every output file, the checkpoint and the record included, not only the weights.
+    let (ours, theirs) = (files_below(&dir), files_below(&ref_dir));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &ours {
+        assert!(
+            bytes == &theirs[name],
+            "{stage}: {name} differs after the resume"
+        );
+    }
     (env, dir, m)
 }
 
