@@ -3,7 +3,11 @@
 //! which op a training step's time goes to beyond the matmuls, as `bench_step` cannot.
 //!
 //! cargo run --release --example bench_ops [-- --hidden 512 --inter 1376 --heads 8 \
-//!     --seq 256 --batch 8 --vocab 8000 --rank 32]
+//!     --seq 256 --batch 8 --vocab 8000 --rank 32] [--only NAME] [--kernels avx2]
+//!
+//! `--only` keeps the ops whose name contains NAME; `--kernels baseline|avx2|avx512` caps the
+//! instruction set of the elementwise kernels (`relora_model::fused::simd`; gemm's own
+//! dispatch is unaffected).
 //!
 //! The backward pass starts from a gradient of ones over the op's output (candle's
 //! `backward` on a non-scalar), and includes candle's bookkeeping: a zero-filled buffer and
@@ -11,6 +15,7 @@
 //! threads: rayon's pool (RAYON_NUM_THREADS). One `OP` line per op.
 
 use candle_core::{DType, Device, Tensor, Var};
+use relora_model::fused::simd::{self, Level};
 use relora_model::fused::{self, RopeTables};
 use relora_model::Rng;
 use std::time::Instant;
@@ -146,12 +151,34 @@ fn main() {
             Box::new(|v| fused::head_cross_entropy(&v[0], &v[1], &targets, &weights).unwrap()),
         ),
     ];
+    let args: Vec<String> = std::env::args().collect();
+    let text = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(k) = text("--kernels") {
+        let level = match k.as_str() {
+            "baseline" => Level::Baseline,
+            "avx2" => Level::Avx2,
+            "avx512" => Level::Avx512,
+            other => panic!("--kernels {other}: baseline, avx2 or avx512"),
+        };
+        simd::force(level);
+    }
+    let only = text("--only");
     println!(
-        "# isa={} threads={} tokens={m} hidden={h} inter={i} heads={heads} vocab={vocab} rank={r}",
+        "# isa={} kernels={} threads={} tokens={m} hidden={h} inter={i} heads={heads} \
+         vocab={vocab} rank={r}",
         fused::gemm::isa(),
+        simd::level().name(),
         rayon::current_num_threads()
     );
     for (name, inputs, flops, f) in &ops {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let (fwd, both) = time(inputs, f.as_ref());
         let rate = if *flops > 0.0 {
             format!(" gflops_per_s={:.0}", flops / (both / 1e3))

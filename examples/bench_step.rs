@@ -5,7 +5,10 @@
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
 //!     [--galore-rank 128 [--galore-gap 200]] [--lora-rank 32 --frozen bf16|int8|nf4]
 //!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
+//!     [--kernels baseline|avx2|avx512]
 //!
+//! `--kernels` caps the instruction set of the elementwise kernels (`relora_model::fused::simd`;
+//! the default is the best this CPU has; gemm's matmul kernels are chosen by gemm alone).
 //! `--reference-ops` times the reference composition of candle primitives instead of the
 //! fused ops (crates/model/src/fused). No gradient clipping and 5 warm-up steps (`--warmup N`), as the
 //! PyTorch script. Prints forward, backward and optimizer milliseconds (medians), tokens/s,
@@ -114,6 +117,15 @@ fn main() -> anyhow::Result<()> {
         arg("--lora-rank", 0),
     );
     let dev = relora_model::device(arg_str("--device").as_deref().unwrap_or("cpu"))?;
+    if let Some(k) = arg_str("--kernels") {
+        use relora_model::fused::simd::{force, Level};
+        force(match k.as_str() {
+            "baseline" => Level::Baseline,
+            "avx2" => Level::Avx2,
+            "avx512" => Level::Avx512,
+            other => anyhow::bail!("--kernels {other}: baseline, avx2 or avx512"),
+        });
+    }
     let dtype_name = arg_str("--dtype").unwrap_or_else(|| "f32".into());
     let dtype = match dtype_name.as_str() {
         "f32" => DType::F32,
@@ -240,7 +252,7 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "RESULT {}{} device={dev:?} isa={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} build_peak_rss_mib={build_peak:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
+        "RESULT {}{} device={dev:?} isa={} kernels={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} build_peak_rss_mib={build_peak:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
         match (rank, galore) {
             (r, _) if r > 0 => format!("lora-r{r}-{}", frozen.name()),
             (_, g) if g > 0 => format!("galore-r{g}"),
@@ -248,6 +260,7 @@ fn main() -> anyhow::Result<()> {
         },
         if reference { "-reference-ops" } else { "" },
         relora_model::fused::gemm::isa(),
+        relora_model::fused::simd::level().name(),
         cfg.param_count(),
         model.trainable_count(),
         mfu * 100.0,

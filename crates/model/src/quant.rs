@@ -168,6 +168,7 @@ impl QuantWeight {
     }
 
     /// Rows `first..first + out.len() / cols` of W, in f32, into `out`.
+    #[inline(always)]
     pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
         let c = self.cols;
         let start = first * c;

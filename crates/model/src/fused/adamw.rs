@@ -2,6 +2,7 @@
 //! updated where they lie, reading the gradient once, with no temporary tensor.
 
 use super::host;
+use super::simd::kernel;
 use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
@@ -71,17 +72,23 @@ fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamStep) {
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let g = g[i] * c.grad_scale;
-                m[i] = m[i] * c.beta1 + g * c.one_minus_beta1;
-                v[i] = v[i] * c.beta2 + g * g * c.one_minus_beta2;
-                let denom = (v[i] / c.bias2).sqrt() + c.eps;
-                let mut u = (m[i] / c.bias1) / denom;
-                if c.weight_decay != 0.0 {
-                    u += p[i] * c.weight_decay;
-                }
-                p[i] -= u * c.lr;
+        .for_each(|(((p, m), v), g)| update_chunk(p, m, v, g, c));
+}
+
+kernel! {
+    fn update_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamStep) {
+        let n = p.len();
+        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+        for i in 0..n {
+            let g = g[i] * c.grad_scale;
+            m[i] = m[i] * c.beta1 + g * c.one_minus_beta1;
+            v[i] = v[i] * c.beta2 + g * g * c.one_minus_beta2;
+            let denom = (v[i] / c.bias2).sqrt() + c.eps;
+            let mut u = (m[i] / c.bias1) / denom;
+            if c.weight_decay != 0.0 {
+                u += p[i] * c.weight_decay;
             }
-        });
+            p[i] -= u * c.lr;
+        }
+    }
 }

@@ -15,6 +15,7 @@ use super::cuda;
 use super::exp::exp;
 use super::gemm::{mm, Threads::One};
 use super::host::{self, SharedMut};
+use super::simd::{self, kernel};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -92,6 +93,46 @@ fn scores(q: &[f32], k: &[f32], base: usize, dm: Dims, (q0, q1): (usize, usize),
     }
 }
 
+kernel! {
+    /// Scaled scores `s` of one query turned into its probabilities in place; returns their
+    /// log-sum-exp.
+    fn softmax(s: &mut [f32], scale: f32) -> f32 {
+        let max = simd::max(s) * scale;
+        for x in s.iter_mut() {
+            *x = exp(*x * scale - max);
+        }
+        let sum = simd::sum_map(s, |x| x);
+        for x in s.iter_mut() {
+            *x /= sum;
+        }
+        max + sum.ln()
+    }
+}
+
+kernel! {
+    /// One query's probabilities recomputed in place from its scores and log-sum-exp.
+    fn probabilities(s: &mut [f32], scale: f32, lse: f32) {
+        for x in s.iter_mut() {
+            *x = exp(*x * scale - lse);
+        }
+    }
+}
+
+kernel! {
+    /// One query's score gradient in place: `dS = P ∘ (dP − D)`.
+    fn score_grad(ds: &mut [f32], p: &[f32], d: f32) {
+        for (ds, &p) in ds.iter_mut().zip(p) {
+            *ds = p * (*ds - d);
+        }
+    }
+}
+
+kernel! {
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        simd::sum_map2(a, b, |x, y| x * y)
+    }
+}
+
 impl Attention {
     /// The sizes of a call, after checking q, k and v agree.
     fn dims(&self, [ql, kl, vl]: [&Layout; 3]) -> Result<Dims> {
@@ -141,19 +182,8 @@ impl CustomOp3 for Attention {
                     for (r, p) in p.chunks_mut(q1).enumerate() {
                         let i = q0 + r;
                         let (live, masked) = p.split_at_mut(i + 1);
-                        let max = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                        let max = max * self.scale;
-                        // The exponentials first, then their sum in order: the first
-                        // loop vectorises, the second keeps the sum's order fixed.
-                        for x in live.iter_mut() {
-                            *x = exp(*x * self.scale - max);
-                        }
-                        let sum: f32 = live.iter().sum();
-                        for x in live.iter_mut() {
-                            *x /= sum;
-                        }
+                        lse[i] = softmax(live, self.scale);
                         masked.fill(0.0);
-                        lse[i] = max + sum.ln();
                     }
                     let out = out_ptr;
                     // SAFETY: this task alone writes this head's rows q0..q1 of `out`.
@@ -259,7 +289,7 @@ impl Attention {
             let dsum: Vec<f32> = (0..dm.t)
                 .map(|i| {
                     let at = base + i * row;
-                    (0..dm.d).map(|c| d_o[at + c] * o[at + c]).sum()
+                    dot(&d_o[at..at + dm.d], &o[at..at + dm.d])
                 })
                 .collect();
             let mut p = vec![0f32; BLOCK * dm.t];
@@ -272,9 +302,7 @@ impl Attention {
                 for (r, p) in p.chunks_mut(q1).enumerate() {
                     let i = q0 + r;
                     let (live, masked) = p.split_at_mut(i + 1);
-                    for x in live.iter_mut() {
-                        *x = exp(*x * scale - lse[i]);
-                    }
+                    probabilities(live, scale, lse[i]);
                     masked.fill(0.0);
                 }
                 // SAFETY (all four products): this task alone writes this head's elements
@@ -302,10 +330,7 @@ impl Attention {
                     );
                 }
                 for (r, (ds, p)) in ds.chunks_mut(q1).zip(p.chunks(q1)).enumerate() {
-                    let di = dsum[q0 + r];
-                    for (ds, &p) in ds.iter_mut().zip(p) {
-                        *ds = p * (*ds - di);
-                    }
+                    score_grad(ds, p, dsum[q0 + r]);
                 }
                 unsafe {
                     // dQ[q0..q1] = scale · dS · K[0..q1]

@@ -2,6 +2,7 @@
 //! running sum in place, and the squared L2 norm in one read.
 
 use super::host;
+use super::simd::kernel;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -29,10 +30,18 @@ pub fn accumulate(acc: &mut Tensor, g: &Tensor) -> Result<()> {
         host::modify(acc, "accumulate", |acc| {
             acc.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK))
-                .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g));
+                .for_each(|(a, g)| add_to(a, g));
         })
     })??;
     Ok(())
+}
+
+kernel! {
+    fn add_to(acc: &mut [f32], g: &[f32]) {
+        for (a, g) in acc.iter_mut().zip(g) {
+            *a += g;
+        }
+    }
 }
 
 /// Σ g², accumulated in f64.

@@ -39,6 +39,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 pub mod swiglu;
 pub mod xent;
 

@@ -7,6 +7,7 @@
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::host;
+use super::simd::{self, kernel};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -55,14 +56,7 @@ impl CustomOp2 for RmsNorm {
         y.par_chunks_mut(h)
             .zip(x.par_chunks(h))
             .zip(inv.par_iter_mut())
-            .for_each(|((y, x), inv)| {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                *inv = r;
-                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                    *y = x * r * w;
-                }
-            });
+            .for_each(|((y, x), inv)| *inv = forward_row(y, x, w, self.eps));
         self.inv_rms.keep(inv, "rms_norm")?;
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -118,6 +112,32 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+kernel! {
+    /// One row: `y = x · w · r` with `r = 1 / sqrt(mean(x²) + eps)`; returns r.
+    fn forward_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+        let ms = simd::sum_map(x, |v| v * v) / x.len() as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * r * w;
+        }
+        r
+    }
+}
+
+kernel! {
+    /// One row's input gradient, and its share of the weight's gradient added to `dw`.
+    fn backward_row(dx: &mut [f32], dw: &mut [f32], x: &[f32], dy: &[f32], w: &[f32], r: f32) {
+        let h = dx.len();
+        let (dw, x, dy, w) = (&mut dw[..h], &x[..h], &dy[..h], &w[..h]);
+        let dot = simd::sum_by(h, |i| dy[i] * w[i] * x[i]);
+        let c = r * r * r * dot / h as f32;
+        for i in 0..h {
+            dx[i] = r * dy[i] * w[i] - x[i] * c;
+            dw[i] += dy[i] * x[i] * r;
+        }
+    }
+}
+
 fn backward(x: &[f32], w: &[f32], dy: &[f32], inv: &[f32], h: usize) -> (Vec<f32>, Vec<f32>) {
     let mut dx = vec![0f32; x.len()];
     let chunk = ROWS_PER_TASK * h;
@@ -130,15 +150,7 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], inv: &[f32], h: usize) -> (Vec<f32
             let mut dw = vec![0f32; h];
             for (((dx, x), dy), &r) in dx.chunks_mut(h).zip(x.chunks(h)).zip(dy.chunks(h)).zip(inv)
             {
-                let mut dot = 0f32;
-                for ((dy, x), w) in dy.iter().zip(x).zip(w) {
-                    dot += dy * w * x;
-                }
-                let c = r * r * r * dot / h as f32;
-                for ((((dx, x), dy), w), dw) in dx.iter_mut().zip(x).zip(dy).zip(w).zip(&mut dw) {
-                    *dx = r * dy * w - x * c;
-                    *dw += dy * x * r;
-                }
+                backward_row(dx, &mut dw, x, dy, w, r);
             }
             dw
         })

@@ -5,6 +5,7 @@
 use super::cuda;
 use super::exp::exp;
 use super::host;
+use super::simd::kernel;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -16,6 +17,26 @@ struct SwiGlu;
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
+}
+
+kernel! {
+    fn forward(y: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g * sigmoid(g) * u;
+        }
+    }
+}
+
+kernel! {
+    fn backward(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        let n = dg.len();
+        let (du, g, u, dy) = (&mut du[..n], &g[..n], &u[..n], &dy[..n]);
+        for i in 0..n {
+            let s = sigmoid(g[i]);
+            du[i] = dy[i] * g[i] * s;
+            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -40,11 +61,7 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|(y, (g, u))| forward(y, g, u));
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -91,13 +108,7 @@ impl CustomOp2 for SwiGlu {
                 .zip(du.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                 .zip(dy.par_chunks(CHUNK))
-                .for_each(|(((dg, du), (g, u)), dy)| {
-                    for i in 0..g.len() {
-                        let s = sigmoid(g[i]);
-                        du[i] = dy[i] * g[i] * s;
-                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    }
-                });
+                .for_each(|(((dg, du), (g, u)), dy)| backward(dg, du, g, u, dy));
             (dg, du)
         })?;
         Ok((

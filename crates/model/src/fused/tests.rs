@@ -501,3 +501,93 @@ fn matmuls_do_not_depend_on_threads_and_agree_across_kernel_crates() {
         assert!(err < 1e-6, "{m}×{n}×{k}: gemm against faer {err:e}");
     }
 }
+
+/// Every value an op computes (output and input gradients) as bits.
+fn bits_of(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> Vec<u32> {
+    let (out, _, grads) = run(inputs, DType::F32, f);
+    std::iter::once(&out)
+        .chain(&grads)
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// The elementwise kernels compiled for AVX-512, AVX2 and the baseline give the same bits
+/// (see simd.rs), at every level this CPU has. Sizes that are not multiples of the 16 lanes.
+#[test]
+fn kernels_give_the_same_bits_at_every_instruction_set_level() {
+    use simd::Level;
+    let mut rng = Rng::new(21);
+    let (b, t, heads, d, vocab, inter) = (2, 37, 3, 12, 1003, 53);
+    let x = randn(&mut rng, &[b, t, heads * d], 1.0);
+    let w = randn(&mut rng, &[heads * d], 1.0);
+    let qkv: Vec<Tensor> = (0..3)
+        .map(|_| randn(&mut rng, &[b, t, heads * d], 1.0))
+        .collect();
+    let (g, u) = (
+        randn(&mut rng, &[b, t, inter], 2.0),
+        randn(&mut rng, &[b, t, inter], 1.0),
+    );
+    let head = randn(&mut rng, &[vocab, heads * d], 0.5);
+    let flat = x.reshape((b * t, heads * d)).unwrap();
+    let targets = Tensor::from_vec(
+        (0..(b * t) as u32)
+            .map(|i| (i * 31) % vocab as u32)
+            .collect::<Vec<_>>(),
+        b * t,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let weights = Tensor::ones(b * t, DType::F32, &Device::Cpu).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    let everything = || {
+        let mut all = bits_of(&[x.clone(), w.clone()], &|v| {
+            rms_norm(&v[0], &v[1], 1e-6).unwrap()
+        });
+        all.extend(bits_of(&qkv, &|v| {
+            causal_attention(&v[0], &v[1], &v[2], heads, scale).unwrap()
+        }));
+        all.extend(bits_of(&[g.clone(), u.clone()], &|v| {
+            swiglu(&v[0], &v[1]).unwrap()
+        }));
+        all.extend(bits_of(&[flat.clone(), head.clone()], &|v| {
+            head_cross_entropy(&v[0], &v[1], &targets, &weights).unwrap()
+        }));
+        // AdamW with weight decay, and an accumulation, from fixed tensors.
+        let p = g.flatten_all().unwrap().copy().unwrap();
+        let (m, v) = (p.zeros_like().unwrap(), p.ones_like().unwrap());
+        let step = adamw::AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.001,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            bias1: 0.1,
+            bias2: 0.001,
+            grad_scale: 0.5,
+        };
+        let grad = u.flatten_all().unwrap();
+        adamw::step(&p, &m, &v, &grad, step).unwrap();
+        let mut acc = p.copy().unwrap();
+        grads::accumulate(&mut acc, &grad).unwrap();
+        for t in [&p, &m, &v, &acc] {
+            all.extend(t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()));
+        }
+        all
+    };
+    let best = simd::detected();
+    let want = everything();
+    for level in [Level::Baseline, Level::Avx2, Level::Avx512] {
+        if level > best {
+            continue;
+        }
+        simd::force(level);
+        let got = everything();
+        simd::force(best);
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(got.len(), want.len());
+        assert_eq!(differ, 0, "{} values differ at {level:?}", differ);
+    }
+}

@@ -16,23 +16,26 @@ use super::cuda;
 use super::exp::exp;
 use super::host;
 use super::linear;
+use super::simd::{self, kernel};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Σ exp(z − shift) over a row, added in the row's order. The exponentials are computed a
-/// block at a time into a buffer, so that loop vectorises; the sum stays sequential.
-fn sum_exp(row: &[f32], shift: f32) -> f32 {
-    let mut buf = [0f32; 256];
-    let mut sum = 0f32;
-    for chunk in row.chunks(buf.len()) {
-        let buf = &mut buf[..chunk.len()];
-        for (e, &z) in buf.iter_mut().zip(chunk) {
-            *e = exp(z - shift);
-        }
-        sum = buf.iter().fold(sum, |s, &e| s + e);
+kernel! {
+    /// log Σ exp(z) over a row, shifted by the row's maximum.
+    fn log_sum_exp(row: &[f32]) -> f32 {
+        let max = simd::max(row);
+        max + simd::sum_map(row, |z| exp(z - max)).ln()
     }
-    sum
+}
+
+kernel! {
+    /// A row of logits turned into `c · softmax(row)` in place, from its log-sum-exp.
+    fn scaled_softmax(row: &mut [f32], c: f32, lse: f32) {
+        for z in row.iter_mut() {
+            *z = c * exp(*z - lse);
+        }
+    }
 }
 
 /// The targets and weights of one loss, checked against the vocabulary.
@@ -89,9 +92,7 @@ impl Targets {
             .zip(lse.par_iter_mut())
             .enumerate()
             .map(|(i, (row, lse))| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum = sum_exp(row, max);
-                *lse = max + sum.ln();
+                *lse = log_sum_exp(row);
                 let w = self.weights[i];
                 if w == 0.0 {
                     0.0
@@ -113,9 +114,7 @@ impl Targets {
                 row.fill(0.0);
                 return;
             }
-            for z in row.iter_mut() {
-                *z = c * exp(*z - lse[i]);
-            }
+            scaled_softmax(row, c, lse[i]);
             row[self.targets[i] as usize] -= c;
         });
     }
