@@ -5,8 +5,10 @@
 //!     --heads 8 --layers 4 --seq 256 --batch 8 --steps 20 [--lora-rank 32]
 //!     [--galore-rank 128 [--galore-gap 200]] [--lora-rank 32 --frozen bf16|int8|nf4]
 //!     [--model llama_350m] [--device cuda] [--dtype bf16] [--reference-ops] [--malloc-default]
-//!     [--kernels baseline|avx2|avx512]
+//!     [--kernels baseline|avx2|avx512] [--checkpoint-activations]
 //!
+//! `--checkpoint-activations` recomputes each block in the backward pass
+//! (relora_model::recompute), keeping only the blocks' inputs from the forward pass.
 //! `--kernels` caps the instruction set of the elementwise kernels (`relora_model::fused::simd`;
 //! the default is the best this CPU has; gemm's matmul kernels are chosen by gemm alone).
 //! `--reference-ops` times the reference composition of candle primitives instead of the
@@ -136,6 +138,8 @@ fn main() -> anyhow::Result<()> {
     let mut rng = Rng::new(0);
     let mut model = Llama::random(cfg, &mut rng, &dev)?;
     model.compute = dtype;
+    let checkpointed = std::env::args().any(|a| a == "--checkpoint-activations");
+    model.checkpoint_activations = checkpointed;
     let reference = std::env::args().any(|a| a == "--reference-ops");
     if reference {
         model.ops = relora_model::fused::Ops::Reference;
@@ -195,7 +199,7 @@ fn main() -> anyhow::Result<()> {
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         dev_mib = dev_mib.max(device_used_mib(&dev));
-        let store = loss.backward()?;
+        let store = model.backward(&loss)?;
         dev.synchronize()?;
         dev_mib = dev_mib.max(device_used_mib(&dev));
         let params = model.trainable();
@@ -252,13 +256,14 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "RESULT {}{} device={dev:?} isa={} kernels={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} build_peak_rss_mib={build_peak:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
+        "RESULT {}{}{} device={dev:?} isa={} kernels={} dtype={dtype_name} params={} trainable={} batch={batch}x{seq} fwd_ms={f:.1} bwd_ms={bw:.1} opt_ms={o:.1} tokens_per_s={tps:.0} mfu_vs_matmul={:.1}% matmul_gflops={peak:.0}{datasheet} peak_rss_mib={:.0} build_peak_rss_mib={build_peak:.0} device_mem_mib={dev_mib:.0}{refresh_note}",
         match (rank, galore) {
             (r, _) if r > 0 => format!("lora-r{r}-{}", frozen.name()),
             (_, g) if g > 0 => format!("galore-r{g}"),
             _ => "full".into(),
         },
         if reference { "-reference-ops" } else { "" },
+        if checkpointed { "-checkpointed" } else { "" },
         relora_model::fused::gemm::isa(),
         relora_model::fused::simd::level().name(),
         cfg.param_count(),

@@ -1711,3 +1711,55 @@ fn the_config_files_executor_is_refined_by_the_pipeline_and_the_flag() {
         "{err}"
     );
 }
+
+/// `checkpoint_activations` recomputes each block in the backward pass: the stage trains to
+/// the same bytes as without it (ReLoRA with LoRA dropout and merges), and `plan
+/// --estimate` predicts the smaller activation memory.
+#[test]
+fn checkpointed_activations_train_to_the_same_bytes() {
+    let stage = |name: &str, extra: &str| {
+        format!(
+            r#"  {name}:
+    kind: train
+    inputs: {{data: tokens, init: warm}}
+    params:
+      method: relora
+      steps: 20
+      lr: 1.0e-2
+      lora: {{rank: 4, alpha: 8, dropout: 0.1}}
+      relora: {{merge_every: 10, restart_warmup: 3, reset: {{mode: magnitude, fraction: 0.9}}}}{extra}
+"#
+        )
+    };
+    let yaml = format!(
+        "{TINY_ML}{}{}",
+        stage("plain", ""),
+        stage("recomputed", "\n      checkpoint_activations: true")
+    )
+    .replace("DATA", repo().join("examples/data").to_str().unwrap());
+    let env = Env::new();
+    env.write("tiny.yaml", &yaml);
+    env.ok(&["run", "tiny.yaml", "--until", "plain"]);
+    env.ok(&["run", "tiny.yaml", "--until", "recomputed"]);
+    let (plain, m0) = metrics(&env, "tiny.yaml", "plain", &[]);
+    let (recomputed, m1) = metrics(&env, "tiny.yaml", "recomputed", &[]);
+    assert_ne!(plain, recomputed, "two stages, two keys");
+    assert_eq!(m0.len(), 20);
+    assert_eq!(m0, m1, "metrics differ");
+    for f in ["model.safetensors", "lora_update.safetensors"] {
+        assert_eq!(
+            std::fs::read(plain.join(f)).unwrap(),
+            std::fs::read(recomputed.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let plans = env.plan("tiny.yaml", &["--estimate"]);
+    let activations = |name: &str| {
+        plans.iter().find(|p| p["name"] == name).unwrap()["estimate"]["facts"]["activation_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    // 4 bytes × 128 tokens × (2 layers × (10·32 + 3·64)) against (2 × 32 + 10·32 + 3·64).
+    assert_eq!(activations("plain"), 4.0 * 128.0 * 2.0 * 512.0);
+    assert_eq!(activations("recomputed"), 4.0 * 128.0 * (64.0 + 512.0));
+}

@@ -10,8 +10,9 @@
 # `bench_step` (release build) and examples/bench/torch_step.py with the same model, batch
 # and thread count, then prints one table: forward, backward and optimizer ms (medians),
 # tokens/s, peak resident memory, and ours / PyTorch in tokens/s. Above the table it names the
-# machine: the CPU model, the instruction set each side's matmuls dispatched to (gemm's
-# AVX-512 or AVX2+FMA kernels; torch's "CPU capability"), the threads, and both sides' f32
+# machine: the CPU model, the instruction set each side's kernels dispatched to (gemm's
+# AVX-512 or AVX2+FMA matmuls and our elementwise kernels' level, see
+# crates/model/src/fused/simd.rs; torch's "CPU capability"), the threads, and both sides' f32
 # GFLOP/s on a 1024³ matmul (bench_matmul and torch_matmul.py). A figure holds for the
 # machine it was measured on.
 # KINDS (default "full lora32") may add galoreR: GaLore at rank R (update_proj_gap 200, scale
@@ -63,8 +64,8 @@ done
 first_ours=$(grep -m1 ' ours ' "$results")
 first_torch=$(grep -m1 ' torch ' "$results")
 echo "CPU: $cpu ($(nproc) cores online), $THREADS threads on both sides"
-echo "relora-pipe: matmul kernels $(echo "$first_ours" | field isa); 1024³ f32 matmul \
-$(echo "$ours_mm" | field gemm) GFLOP/s"
+echo "relora-pipe: matmul kernels $(echo "$first_ours" | field isa), elementwise kernels \
+$(echo "$first_ours" | field kernels); 1024³ f32 matmul $(echo "$ours_mm" | field gemm) GFLOP/s"
 echo "PyTorch $(echo "$first_torch" | field torch): CPU capability $(echo "$first_torch" | field isa); \
 1024³ f32 matmul $(echo "$torch_mm" | field torch) GFLOP/s"
 echo

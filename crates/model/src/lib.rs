@@ -17,6 +17,7 @@ pub mod optim;
 pub mod parallel;
 pub mod precision;
 pub mod quant;
+pub mod recompute;
 pub mod rng;
 pub mod schedule;
 pub mod train;

@@ -19,6 +19,7 @@ pub enum LoraInit {
     KaimingBoth,
 }
 
+#[derive(Clone)]
 pub struct Lora {
     /// [rank, in]
     pub a: Var,
@@ -28,6 +29,7 @@ pub struct Lora {
     pub dropout: f32,
 }
 
+#[derive(Clone)]
 pub struct Linear {
     pub in_dim: usize,
     pub out_dim: usize,

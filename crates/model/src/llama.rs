@@ -8,6 +8,7 @@ use crate::config::LlamaConfig;
 use crate::fused::{self, Ops, RopeTables};
 use crate::linear::{Linear, Pass};
 use crate::precision::matmul;
+use crate::recompute;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
@@ -25,11 +26,94 @@ pub const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
+#[derive(Clone)]
 pub struct Block {
     pub attn_norm: Var,
     pub mlp_norm: Var,
     /// q, k, v, o, gate, up, down (see [`PROJECTIONS`]).
     pub proj: [Linear; 7],
+}
+
+/// What every block of one forward pass shares.
+#[derive(Clone)]
+pub(crate) struct BlockPass {
+    pub(crate) tables: RopeTables,
+    /// 1/√head_dim.
+    pub(crate) scale: f64,
+    /// Whether the fused RMSNorm, RoPE, attention and SwiGLU run.
+    pub(crate) fused: bool,
+    pub(crate) pass: Pass,
+    pub(crate) heads: usize,
+    pub(crate) master: DType,
+    pub(crate) compute: DType,
+}
+
+impl Block {
+    /// The block applied to the residual stream `x [b, t, hidden]` (master dtype).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        mut dropout: Option<&mut Rng>,
+        bp: &BlockPass,
+    ) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
+        let (pass, compute, master) = (bp.pass, bp.compute, bp.master);
+        let param = |v: &Var| {
+            if pass.track {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        };
+        let norm = |x: &Tensor, w: &Var| {
+            if bp.fused {
+                fused::rms_norm(x, &param(w), RMS_EPS)
+            } else {
+                rms_norm(x, &param(w))
+            }
+        };
+        let [q, k, v, o, gate, up, down] = &self.proj;
+        let n = norm(x, &self.attn_norm)?.to_dtype(compute)?;
+        let q = q.apply(&n, dropout.as_deref_mut(), pass)?;
+        let k = k.apply(&n, dropout.as_deref_mut(), pass)?;
+        let v = v.apply(&n, dropout.as_deref_mut(), pass)?;
+        let y = if bp.fused {
+            let (q, k) = (fused::rope(&q, &bp.tables)?, fused::rope(&k, &bp.tables)?);
+            fused::causal_attention(&q, &k, &v, bp.heads, bp.scale)?
+        } else {
+            let hd = hidden / bp.heads;
+            let heads = |y: Tensor| y.reshape((b, t, bp.heads, hd));
+            let qkv = [heads(q)?, heads(k)?, heads(v)?];
+            reference_attention(qkv, &bp.tables, bp.scale, master)?.reshape((b, t, hidden))?
+        };
+        let x = (x + o
+            .apply(&y, dropout.as_deref_mut(), pass)?
+            .to_dtype(master)?)?;
+        let n = norm(&x, &self.mlp_norm)?.to_dtype(compute)?;
+        let g = gate.apply(&n, dropout.as_deref_mut(), pass)?;
+        let u = up.apply(&n, dropout.as_deref_mut(), pass)?;
+        let act = if bp.fused {
+            fused::swiglu(&g, &u)?
+        } else {
+            (candle_nn::ops::silu(&g)? * u)?
+        };
+        let mlp = down.apply(&act, dropout, pass)?;
+        x + mlp.to_dtype(master)?
+    }
+
+    /// The block's trained tensors (norms, trainable W, LoRA factors).
+    pub(crate) fn trainable_vars(&self) -> Vec<&Var> {
+        let mut out = vec![&self.attn_norm, &self.mlp_norm];
+        for p in &self.proj {
+            if let (Some(w), true) = (&p.weight, p.weight_trainable) {
+                out.push(w);
+            }
+            if let Some(l) = &p.lora {
+                out.extend([&l.a, &l.b]);
+            }
+        }
+        out
+    }
 }
 
 pub struct Llama {
@@ -42,6 +126,12 @@ pub struct Llama {
     pub compute: DType,
     /// Fused ops or the reference composition (for tests and benchmarks).
     pub ops: Ops,
+    /// Keep only each block's input in a training forward pass and recompute the block in
+    /// the backward pass (see [`crate::recompute`]); gradients come from [`Llama::backward`].
+    pub checkpoint_activations: bool,
+    /// Gradients of the parameters of recomputed blocks, until [`Llama::backward`] collects
+    /// them.
+    recomputed: recompute::ParamGrads,
 }
 
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -162,6 +252,8 @@ impl Llama {
             norm: Var::from_tensor(&get("norm.weight", &[h])?)?,
             lm_head: Var::from_tensor(&get("lm_head.weight", &[v, h])?)?,
             ops: Ops::default(),
+            checkpoint_activations: false,
+            recomputed: Default::default(),
         })
     }
 
@@ -360,6 +452,28 @@ impl Llama {
         self.scored(ids, targets, weights, dropout, true)
     }
 
+    /// The gradients of `loss` (from [`Llama::loss`]) for every tracked tensor: candle's
+    /// backward pass, plus the gradients of the parameters of blocks that were recomputed
+    /// in it (with `checkpoint_activations`; candle sees only their inputs).
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        // A backward pass that failed midway may have left some behind.
+        self.recomputed.take();
+        let mut store = loss.backward()?;
+        for (t, g) in self.recomputed.take() {
+            let g = match store.remove(&t) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            store.insert(&t, g);
+        }
+        Ok(store)
+    }
+
+    /// Whether no recomputed gradient waits for [`Llama::backward`] (for tests).
+    pub fn recomputed_is_empty(&self) -> bool {
+        self.recomputed.is_empty()
+    }
+
     /// [`Llama::loss`] in evaluation mode: no dropout, and no autograd graph recorded (the
     /// parameters enter detached).
     pub fn loss_eval(&self, ids: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
@@ -453,37 +567,21 @@ impl Llama {
         let mut x = param(&self.embed)
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden))?;
+        let shared = BlockPass {
+            tables,
+            scale,
+            fused,
+            pass,
+            heads: nh,
+            master,
+            compute,
+        };
         for blk in &self.blocks {
-            let [q, k, v, o, gate, up, down] = &blk.proj;
-            let n = norm(&x, &blk.attn_norm)?.to_dtype(compute)?;
-            let q = q.apply(&n, dropout.as_deref_mut(), pass)?;
-            let k = k.apply(&n, dropout.as_deref_mut(), pass)?;
-            let v = v.apply(&n, dropout.as_deref_mut(), pass)?;
-            let y = if fused {
-                let (q, k) = (fused::rope(&q, &tables)?, fused::rope(&k, &tables)?);
-                fused::causal_attention(&q, &k, &v, nh, scale)?
+            x = if self.checkpoint_activations && track {
+                recompute::block(blk, &x, dropout.as_deref_mut(), &shared, &self.recomputed)?
             } else {
-                let heads = |y: Tensor| y.reshape((b, t, nh, hd));
-                let qkv = [heads(q)?, heads(k)?, heads(v)?];
-                reference_attention(qkv, &tables, scale, master)?.reshape((
-                    b,
-                    t,
-                    self.cfg.hidden,
-                ))?
+                blk.forward(&x, dropout.as_deref_mut(), &shared)?
             };
-            x = (x + o
-                .apply(&y, dropout.as_deref_mut(), pass)?
-                .to_dtype(master)?)?;
-            let n = norm(&x, &blk.mlp_norm)?.to_dtype(compute)?;
-            let g = gate.apply(&n, dropout.as_deref_mut(), pass)?;
-            let u = up.apply(&n, dropout.as_deref_mut(), pass)?;
-            let act = if fused {
-                fused::swiglu(&g, &u)?
-            } else {
-                (candle_nn::ops::silu(&g)? * u)?
-            };
-            let mlp = down.apply(&act, dropout.as_deref_mut(), pass)?;
-            x = (x + mlp.to_dtype(master)?)?;
         }
         let x = norm(&x, &self.norm)?.to_dtype(compute)?;
         Ok((x.reshape((b * t, self.cfg.hidden))?, pass))

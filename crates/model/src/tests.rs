@@ -600,3 +600,70 @@ fn evaluation_records_no_autograd_graph() {
     let grads = tracked.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(model.embed.as_tensor()).is_some());
 }
+
+/// Loss, every trainable gradient's bits, and the dropout RNG afterwards, for one
+/// training-mode pass (with dropout) through `Llama::backward`.
+fn pass_bits(model: &Llama, b: &Batch, seed: u64) -> (u32, Vec<(String, Vec<u32>)>, Rng) {
+    let mut dropout = Rng::new(seed);
+    let loss = batch_loss(model, b, &Device::Cpu, Some(&mut dropout)).unwrap();
+    let store = model.backward(&loss).unwrap();
+    let grads = model
+        .trainable()
+        .into_iter()
+        .map(|(n, v, _)| {
+            let g = store
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n}: no gradient"));
+            let bits = g
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            (n, bits)
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap().to_bits(), grads, dropout)
+}
+
+/// Activation checkpointing recomputes each block in the backward pass; the loss and every
+/// gradient must be the same bits as without it (the same ops in the same order), with LoRA
+/// dropout (the masks replayed), for full-rank and LoRA models, fused and reference ops.
+#[test]
+fn checkpointed_activations_give_the_same_gradients_bit_for_bit() {
+    for (lora, ops) in [
+        (false, Ops::Fused),
+        (true, Ops::Fused),
+        (true, Ops::Reference),
+    ] {
+        let (mut model, mut rng) = small_model(12, false);
+        if lora {
+            wrap(&mut model, 4, LoraInit::KaimingBoth, 0.2, &mut rng);
+        }
+        model.ops = ops;
+        let b = batch(&mut rng, 64, 3, 40);
+        let (l0, g0, r0) = pass_bits(&model, &b, 5);
+        model.checkpoint_activations = true;
+        let (l1, g1, r1) = pass_bits(&model, &b, 5);
+        assert_eq!(l0, l1, "lora {lora} {ops:?}: loss");
+        assert_eq!(g0.len(), g1.len());
+        for ((name, a), (_, b)) in g0.iter().zip(&g1) {
+            let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                differ, 0,
+                "lora {lora} {ops:?}: {name}: {differ} values differ"
+            );
+        }
+        // The dropout stream moves on as it does without checkpointing.
+        assert_eq!(r0, r1, "lora {lora} {ops:?}: dropout RNG afterwards");
+        // Nothing is left behind for the next pass.
+        assert!(model.recomputed_is_empty());
+        // The blocks were recomputed: candle's own pass reaches none of their parameters.
+        let loss = batch_loss(&model, &b, &Device::Cpu, None).unwrap();
+        let plain = loss.backward().unwrap();
+        assert!(plain.get(model.blocks[0].attn_norm.as_tensor()).is_none());
+        assert!(plain.get(model.lm_head.as_tensor()).is_some());
+    }
+}

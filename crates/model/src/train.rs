@@ -253,7 +253,7 @@ impl Trainer {
                 };
                 let loss = batch_loss(&self.model, &b, &self.device, Some(dropout))?;
                 loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                let mut store = loss.backward()?;
+                let mut store = self.model.backward(&loss)?;
                 for (k, (_, var, _)) in params.iter().enumerate() {
                     let g = match store.remove(var.as_tensor()) {
                         Some(g) => g,

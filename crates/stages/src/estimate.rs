@@ -63,9 +63,16 @@ const PROCESS_BYTES: f64 = 150e6;
 /// (the block's inputs, norms, q, k, v, attention and MLP activations), with the fused ops'
 /// savings (attention and the loss keep one number per query or token; no logits tensor).
 /// Checked against peak RSS at 20.8M (2,048 tokens) and LLaMA 1B (256 tokens) within 2%.
-fn activation_bytes(cfg: &LlamaConfig, tokens: usize) -> f64 {
+/// With `checkpointed` activations, each block keeps only its input, and one block's
+/// activations exist at a time, while it is recomputed.
+fn activation_bytes(cfg: &LlamaConfig, tokens: usize, checkpointed: bool) -> f64 {
     let per_token_layer = 10.0 * cfg.hidden as f64 + 3.0 * cfg.intermediate as f64;
-    4.0 * tokens as f64 * cfg.layers as f64 * per_token_layer
+    let per_token = if checkpointed {
+        cfg.layers as f64 * cfg.hidden as f64 + per_token_layer
+    } else {
+        cfg.layers as f64 * per_token_layer
+    };
+    4.0 * tokens as f64 * per_token
 }
 
 /// A number among an input's facts (a data stage's are exact once it is cached).
@@ -198,12 +205,17 @@ pub fn train(
         p.method
             .parameter_bytes(p, &cfg, inputs.contains_key("init"));
     let trainable_bytes = 4.0 * trainable_params;
-    let activations = activation_bytes(&cfg, p.micro_batch * p.seq_len);
+    let activations = activation_bytes(&cfg, p.micro_batch * p.seq_len, p.checkpoint_activations);
     let memory =
         2.0 * trainable_bytes + frozen_bytes + optimizer * 4.0 + activations + PROCESS_BYTES;
     let s = p.seq_len as f64;
     let attention = 4.0 * cfg.layers as f64 * cfg.hidden as f64 * s;
-    let per_token = 6.0 * trainable + 4.0 * frozen + 3.0 * attention;
+    let mut per_token = 6.0 * trainable + 4.0 * frozen + 3.0 * attention;
+    if p.checkpoint_activations {
+        // The blocks' forward pass again (not the head's).
+        let head = (cfg.vocab_size * cfg.hidden) as f64;
+        per_token += 2.0 * (trainable + frozen - head) + attention;
+    }
     let forward = 2.0 * (trainable + frozen) + attention;
     // At every multiple of eval_every, and at the last step.
     let evals = match p.eval_every {
@@ -232,7 +244,7 @@ pub fn train(
         format!(
             "peak memory ≈ {:.2} GB{}: trainable weights and their gradients {:.1} MB each \
              (f32), frozen weights {:.1} MB ({}), optimizer state {:.1} MB, activations of a \
-             micro-batch {:.1} MB, and {:.0} MB for the process",
+             micro-batch {:.1} MB{}, and {:.0} MB for the process",
             memory / 1e9,
             if p.ranks() > 1 {
                 format!(
@@ -248,6 +260,11 @@ pub fn train(
             p.method.frozen_format(p).unwrap_or("f32"),
             optimizer * 4.0 / 1e6,
             activations / 1e6,
+            if p.checkpoint_activations {
+                " (checkpointed: block inputs and one block)"
+            } else {
+                ""
+            },
             PROCESS_BYTES / 1e6,
         ),
         format!(

@@ -118,6 +118,7 @@ fn build_model(
         .adapt_model(p, &mut model, init_dir.is_some(), &mut rng)?;
     // Parameters and moments stay f32 whatever the compute dtype (relora_model::precision).
     model.compute = p.dtype.dtype();
+    model.checkpoint_activations = p.checkpoint_activations;
     Ok(model)
 }
 

@@ -115,6 +115,11 @@ pub struct TrainParams {
     pub device: DeviceParam,
     #[serde(default)]
     pub dtype: Precision,
+    /// Keep only each block's input in the forward pass and recompute the block in the
+    /// backward pass: activations of one block instead of all, for one more forward pass of
+    /// the blocks per step (relora_model::recompute).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
     #[serde(default = "d_ckpt")]
     pub checkpoint_every: u64,
     #[serde(default)]
