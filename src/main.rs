@@ -132,7 +132,7 @@ enum Cmd {
     },
     /// Remove cache entries that none of the given pipelines reference.
     #[command(
-        after_help = "Example:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml"
+        after_help = "Examples:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml\n  relora-pipe gc --quarantine"
     )]
     Gc {
         /// Pipelines whose entries to keep; repeatable.
@@ -141,10 +141,19 @@ enum Cmd {
         /// With no --keep: empty the cache.
         #[arg(long)]
         all: bool,
+        /// Delete the entries `verify --repair` moved into the quarantine (alone, or with
+        /// --keep or --all).
+        #[arg(long)]
+        quarantine: bool,
     },
     /// Re-hash every cache entry and report any whose files changed.
-    #[command(after_help = "Example:\n  relora-pipe verify")]
-    Verify,
+    #[command(after_help = "Examples:\n  relora-pipe verify\n  relora-pipe verify --repair")]
+    Verify {
+        /// Move each corrupt entry into the cache's `quarantine/` folder (nothing is
+        /// deleted; `gc --quarantine` does that), so that the next `run` computes it again.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Internal: run one stage in this process (the executor's child).
     #[command(name = "__stage", hide = true)]
     Stage { job: PathBuf },
@@ -307,9 +316,23 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Show { p, stage, json } => show(&load(&p, &reg)?, &reg, &cache, &stage, json),
         Cmd::Export { p, stage, to } => export(&p, &load(&p, &reg)?, &reg, &cache, &stage, &to),
-        Cmd::Gc { keep, all } => {
+        Cmd::Gc {
+            keep,
+            all,
+            quarantine,
+        } => {
+            if quarantine {
+                let (n, bytes) = cache.empty_quarantine()?;
+                println!(
+                    "emptied the quarantine: {n} entries, {bytes} bytes ({:.1} MiB)",
+                    bytes as f64 / 1048576.0
+                );
+                if keep.is_empty() && !all {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             if keep.is_empty() && !all {
-                bail!("name the pipelines whose entries to keep with --keep FILE, or pass --all to empty the cache");
+                bail!("name the pipelines whose entries to keep with --keep FILE, pass --all to empty the cache, or --quarantine to empty the quarantine");
             }
             let dags = keep
                 .iter()
@@ -337,14 +360,22 @@ fn real_main() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Verify => {
-            let problems = cache.verify()?;
+        Cmd::Verify { repair } => {
             let n = cache.keys()?.len();
+            let problems = cache.verify()?;
             for (key, why) in &problems {
                 println!("CORRUPT {key}: {why}");
+                if repair {
+                    let to = cache.quarantine(key)?;
+                    println!(
+                        "  moved to {}; the next run computes it again",
+                        to.display()
+                    );
+                }
             }
             println!("{n} entries checked, {} corrupt", problems.len());
-            Ok(if problems.is_empty() {
+            // Repaired, the cache is consistent again: nothing left to fail on.
+            Ok(if problems.is_empty() || repair {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -717,26 +717,65 @@ fn killed_mid_run_resumes_bit_identically(
     (env, dir, m)
 }
 
+/// A corrupt input entry is refused by the stage about to read it, naming the stage, the
+/// entry and the file; `verify --repair` moves it into the quarantine, the next `run`
+/// computes it again (same key, same bytes) and `gc --quarantine` empties the quarantine.
 #[test]
-fn a_corrupt_warm_start_is_an_error_naming_the_file() {
+fn a_corrupt_input_entry_is_refused_at_use_and_repaired() {
     let env = Env::new();
     tiny_ml(&env);
     env.ok(&["run", "tiny.yaml", "--until", "warm"]);
     let v: Value = serde_json::from_str(&env.ok(&["show", "tiny.yaml", "warm", "--json"])).unwrap();
-    let f = Path::new(v["path"].as_str().unwrap()).join("outputs/model.safetensors");
+    let entry = PathBuf::from(v["path"].as_str().unwrap());
+    let f = entry.join("outputs/model.safetensors");
+    let good = std::fs::read(&f).unwrap();
     let mut perm = std::fs::metadata(&f).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perm.set_readonly(false);
     std::fs::set_permissions(&f, perm).unwrap();
-    std::fs::write(&f, b"not safetensors").unwrap();
-    assert!(env.run(&["verify"]).status.code() == Some(1));
+    // One bit of one weight: still a readable safetensors file, so only a hash can tell.
+    let mut bad = good.clone();
+    let mid = bad.len() - 100;
+    bad[mid] ^= 1;
+    std::fs::write(&f, &bad).unwrap();
+
     let o = env.run(&["run", "tiny.yaml", "--until", "relora"]);
-    let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(
-        err.contains("model.safetensors") && err.contains("not a readable safetensors file"),
+        err.contains("stage `relora` cannot read its input `init`")
+            && err.contains(entry.to_str().unwrap())
+            && err.contains("stage `warm`: changed outputs: model.safetensors")
+            && err.contains("relora-pipe verify --repair"),
         "{err}"
     );
+    assert_eq!(env.run(&["verify"]).status.code(), Some(1));
+
+    let out = env.ok(&["verify", "--repair"]);
+    assert!(
+        out.contains("1 corrupt") && out.contains("moved to"),
+        "{out}"
+    );
+    assert!(!entry.exists(), "the corrupt entry is still in place");
+    let quarantine = env.path().join("cache/quarantine");
+    assert_eq!(std::fs::read_dir(&quarantine).unwrap().count(), 1);
+
+    let out = env.ok(&["run", "tiny.yaml", "--until", "relora"]);
+    assert!(ran(&out).contains(&"warm".to_string()), "{out}");
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        good,
+        "recomputed, the same bytes"
+    );
+    assert!(env.ok(&["verify"]).contains(" 0 corrupt"));
+
+    let out = env.ok(&["gc", "--quarantine"]);
+    assert!(out.contains("emptied the quarantine: 1 entries"), "{out}");
+    assert_eq!(std::fs::read_dir(&quarantine).unwrap().count(), 0);
 }
 
 /// A one-file HTTP server on 127.0.0.1 that honours Range requests. If `cut_at` is set, its

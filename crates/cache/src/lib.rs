@@ -48,6 +48,9 @@ pub enum CacheError {
     /// A stage left something that is not a plain file or folder among its outputs.
     #[error("{}: outputs must be plain files and folders", .0.display())]
     NotAPlainFile(PathBuf),
+    /// An entry a running stage holds cannot be moved.
+    #[error("entry {0} is in use by a running stage; try again when it has finished")]
+    Busy(String),
     /// Key components could not be serialised.
     #[error("serialising {what}")]
     Serialise {

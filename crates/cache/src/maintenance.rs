@@ -1,10 +1,11 @@
 //! Keeping the cache: listing its entries, `gc` (remove what no listed pipeline uses, and
-//! leftovers of killed runs) and `verify` (re-hash every entry's outputs against its
-//! manifest).
+//! leftovers of killed runs), `verify` (re-hash every entry's outputs against its
+//! manifest) and the quarantine that `verify --repair` moves corrupt entries into.
 
-use crate::{dir_size, hash_outputs, is_hex_key, Cache, IoContext, Result};
+use crate::{dir_size, hash_outputs, is_hex_key, Cache, CacheError, IoContext, Result};
 use std::collections::HashSet;
 use std::fs;
+use std::path::PathBuf;
 
 /// What `gc` did.
 #[derive(Debug, Clone, Default)]
@@ -102,40 +103,79 @@ impl Cache {
     pub fn verify(&self) -> Result<Vec<(String, String)>> {
         let mut problems = Vec::new();
         for key in self.keys()? {
-            let m = match self.lookup(&key) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    problems.push((key, "no manifest.json".into()));
-                    continue;
-                }
-                Err(e) => {
-                    problems.push((key, format!("{e:#}")));
-                    continue;
-                }
-            };
-            match hash_outputs(&self.entry_dir(&key).join("outputs")) {
-                Ok((files, hash)) => {
-                    if hash != m.output_hash {
-                        let bad: Vec<String> = files
-                            .iter()
-                            .filter(|f| !m.outputs.contains(f))
-                            .map(|f| f.path.clone())
-                            .chain(
-                                m.outputs
-                                    .iter()
-                                    .filter(|o| !files.iter().any(|f| f.path == o.path))
-                                    .map(|o| format!("{} (missing)", o.path)),
-                            )
-                            .collect();
-                        problems.push((
-                            key,
-                            format!("stage `{}`: changed outputs: {}", m.stage, bad.join(", ")),
-                        ));
-                    }
-                }
-                Err(e) => problems.push((key, format!("{e:#}"))),
+            if let Some(why) = self.check(&key)? {
+                problems.push((key, why));
             }
         }
         Ok(problems)
+    }
+
+    /// Re-hash one committed entry's outputs against its manifest: None when they match,
+    /// else what is wrong (the stage, and the files changed or missing). An entry that is
+    /// not there at all is not this function's business: Ok(None).
+    pub fn check(&self, key: &str) -> Result<Option<String>> {
+        let dir = self.entry_dir(key);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let m = match self.lookup(key) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(Some("no manifest.json".into())),
+            Err(e) => return Ok(Some(format!("{e:#}"))),
+        };
+        let (files, hash) = match hash_outputs(&dir.join("outputs")) {
+            Ok(x) => x,
+            Err(e) => return Ok(Some(format!("stage `{}`: {e:#}", m.stage))),
+        };
+        if hash == m.output_hash {
+            return Ok(None);
+        }
+        let bad: Vec<String> = files
+            .iter()
+            .filter(|f| !m.outputs.contains(f))
+            .map(|f| f.path.clone())
+            .chain(
+                m.outputs
+                    .iter()
+                    .filter(|o| !files.iter().any(|f| f.path == o.path))
+                    .map(|o| format!("{} (missing)", o.path)),
+            )
+            .collect();
+        Ok(Some(format!(
+            "stage `{}`: changed outputs: {}",
+            m.stage,
+            bad.join(", ")
+        )))
+    }
+
+    /// Moves entry `key` out of the cache into `quarantine/KEY-UNIXTIME`, so that the next
+    /// run computes it again; nothing is deleted (`empty_quarantine` does that). Refused
+    /// while a running stage holds the key's lock.
+    pub fn quarantine(&self, key: &str) -> Result<PathBuf> {
+        let Some(lock) = self.try_lock(key)? else {
+            return Err(CacheError::Busy(key.to_string()));
+        };
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).io("creating", &dir)?;
+        let to = dir.join(format!("{key}-{}", crate::now_unix() as u64));
+        let from = self.entry_dir(key);
+        fs::rename(&from, &to).io("moving into the quarantine", &from)?;
+        drop(lock);
+        Ok(to)
+    }
+
+    /// Deletes everything in the quarantine; returns (entries, bytes) removed.
+    pub fn empty_quarantine(&self) -> Result<(usize, u64)> {
+        let dir = self.root.join("quarantine");
+        let Ok(list) = fs::read_dir(&dir) else {
+            return Ok((0, 0));
+        };
+        let (mut n, mut bytes) = (0, 0);
+        for e in list.flatten() {
+            bytes += dir_size(&e.path());
+            fs::remove_dir_all(e.path()).io("removing", &e.path())?;
+            n += 1;
+        }
+        Ok((n, bytes))
     }
 }
