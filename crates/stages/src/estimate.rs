@@ -62,7 +62,8 @@ const PROCESS_BYTES: f64 = 150e6;
 /// micro-batch: per token and layer about ten hidden-wide and three MLP-wide f32 vectors
 /// (the block's inputs, norms, q, k, v, attention and MLP activations), with the fused ops'
 /// savings (attention and the loss keep one number per query or token; no logits tensor).
-/// Checked against peak RSS at 20.8M (2,048 tokens) and LLaMA 1B (256 tokens) within 2%.
+/// Checked against peak RSS at 20.8M (2,048 tokens) and LLaMA 1B (256 tokens) within 2%; at
+/// 1B and 1,024 tokens it fell 5.9% short (notes, session 10).
 /// With `checkpointed` activations, each block keeps only its input, and one block's
 /// activations exist at a time, while it is recomputed.
 fn activation_bytes(cfg: &LlamaConfig, tokens: usize, checkpointed: bool) -> f64 {
