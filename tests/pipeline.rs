@@ -1802,3 +1802,37 @@ fn checkpointed_activations_train_to_the_same_bytes() {
     assert_eq!(activations("plain"), 4.0 * 128.0 * 2.0 * 512.0);
     assert_eq!(activations("recomputed"), 4.0 * 128.0 * (64.0 + 512.0));
 }
+
+/// A cache on a read-only filesystem is refused before anything runs, naming the folder and
+/// what to do. Mounts a tmpfs (needs root, as CI runs).
+#[test]
+fn a_read_only_cache_is_refused_before_anything_runs() {
+    let env = Env::new();
+    tiny_ml(&env);
+    let cache = env.path().join("ro-cache");
+    std::fs::create_dir(&cache).unwrap();
+    let mount = |args: &[&str]| {
+        let o = Command::new("mount").args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "mount {args:?} (this test needs root): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let dir = cache.to_str().unwrap();
+    mount(&["-t", "tmpfs", "-o", "size=16m", "tmpfs", dir]);
+    // The cache's folders exist; then the filesystem turns read-only.
+    let vars = [("RELORA_CACHE", dir)];
+    env.ok_with(&["plan", "tiny.yaml"], &vars);
+    mount(&["-o", "remount,ro", dir]);
+    let o = env.run_with(&["run", "tiny.yaml"], &vars);
+    let _ = Command::new("umount").arg(dir).status();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("the cache folder {dir} cannot be written"))
+            && err.contains("--cache-dir or RELORA_CACHE"),
+        "{err}"
+    );
+    assert!(!err.contains("running"), "a stage started: {err}");
+}

@@ -48,6 +48,17 @@ pub enum CacheError {
     /// A stage left something that is not a plain file or folder among its outputs.
     #[error("{}: outputs must be plain files and folders", .0.display())]
     NotAPlainFile(PathBuf),
+    /// The cache folder cannot be written (a read-only mount, permissions).
+    #[error(
+        "the cache folder {} cannot be written ({source}); give a writable one with \
+         --cache-dir or RELORA_CACHE",
+        path.display()
+    )]
+    ReadOnly {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// An entry a running stage holds cannot be moved.
     #[error("entry {0} is in use by a running stage; try again when it has finished")]
     Busy(String),
@@ -322,6 +333,26 @@ impl Cache {
             fs::create_dir_all(&d).io("cannot create cache folder", &d)?;
         }
         Ok(Cache { root })
+    }
+
+    /// Checks that this process can write the cache, by creating and removing a file in
+    /// `staging/`: a run checks before it starts anything, rather than failing at its first
+    /// commit.
+    pub fn check_writable(&self) -> Result<()> {
+        let probe = self
+            .root
+            .join("staging")
+            .join(format!(".write-probe-{}", std::process::id()));
+        match fs::write(&probe, b"") {
+            Ok(()) => {
+                let _ = fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(source) => Err(CacheError::ReadOnly {
+                path: self.root.clone(),
+                source,
+            }),
+        }
     }
 
     pub fn root(&self) -> &Path {

@@ -11,6 +11,22 @@ pub struct Display {
     multi: Option<MultiProgress>,
     bars: HashMap<String, ProgressBar>,
     last_plain: HashMap<String, Instant>,
+    /// When each stage's first progress report came, and its step then: the rate for ETAs
+    /// counts only steps made in this run (a resumed stage starts past 0).
+    first: HashMap<String, (Instant, u64)>,
+}
+
+/// Time left at the rate so far: `done` steps in `elapsed`, `left` steps to go.
+pub(crate) fn eta(elapsed: Duration, done: u64, left: u64) -> Option<String> {
+    if done == 0 || left == 0 {
+        return None;
+    }
+    let secs = (elapsed.as_secs_f64() / done as f64 * left as f64).round() as u64;
+    Some(match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    })
 }
 
 fn describe(p: &Progress) -> String {
@@ -36,6 +52,7 @@ impl Display {
             multi,
             bars: HashMap::new(),
             last_plain: HashMap::new(),
+            first: HashMap::new(),
         }
     }
 
@@ -84,6 +101,7 @@ impl Display {
             return;
         }
         let now = Instant::now();
+        let (t0, step0) = *self.first.entry(stage.to_string()).or_insert((now, p.step));
         let due = self
             .last_plain
             .get(stage)
@@ -96,7 +114,14 @@ impl Display {
             } else {
                 format!("/{}", p.total)
             };
-            eprintln!("[{stage}] {}{total} {}", p.step, describe(p));
+            let left = eta(
+                now.duration_since(t0),
+                p.step.saturating_sub(step0),
+                p.total.saturating_sub(p.step),
+            )
+            .map(|e| format!("  ETA {e}"))
+            .unwrap_or_default();
+            eprintln!("[{stage}] {}{total} {}{left}", p.step, describe(p));
         }
     }
 
@@ -110,6 +135,7 @@ impl Display {
     }
 
     pub fn finished(&mut self, stage: &str, o: &Outcome) {
+        self.first.remove(stage);
         if let Some(bar) = self.bars.remove(stage) {
             bar.finish_and_clear();
         }
@@ -135,5 +161,21 @@ impl Display {
         for (_, bar) in self.bars.drain() {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eta;
+    use std::time::Duration;
+
+    #[test]
+    fn eta_extrapolates_the_rate_of_this_run() {
+        // 50 steps in 100 s: 2 s a step, 150 to go.
+        assert_eq!(eta(Duration::from_secs(100), 50, 150).unwrap(), "5m00s");
+        assert_eq!(eta(Duration::from_secs(10), 10, 5).unwrap(), "5s");
+        assert_eq!(eta(Duration::from_secs(3600), 1, 2).unwrap(), "2h00m");
+        assert_eq!(eta(Duration::from_secs(5), 0, 10), None, "no rate yet");
+        assert_eq!(eta(Duration::from_secs(5), 10, 0), None, "finished");
     }
 }

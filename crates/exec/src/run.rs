@@ -90,6 +90,7 @@ enum Event {
 
 /// Run the pipeline: every selected stage that is not cached, in dependency order.
 pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunReport> {
+    cache.check_writable()?;
     let launchers = Launchers::new(&opts.executor);
     let launchers = &launchers;
     let selected = select(dag, registry, opts, launchers)?;
