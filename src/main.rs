@@ -130,6 +130,16 @@ enum Cmd {
         #[arg(long)]
         to: PathBuf,
     },
+    /// A folder for `tensorboard --logdir`: one run per stage that writes TensorBoard events
+    /// (train stages), named after the stage, linking to its cached entry or its running
+    /// attempt. Prints the folder.
+    #[command(
+        after_help = "Example:\n  tensorboard --logdir \"$(relora-pipe tensorboard pipelines/quickstart.yaml)\""
+    )]
+    Tensorboard {
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
     /// Remove cache entries that none of the given pipelines reference.
     #[command(
         after_help = "Examples:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml\n  relora-pipe gc --quarantine"
@@ -316,6 +326,7 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Show { p, stage, json } => show(&load(&p, &reg)?, &reg, &cache, &stage, json),
         Cmd::Export { p, stage, to } => export(&p, &load(&p, &reg)?, &reg, &cache, &stage, &to),
+        Cmd::Tensorboard { p } => tensorboard(&load(&p, &reg)?, &reg, &cache),
         Cmd::Gc {
             keep,
             all,
@@ -539,6 +550,41 @@ fn print_plan(
             to_run / (0.4 * 989e12) / 3600.0
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tensorboard`: `<cache>/tensorboard/<pipeline>/<stage>` links to each stage's events
+/// folder (its entry's, else its newest attempt's while it runs), made afresh each call.
+fn tensorboard(dag: &Dag, reg: &Registry, cache: &relora_cache::Cache) -> Result<ExitCode> {
+    let plans = plan(dag, reg, cache)?;
+    let root = cache.root().join("tensorboard").join(&dag.pipeline.name);
+    if root.exists() {
+        // Only links live here; removing them leaves what they point to.
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let mut runs = 0;
+    for p in &plans {
+        let Some(key) = &p.key else { continue };
+        let mut places = vec![cache.entry_dir(key)];
+        places.extend(cache.attempts(key).into_iter().rev());
+        let Some(events) = places
+            .into_iter()
+            .map(|d| d.join("tensorboard"))
+            .find(|d| d.is_dir())
+        else {
+            continue;
+        };
+        let link = root.join(&p.name);
+        std::os::unix::fs::symlink(&events, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), events.display()))?;
+        runs += 1;
+    }
+    eprintln!(
+        "{runs} stage(s) with TensorBoard events; view them with: tensorboard --logdir {}",
+        root.display()
+    );
+    println!("{}", root.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -416,6 +416,34 @@ fn tiny_relora_pipeline_trains_merges_evaluates_and_reports() {
     }
     // Timings belong to the log and the manifest, not to outputs.
     assert!(m[0].get("tokens_per_s").is_none(), "{}", m[0]);
+    // TensorBoard events beside the outputs: a version record, then one per step.
+    let o = env.run(&["tensorboard", "tiny.yaml"]);
+    assert!(o.status.success());
+    let tb = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
+    let mut runs: Vec<String> = std::fs::read_dir(&tb)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    runs.sort();
+    assert_eq!(runs, ["lora", "relora", "warm"]);
+    let files: Vec<PathBuf> = std::fs::read_dir(tb.join("relora"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().contains("events.out.tfevents."));
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let (mut at, mut records) = (0, 0);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        at += 8 + 4 + len + 4;
+        records += 1;
+    }
+    assert_eq!(
+        (at, records),
+        (bytes.len(), 61),
+        "a version record and 60 steps"
+    );
     // Restarts at 20 and 40: the learning rate is 0 right after, and once the restart warmup
     // is over the loss has not jumped: the mean of the 5 steps after it stays within 0.25 nats
     // of the mean of the 5 steps before the merge (each step is a noisy 128-token batch).

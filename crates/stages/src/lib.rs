@@ -35,6 +35,7 @@ mod import;
 mod record;
 mod report;
 mod svd;
+mod tensorboard;
 mod tokenize;
 pub mod train;
 

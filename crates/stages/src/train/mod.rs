@@ -18,6 +18,7 @@ pub use params::{
     model_config, InitMode, ModelDims, ModelParam, ParallelParams, ScheduleKind, TrainParams,
 };
 
+use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use relora_data::{
     read_sequences, DatasetManifest, Loader, LoaderConfig, PackSpec, Sequences, Split,
@@ -312,6 +313,18 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         }
     }
     let log_every = p.log_every.unwrap_or(10).max(1);
+    // TensorBoard scalars beside the log (not among the outputs: they carry wall times).
+    // A folder that cannot be written costs the charts, not the run.
+    let mut events = match (lead, ctx.out_dir.parent()) {
+        (true, Some(entry)) => match EventWriter::create(&entry.join("tensorboard")) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                println!("no TensorBoard events: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let history = trainer.run(
         &mut loader,
         Some(&valid_seqs),
@@ -320,7 +333,13 @@ fn run_train(ctx: &mut StageContext) -> Result<()> {
         start_step + p.steps,
         |m| {
             if lead {
-                report_step(ctx, m, start_step, p.steps, log_every)
+                report_step(ctx, m, start_step, p.steps, log_every);
+            }
+            if let Some(w) = &mut events {
+                if let Err(e) = w.scalars(m.step, &scalars(m)) {
+                    println!("TensorBoard events stopped: {}: {e}", w.path().display());
+                    events = None;
+                }
             }
         },
     )?;
@@ -377,6 +396,27 @@ fn rank_gpu(rank: usize) -> usize {
 }
 
 /// One step's progress line for the executor, and a log line every `log_every` steps.
+/// A step's TensorBoard scalars.
+fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
+    let mut v = vec![
+        ("train/loss", m.loss),
+        ("train/learning_rate", m.lr),
+        ("train/grad_norm", m.grad_norm),
+        ("train/tokens", m.tokens as f64),
+        ("train/tokens_per_s", m.tokens_per_s),
+    ];
+    if let Some(l) = m.eval_loss {
+        v.push(("eval/loss", l));
+    }
+    if let Some(p) = m.perplexity {
+        v.push(("eval/perplexity", p));
+    }
+    if let Some(q) = m.quant_error {
+        v.push(("train/quant_error", q));
+    }
+    v
+}
+
 fn report_step(ctx: &StageContext, m: &StepMetrics, start_step: u64, steps: u64, log_every: u64) {
     ctx.progress(&Progress {
         step: m.step - start_step,
