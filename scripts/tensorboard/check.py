@@ -6,7 +6,8 @@ scalar with the stage's metrics.jsonl.
 
 The folder holds one link per stage (what `relora-pipe tensorboard` makes); each points to
 the events folder beside the stage's outputs. Needs `pip install tensorboard`. For stages
-that ran in one attempt (a resumed stage's events start at its resume step).
+that ran in one attempt (a resumed stage's events start at its resume step); a stage that
+continues its init's run is compared from its own first step on.
 """
 import json
 import os
@@ -35,8 +36,12 @@ def main():
         acc = EventAccumulator(events, size_guidance={"scalars": 0})
         acc.Reload()
         tags = acc.Tags()["scalars"]
+        # A stage that continues its init's run (init_mode: continue) carries the init's
+        # history at the top of its metrics.jsonl; its events start at its own first step.
+        first = acc.Scalars("train/loss")[0].step
+        assert any(m["step"] == first for m in metrics), f"{run}: step {first} not in metrics"
         for tag, field in FIELDS:
-            want = [(m["step"], m[field]) for m in metrics if field in m]
+            want = [(m["step"], m[field]) for m in metrics if field in m and m["step"] >= first]
             got = [(e.step, e.value) for e in acc.Scalars(tag)] if tag in tags else []
             assert [s for s, _ in got] == [s for s, _ in want], \
                 f"{run} {tag}: steps {[s for s, _ in got][:5]}… against {[s for s, _ in want][:5]}…"
