@@ -451,10 +451,14 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
 }
 
-/// Loss and every trainable parameter's gradient, by name.
-fn loss_and_grads(model: &Llama, b: &Batch) -> (f64, Vec<(String, Tensor)>) {
-    let loss = batch_loss(model, b, &Device::Cpu, None).unwrap();
-    let store = loss.backward().unwrap();
+/// The loss and every trainable parameter's gradient, by name, through `Llama::backward`.
+fn grads_of(
+    model: &Llama,
+    b: &Batch,
+    dropout: Option<&mut Rng>,
+) -> (Tensor, Vec<(String, Tensor)>) {
+    let loss = batch_loss(model, b, &Device::Cpu, dropout).unwrap();
+    let store = model.backward(&loss).unwrap();
     let grads = model
         .trainable()
         .into_iter()
@@ -465,12 +469,15 @@ fn loss_and_grads(model: &Llama, b: &Batch) -> (f64, Vec<(String, Tensor)>) {
             (n, g.clone())
         })
         .collect();
+    (loss, grads)
+}
+
+/// Loss and every trainable parameter's gradient, by name.
+fn loss_and_grads(model: &Llama, b: &Batch) -> (f64, Vec<(String, Tensor)>) {
+    let (loss, grads) = grads_of(model, b, None);
     (loss.to_scalar::<f32>().unwrap() as f64, grads)
 }
 
-/// A model big enough for every path to matter numerically (vocab 64, hidden 32, 2 layers),
-/// with LoRA on every projection if `lora`: both factors non-zero, so every LoRA gradient
-/// is non-trivial. Returns the RNG for the batch.
 fn small_model(seed: u64, lora: bool) -> (Llama, Rng) {
     let cfg = LlamaConfig {
         vocab_size: 64,
@@ -605,27 +612,15 @@ fn evaluation_records_no_autograd_graph() {
 /// training-mode pass (with dropout) through `Llama::backward`.
 fn pass_bits(model: &Llama, b: &Batch, seed: u64) -> (u32, Vec<(String, Vec<u32>)>, Rng) {
     let mut dropout = Rng::new(seed);
-    let loss = batch_loss(model, b, &Device::Cpu, Some(&mut dropout)).unwrap();
-    let store = model.backward(&loss).unwrap();
-    let grads = model
-        .trainable()
+    let (loss, grads) = grads_of(model, b, Some(&mut dropout));
+    let bits = grads
         .into_iter()
-        .map(|(n, v, _)| {
-            let g = store
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{n}: no gradient"));
-            let bits = g
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            (n, bits)
+        .map(|(n, g)| {
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (n, g.iter().map(|x| x.to_bits()).collect())
         })
         .collect();
-    (loss.to_scalar::<f32>().unwrap().to_bits(), grads, dropout)
+    (loss.to_scalar::<f32>().unwrap().to_bits(), bits, dropout)
 }
 
 /// Activation checkpointing recomputes each block in the backward pass; the loss and every
