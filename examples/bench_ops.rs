@@ -159,12 +159,8 @@ fn main() {
             .cloned()
     };
     if let Some(k) = text("--kernels") {
-        let level = match k.as_str() {
-            "baseline" => Level::Baseline,
-            "avx2" => Level::Avx2,
-            "avx512" => Level::Avx512,
-            other => panic!("--kernels {other}: baseline, avx2 or avx512"),
-        };
+        let level = Level::from_name(&k)
+            .unwrap_or_else(|| panic!("--kernels {k}: baseline, avx2 or avx512"));
         simd::force(level);
     }
     let only = text("--only");

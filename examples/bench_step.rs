@@ -121,12 +121,10 @@ fn main() -> anyhow::Result<()> {
     let dev = relora_model::device(arg_str("--device").as_deref().unwrap_or("cpu"))?;
     if let Some(k) = arg_str("--kernels") {
         use relora_model::fused::simd::{force, Level};
-        force(match k.as_str() {
-            "baseline" => Level::Baseline,
-            "avx2" => Level::Avx2,
-            "avx512" => Level::Avx512,
-            other => anyhow::bail!("--kernels {other}: baseline, avx2 or avx512"),
-        });
+        force(
+            Level::from_name(&k)
+                .ok_or_else(|| anyhow::anyhow!("--kernels {k}: baseline, avx2 or avx512"))?,
+        );
     }
     let dtype_name = arg_str("--dtype").unwrap_or_else(|| "f32".into());
     let dtype = match dtype_name.as_str() {

@@ -104,7 +104,6 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
         launchers,
         dag,
         registry,
-        cache,
         opts,
         outcome: selected
             .iter()
@@ -262,8 +261,7 @@ fn select(
 struct Job {
     comps: KeyComponents,
     force: bool,
-    inputs: BTreeMap<String, PathBuf>,
-    /// Each input's (name, upstream stage, key), for [`verify_inputs`].
+    /// Each input's (name, upstream stage, cache key).
     sources: Vec<(String, String, String)>,
     /// Entries verified so far in this run.
     verified: Arc<Mutex<HashSet<String>>>,
@@ -277,7 +275,6 @@ struct Scheduler<'a> {
     launchers: &'a Launchers,
     dag: &'a Dag,
     registry: &'a Registry,
-    cache: &'a Cache,
     opts: &'a RunOptions,
     outcome: Vec<Option<Outcome>>,
     output_hash: BTreeMap<usize, String>,
@@ -359,17 +356,6 @@ impl Scheduler<'_> {
             let stage = &self.dag.pipeline.stages[i];
             let comps = components(self.dag, self.registry, i, &self.output_hash)?
                 .context("inputs are ready, so the key is known")?;
-            let inputs = stage
-                .inputs
-                .iter()
-                .map(|(name, target)| {
-                    let j = self.dag.index_of(target).expect("validated");
-                    (
-                        name.clone(),
-                        self.cache.entry_dir(&self.keys[&j]).join("outputs"),
-                    )
-                })
-                .collect();
             let sources = stage
                 .inputs
                 .iter()
@@ -384,7 +370,6 @@ impl Scheduler<'_> {
                 Job {
                     comps,
                     force,
-                    inputs,
                     sources,
                     verified: self.verified.clone(),
                     gpus,
@@ -544,7 +529,11 @@ fn compute(
             .iter()
             .map(|(name, stage)| (name.clone(), stage.clone()))
             .collect(),
-        inputs: job.inputs.clone(),
+        inputs: job
+            .sources
+            .iter()
+            .map(|(name, _, key)| (name.clone(), cache.entry_dir(key).join("outputs")))
+            .collect(),
         out_dir: staging.outputs(),
         scratch_dir: scratch.clone(),
         gpus: job.gpus.clone(),

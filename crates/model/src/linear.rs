@@ -142,6 +142,18 @@ impl Linear {
         Ok(())
     }
 
+    /// The tensors training updates: (name suffix, tensor, whether it is a LoRA factor).
+    pub fn trained(&self) -> Vec<(&'static str, &Var, bool)> {
+        let mut out = Vec::new();
+        if let (Some(w), true) = (&self.weight, self.weight_trainable) {
+            out.push(("weight", w, false));
+        }
+        if let Some(l) = &self.lora {
+            out.extend([("lora_a", &l.a, true), ("lora_b", &l.b, true)]);
+        }
+        out
+    }
+
     fn device(&self) -> Device {
         match (&self.weight, &self.lora) {
             (Some(w), _) => w.device().clone(),

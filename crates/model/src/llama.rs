@@ -58,22 +58,9 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         let (pass, compute, master) = (bp.pass, bp.compute, bp.master);
-        let param = |v: &Var| {
-            if pass.track {
-                v.as_tensor().clone()
-            } else {
-                v.as_tensor().detach()
-            }
-        };
-        let norm = |x: &Tensor, w: &Var| {
-            if bp.fused {
-                fused::rms_norm(x, &param(w), RMS_EPS)
-            } else {
-                rms_norm(x, &param(w))
-            }
-        };
+        let normed = |x: &Tensor, w: &Var| norm(x, &param(w, pass.track), bp.fused);
         let [q, k, v, o, gate, up, down] = &self.proj;
-        let n = norm(x, &self.attn_norm)?.to_dtype(compute)?;
+        let n = normed(x, &self.attn_norm)?.to_dtype(compute)?;
         let q = q.apply(&n, dropout.as_deref_mut(), pass)?;
         let k = k.apply(&n, dropout.as_deref_mut(), pass)?;
         let v = v.apply(&n, dropout.as_deref_mut(), pass)?;
@@ -89,7 +76,7 @@ impl Block {
         let x = (x + o
             .apply(&y, dropout.as_deref_mut(), pass)?
             .to_dtype(master)?)?;
-        let n = norm(&x, &self.mlp_norm)?.to_dtype(compute)?;
+        let n = normed(&x, &self.mlp_norm)?.to_dtype(compute)?;
         let g = gate.apply(&n, dropout.as_deref_mut(), pass)?;
         let u = up.apply(&n, dropout.as_deref_mut(), pass)?;
         let act = if bp.fused {
@@ -104,14 +91,12 @@ impl Block {
     /// The block's trained tensors (norms, trainable W, LoRA factors).
     pub(crate) fn trainable_vars(&self) -> Vec<&Var> {
         let mut out = vec![&self.attn_norm, &self.mlp_norm];
-        for p in &self.proj {
-            if let (Some(w), true) = (&p.weight, p.weight_trainable) {
-                out.push(w);
-            }
-            if let Some(l) = &p.lora {
-                out.extend([&l.a, &l.b]);
-            }
-        }
+        out.extend(
+            self.proj
+                .iter()
+                .flat_map(|p| p.trained())
+                .map(|(_, v, _)| v),
+        );
         out
     }
 }
@@ -132,6 +117,24 @@ pub struct Llama {
     /// Gradients of the parameters of recomputed blocks, until [`Llama::backward`] collects
     /// them.
     recomputed: recompute::ParamGrads,
+}
+
+/// A parameter as the forward pass reads it: detached unless `track`.
+fn param(v: &Var, track: bool) -> Tensor {
+    if track {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}
+
+/// RMSNorm, fused or as the reference composition.
+fn norm(x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused {
+        fused::rms_norm(x, w, RMS_EPS)
+    } else {
+        rms_norm(x, w)
+    }
 }
 
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -291,12 +294,8 @@ impl Llama {
                 false,
             ));
             for (p, n) in b.proj.iter().zip(PROJECTIONS) {
-                if let (Some(w), true) = (&p.weight, p.weight_trainable) {
-                    out.push((format!("layers.{l}.{n}.weight"), w.clone(), false));
-                }
-                if let Some(lora) = &p.lora {
-                    out.push((format!("layers.{l}.{n}.lora_a"), lora.a.clone(), true));
-                    out.push((format!("layers.{l}.{n}.lora_b"), lora.b.clone(), true));
+                for (suffix, v, lora) in p.trained() {
+                    out.push((format!("layers.{l}.{n}.{suffix}"), v.clone(), lora));
                 }
             }
         }
@@ -490,7 +489,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (x, pass) = self.trunk(ids, dropout, track)?;
         if pass.fused {
-            let head = self.param(&self.lm_head, track).to_dtype(self.compute)?;
+            let head = param(&self.lm_head, track).to_dtype(self.compute)?;
             return fused::head_cross_entropy(&x, &head, targets, weights);
         }
         let logits = self.head(&x, pass)?;
@@ -501,20 +500,9 @@ impl Llama {
         cross_entropy(&logits, targets, weights)
     }
 
-    /// A parameter as the forward pass reads it: detached unless `track`.
-    fn param(&self, v: &Var, track: bool) -> Tensor {
-        if track {
-            v.as_tensor().clone()
-        } else {
-            v.as_tensor().detach()
-        }
-    }
-
     /// Logits [b·t, vocab] in the master dtype from the final hidden states.
     fn head(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let head = self
-            .param(&self.lm_head, pass.track)
-            .to_dtype(self.compute)?;
+        let head = param(&self.lm_head, pass.track).to_dtype(self.compute)?;
         let logits = if pass.fused {
             fused::linear(x, &head)?
         } else {
@@ -542,14 +530,6 @@ impl Llama {
             fused: self.ops.fused_matmuls_on(dev, compute),
         };
         // Without `track` the parameters enter detached, so no op records a graph.
-        let param = |v: &Var| self.param(v, track);
-        let norm = |x: &Tensor, w: &Var| {
-            if fused {
-                fused::rms_norm(x, &param(w), RMS_EPS)
-            } else {
-                rms_norm(x, &param(w))
-            }
-        };
         let tables = RopeTables::new(t, hd, ROPE_BASE);
         let scale = 1.0 / (hd as f64).sqrt();
         let has_dropout = self
@@ -560,11 +540,11 @@ impl Llama {
         if let (Some(rng), false, true) = (dropout.as_deref_mut(), dev.is_cpu(), has_dropout) {
             // LoRA dropout masks are drawn on the device (see linear.rs); seed its generator
             // from the run's RNG so they are reproducible and survive a resume.
-            dev.set_seed(u64::from(rng.next_u32()) << 32 | u64::from(rng.next_u32()))?;
+            dev.set_seed(rng.next_u64())?;
         }
         // The residual stream stays in the master dtype; each sub-layer reads a normalised
         // copy in the compute dtype and its output is widened back before the addition.
-        let mut x = param(&self.embed)
+        let mut x = param(&self.embed, track)
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden))?;
         let shared = BlockPass {
@@ -583,7 +563,7 @@ impl Llama {
                 blk.forward(&x, dropout.as_deref_mut(), &shared)?
             };
         }
-        let x = norm(&x, &self.norm)?.to_dtype(compute)?;
+        let x = norm(&x, &param(&self.norm, track), fused)?.to_dtype(compute)?;
         Ok((x.reshape((b * t, self.cfg.hidden))?, pass))
     }
 }

@@ -60,7 +60,7 @@ pub(crate) fn block(
         .any(|p| p.lora.as_ref().is_some_and(|l| l.dropout > 0.0));
     let device_seed = match dropout.as_deref_mut() {
         Some(rng) if has_dropout && !x.device().is_cpu() => {
-            let seed = u64::from(rng.next_u32()) << 32 | u64::from(rng.next_u32());
+            let seed = rng.next_u64();
             x.device().set_seed(seed)?;
             Some(seed)
         }

@@ -39,6 +39,11 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
+    /// 64 bits from two draws: a seed for a device's own generator.
+    pub fn next_u64(&mut self) -> u64 {
+        u64::from(self.next_u32()) << 32 | u64::from(self.next_u32())
+    }
+
     pub fn uniform(&mut self) -> f32 {
         (self.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
     }
