@@ -1864,3 +1864,23 @@ fn a_read_only_cache_is_refused_before_anything_runs() {
     );
     assert!(!err.contains("running"), "a stage started: {err}");
 }
+
+/// A checkpointed-activations stage (ReLoRA with dropout and merges) killed mid-run
+/// resumes to every output file of an uninterrupted run.
+#[test]
+fn a_killed_checkpointed_activations_stage_resumes_bit_identically() {
+    let stage = r#"  relora-ckpt:
+    kind: train
+    inputs: {data: tokens, init: warm}
+    params:
+      method: relora
+      steps: 30
+      lr: 1.0e-2
+      checkpoint_activations: true
+      lora: {rank: 4, alpha: 8, dropout: 0.1}
+      relora: {merge_every: 10, restart_warmup: 3, reset: {mode: magnitude, fraction: 0.9}}
+"#;
+    let yaml = format!("{TINY_ML}{stage}");
+    let (_env, _dir, m) = killed_mid_run_resumes_bit_identically(&yaml, "relora-ckpt", &[]);
+    assert_eq!(m.len(), 30);
+}
