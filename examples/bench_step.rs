@@ -134,7 +134,9 @@ fn main() -> anyhow::Result<()> {
     };
     let peak = matmul_gflops(&dev, dtype);
     let mut rng = Rng::new(0);
-    let mut model = Llama::random(cfg, &mut rng, &dev)?;
+    // Built on the host and moved, as the train stage builds: a GPU never holds the dense
+    // W of a layer kept compact.
+    let mut model = Llama::random(cfg, &mut rng, &Device::Cpu)?;
     model.compute = dtype;
     let checkpointed = std::env::args().any(|a| a == "--checkpoint-activations");
     model.checkpoint_activations = checkpointed;
@@ -156,6 +158,9 @@ fn main() -> anyhow::Result<()> {
             // NF4 blocks of 64 weights, QLoRA's.
             p.quantize_frozen(frozen, 64)?;
         }
+    }
+    if !dev.is_cpu() {
+        model = model.to_device(&dev)?;
     }
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
     let galore = arg("--galore-rank", 0);

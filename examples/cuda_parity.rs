@@ -8,6 +8,9 @@
 //!    primitives; then one clipped AdamW step, a merge-and-reinit and a magnitude reset of
 //!    the LoRA moments. Every tensor is compared as ‖gpu − cpu‖ / ‖cpu‖ against 1e-4 (f32)
 //!    or 1e-2 (bf16; the CPU side is the emulated bf16 of `relora_model::precision`).
+//!    ReLoRA also with its frozen W in bf16, int8 and NF4 (`lora.frozen`): on the GPU the
+//!    kernel dequantises W for cuBLAS, on the CPU the fused compact kernel; and the
+//!    dequantised W itself, which must be the same bits on both devices.
 //! 3. GaLore: three projected Adam steps on every projection of the full model (a new
 //!    subspace at the first and the third; the SVD on the host, the products on the device),
 //!    the same gradients on both sides: weights and projected moments within 1e-4.
@@ -20,6 +23,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use relora_data::Batch;
 use relora_model::fused::{self, Ops, RopeTables};
 use relora_model::optim::clip_grad_norm;
+use relora_model::quant::FrozenFormat;
 use relora_model::train::batch_tensors;
 use relora_model::{AdamConfig, AdamW, GaloreConfig, Llama, LoraInit, ProjType, ResetMode, Rng};
 
@@ -46,14 +50,23 @@ fn norm_err(gpu: &Tensor, cpu: &Tensor) -> anyhow::Result<f64> {
 }
 
 /// The model as `dev` builds it from fixed seeds: identical weights on every device.
-fn build(dev: &Device, lora: bool, compute: DType, ops: Ops) -> anyhow::Result<Llama> {
+/// NF4's block in these checks: 16 weights, so blocks straddle the tiny model's rows.
+const NF4_BLOCK: usize = 16;
+
+fn build(
+    dev: &Device,
+    lora: Option<FrozenFormat>,
+    compute: DType,
+    ops: Ops,
+) -> anyhow::Result<Llama> {
     let mut rng = Rng::new(7);
     let mut m = Llama::random(CFG, &mut rng, dev)?;
-    if lora {
+    if let Some(frozen) = lora {
         for (_, p) in m.projections_mut() {
             // Both factors non-zero so every LoRA gradient is exercised; no dropout, whose
             // mask would be the same on both devices anyway.
             p.add_lora(8, 32.0, 0.0, LoraInit::KaimingBoth, &mut rng)?;
+            p.quantize_frozen(frozen, NF4_BLOCK)?;
         }
     }
     m.compute = compute;
@@ -67,9 +80,17 @@ struct Side {
     loss: f64,
     grads: Vec<Tensor>,
     opt: AdamW,
+    /// The largest ‖W − Q(W)‖ / ‖W‖ of the merge's requantisation (0 for an f32 W).
+    quant_error: f64,
 }
 
-fn run(dev: &Device, lora: bool, compute: DType, ops: Ops, b: &Batch) -> anyhow::Result<Side> {
+fn run(
+    dev: &Device,
+    lora: Option<FrozenFormat>,
+    compute: DType,
+    ops: Ops,
+    b: &Batch,
+) -> anyhow::Result<Side> {
     let mut model = build(dev, lora, compute, ops)?;
     let (ids, targets, weights) = batch_tensors(b, dev)?;
     let logits = model.forward(&ids, None)?;
@@ -83,10 +104,11 @@ fn run(dev: &Device, lora: bool, compute: DType, ops: Ops, b: &Batch) -> anyhow:
     let mut opt = AdamW::new(model.trainable(), AdamConfig::default())?;
     clip_grad_norm(&mut grads, Some(1.0))?;
     opt.step(&grads, 1e-3)?;
-    if lora {
+    let mut quant_error = 0f64;
+    if lora.is_some() {
         let mut rng = Rng::new(99);
         for (_, p) in model.projections_mut() {
-            p.merge_and_reinit(&mut rng)?;
+            quant_error = quant_error.max(p.merge_and_reinit(&mut rng)?);
         }
         opt.reset_lora(ResetMode::Magnitude { fraction: 0.9 }, &mut Rng::new(5))?;
     }
@@ -96,6 +118,7 @@ fn run(dev: &Device, lora: bool, compute: DType, ops: Ops, b: &Batch) -> anyhow:
         loss,
         grads: reported,
         opt,
+        quant_error,
     })
 }
 
@@ -252,15 +275,26 @@ fn main() -> anyhow::Result<()> {
         let verdict = if ok { "ok" } else { "FAIL" };
         println!("op {name}: relative error {e:.3e} (tolerance {op_tol:.0e}): {verdict}");
     }
+    let methods = [
+        None,
+        Some(FrozenFormat::F32),
+        Some(FrozenFormat::Bf16),
+        Some(FrozenFormat::Int8),
+        Some(FrozenFormat::Nf4),
+    ];
     for (ops, lora, compute) in [Ops::Fused, Ops::Reference]
         .into_iter()
-        .flat_map(|o| [false, true].map(|l| (o, l)))
+        .flat_map(|o| methods.map(|l| (o, l)))
         .flat_map(|(o, l)| [DType::F32, DType::BF16].map(|c| (o, l, c)))
     {
         let tol = if compute == DType::F32 { 1e-4 } else { 1e-2 };
         let what = format!(
             "{} {} ({} ops on the GPU)",
-            if lora { "relora" } else { "full" },
+            match lora {
+                None => "full".to_string(),
+                Some(FrozenFormat::F32) => "relora".to_string(),
+                Some(f) => format!("relora, W in {}", f.name()),
+            },
             if compute == DType::F32 { "f32" } else { "bf16" },
             if ops == Ops::Fused {
                 "fused"
@@ -272,29 +306,44 @@ fn main() -> anyhow::Result<()> {
         // every intermediate to bf16, the fused ops only their outputs).
         let c = run(&Device::Cpu, lora, compute, ops, &b)?;
         let g = run(&gpu, lora, compute, ops, &b)?;
-        let mut pairs: Vec<(String, f64)> = vec![
-            ("logits".into(), rel_err(&g.logits, &c.logits)?),
-            ("loss".into(), ((g.loss - c.loss) / c.loss).abs()),
+        // (what, relative error, its tolerance)
+        let mut pairs: Vec<(String, f64, f64)> = vec![
+            ("logits".into(), rel_err(&g.logits, &c.logits)?, tol),
+            ("loss".into(), ((g.loss - c.loss) / c.loss).abs(), tol),
         ];
         let names = c.model.trainable();
         for (k, (n, _, _)) in names.iter().enumerate() {
-            pairs.push((format!("grad {n}"), rel_err(&g.grads[k], &c.grads[k])?));
+            pairs.push((format!("grad {n}"), rel_err(&g.grads[k], &c.grads[k])?, tol));
         }
         // After the AdamW step, the merge and the reset: weights (W holds the merged
         // update) and the moments the reset pruned.
         let (gs, cs) = (g.model.state_tensors()?, c.model.state_tensors()?);
         for (n, ct) in &cs {
-            pairs.push((format!("after step {n}"), rel_err(&gs[n], ct)?));
+            if n.ends_with(".codes") || n.ends_with(".scales") {
+                continue; // a compact W: compared dequantised, below
+            }
+            pairs.push((format!("after step {n}"), rel_err(&gs[n], ct)?, tol));
+        }
+        // A merged W quantised again: a weight within rounding of a boundary between two
+        // codes may take either, so the two devices' W differ by less than quantising's
+        // own error (the merge reports it), not by rounding.
+        let bound = tol.max(c.quant_error);
+        for ((n, gp), (_, cp)) in g.model.projections().zip(c.model.projections()) {
+            if cp.quantized.is_some() {
+                let (gw, cw) = (gp.frozen_weight()?.unwrap(), cp.frozen_weight()?.unwrap());
+                pairs.push((format!("after merge {n}.weight"), rel_err(&gw, &cw)?, bound));
+            }
         }
         for (gp, cp) in g.opt.params.iter().zip(&c.opt.params) {
             if cp.is_lora {
                 // The reset keeps the top 10% by magnitude; elements within rounding of
                 // the threshold may fall either side, so compare the norms.
-                pairs.push((format!("exp_avg {}", cp.name), norm_err(&gp.m, &cp.m)?));
+                pairs.push((format!("exp_avg {}", cp.name), norm_err(&gp.m, &cp.m)?, tol));
             }
         }
         let mut max = (String::new(), 0f64);
-        for (n, e) in &pairs {
+        for (n, e, tol) in &pairs {
+            let tol = *tol;
             checks += 1;
             if e.is_nan() || *e > tol {
                 failed += 1;
@@ -311,10 +360,44 @@ fn main() -> anyhow::Result<()> {
             max.1
         );
     }
+    // The dequantising kernel against the host: the same bits, as f32 and as bf16.
+    for format in [FrozenFormat::Bf16, FrozenFormat::Int8, FrozenFormat::Nf4] {
+        let (c, g) = (
+            build(&Device::Cpu, Some(format), DType::F32, Ops::Fused)?,
+            build(&gpu, Some(format), DType::F32, Ops::Fused)?,
+        );
+        let mut differ = 0usize;
+        let mut total = 0usize;
+        for ((_, cp), (_, gp)) in c.projections().zip(g.projections()) {
+            let (cq, gq) = (
+                cp.quantized.as_ref().unwrap(),
+                gp.quantized.as_ref().unwrap(),
+            );
+            for dt in [DType::F32, DType::BF16] {
+                let host = cq
+                    .dense(dt, &Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?;
+                let dev = gq.dense(dt, &gpu)?.to_device(&Device::Cpu)?;
+                let dev = dev.to_dtype(DType::F32)?.flatten_all()?;
+                for (a, b) in host.to_vec1::<f32>()?.iter().zip(dev.to_vec1::<f32>()?) {
+                    differ += usize::from(a.to_bits() != b.to_bits());
+                    total += 1;
+                }
+            }
+        }
+        checks += 1;
+        failed += usize::from(differ != 0);
+        println!(
+            "dequantize {} on the GPU: {differ} of {total} weights differ from the host's bits: {}",
+            format.name(),
+            if differ == 0 { "ok" } else { "FAIL" }
+        );
+    }
     // LoRA dropout draws its masks on the device: the same run RNG gives the same masks,
     // another gives others, and the mask keeps 90% of inputs at 1/0.9.
     {
-        let mut m = build(&gpu, false, DType::F32, Ops::Fused)?;
+        let mut m = build(&gpu, None, DType::F32, Ops::Fused)?;
         let mut rng = Rng::new(7);
         for (_, p) in m.projections_mut() {
             p.add_lora(8, 32.0, 0.1, LoraInit::KaimingBoth, &mut rng)?;
@@ -349,7 +432,7 @@ fn main() -> anyhow::Result<()> {
     }
     // GaLore on the device against the CPU, from the same weights and gradients.
     {
-        let c = run(&Device::Cpu, false, DType::F32, Ops::Fused, &b)?;
+        let c = run(&Device::Cpu, None, DType::F32, Ops::Fused, &b)?;
         let cfg = GaloreConfig {
             rank: 4,
             update_proj_gap: 2,

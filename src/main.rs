@@ -254,17 +254,20 @@ fn real_main() -> Result<ExitCode> {
                 if !over.is_empty() {
                     for o in &over {
                         eprintln!(
-                            "stage `{}` is predicted to need {:.1} GB, more than this machine's \
-                             {:.1} GB\n  {}",
+                            "stage `{}` is predicted to need {:.1} GB, more than {}, {:.1} GB\n  \
+                             {}",
                             o.stage,
                             o.predicted_bytes / 1e9,
-                            o.machine_bytes / 1e9,
+                            o.limit,
+                            o.limit_bytes / 1e9,
                             o.detail
                         );
                     }
                     anyhow::bail!(
-                        "nothing was run: lower micro_batch, keep the frozen weights in fewer \
-                         bits (`lora.frozen`), or pass --force-memory to try anyway"
+                        "nothing was run: lower micro_batch, set checkpoint_activations: true, \
+                         keep the frozen weights in fewer bits (`lora.frozen`), raise the \
+                         stage's `resources.memory` (Slurm), or pass --force-memory to try \
+                         anyway"
                     );
                 }
             }

@@ -670,6 +670,91 @@ fn a_stage_too_big_for_this_machine_is_refused_before_anything_runs() {
     assert_eq!(entries, 0, "{err}");
 }
 
+/// A CPU stage placed on Slurm is held to its memory request (sbatch `--mem`, per node):
+/// refused before anything is submitted when one rank's predicted peak exceeds it; the
+/// same stage with a request that fits is not refused (its `plan` says where it would run).
+#[test]
+fn a_stage_over_its_slurm_memory_request_is_refused_before_submission() {
+    let env = Env::new();
+    let data = repo().join("examples/data");
+    let yaml = |mem: &str| {
+        format!(
+            "pipeline: slurm-mem\nexecutor:\n  type: slurm\n  local_kinds: [tokenize]\n  \
+             resources:\n    train: {{memory: {mem}}}\nstages:\n{}  small:\n    kind: train\n    \
+             inputs: {{data: tokens}}\n    params: {{method: full, model: {{hidden: 32, \
+             intermediate: 64, heads: 2, layers: 2}}, steps: 2, lr: 1.0e-3, seq_len: 32, \
+             micro_batch: 2}}\n",
+            tiny_tokens_stage!()
+        )
+        .replace("DATA", data.to_str().unwrap())
+    };
+    // The process alone is predicted at 150 MB: 100M (MiB) cannot hold it.
+    env.write("slurm.yaml", &yaml("100M"));
+    let out = env.run(&["run", "slurm.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "stage `small` is predicted to need 0.2 GB, more than its Slurm memory \
+                      request (`memory: 100M`), 0.1 GB"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("resources.memory"), "{err}");
+    let entries = std::fs::read_dir(env.path().join("cache/entries"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        entries, 0,
+        "nothing ran, not even the local tokenize stage: {err}"
+    );
+    // 4G fits: `plan` places it on Slurm and the memory check has nothing to say.
+    env.write("slurm.yaml", &yaml("4G"));
+    let plan = env.ok(&["plan", "slurm.yaml", "--estimate"]);
+    assert!(plan.contains("sbatch --mem=4G"), "{plan}");
+}
+
+/// A GPU stage run here is held to its GPU's memory as `nvidia-smi` reports it. This
+/// machine has no GPU: a stand-in `nvidia-smi` on PATH reports a 100 MiB card, so the
+/// check (not the GPU) is what is tested; the stage is refused before anything runs.
+#[test]
+fn a_gpu_stage_over_its_gpus_memory_is_refused_before_anything_runs() {
+    let env = Env::new();
+    let data = repo().join("examples/data");
+    let bin_dir = env.path().join("fake-bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let smi = bin_dir.join("nvidia-smi");
+    std::fs::write(&smi, "#!/bin/sh\necho 100\necho 80000\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&smi, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let yaml = format!(
+        "pipeline: gpu-mem\nstages:\n{}  small:\n    kind: train\n    inputs: {{data: tokens}}\n    \
+         params: {{method: full, device: cuda, model: {{hidden: 32, intermediate: 64, heads: 2, \
+         layers: 2}}, steps: 2, lr: 1.0e-3, seq_len: 32, micro_batch: 2}}\n",
+        tiny_tokens_stage!()
+    )
+    .replace("DATA", data.to_str().unwrap());
+    env.write("gpu.yaml", &yaml);
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let out = env.run_with(
+        &["run", "gpu.yaml"],
+        &[("PATH", &path), ("RELORA_GPUS", "0,1")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "stage `small` is predicted to need 0.2 GB, more than the memory of its \
+                      GPU, 0.1 GB"
+        ),
+        "{err}"
+    );
+    let entries = std::fs::read_dir(env.path().join("cache/entries"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(entries, 0, "{err}");
+}
+
 /// Every file under `dir` (relative path → bytes).
 fn files_below(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();

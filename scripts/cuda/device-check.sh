@@ -80,5 +80,14 @@ timeout 40 "$bin/bench_step" --model llama_130m --vocab 32100 --seq 256 --batch 
   --steps 10 --device cuda --dtype bf16 --galore-rank 256 \
   --peak-tflops "${PEAK_TFLOPS:-989}" 2>&1 | grep RESULT \
   | sed "s/^RESULT/llama_130m/" >> "$OUT/throughput.txt"
+# ReLoRA at 350M with its frozen W in each format (lora.frozen): the step's GPU memory and
+# speed in bf16, micro-batch 32 × 256, W dequantised by the kernel for cuBLAS (parity.txt
+# compares each format's forward, backward and merge with the CPU's).
+for frozen in f32 bf16 int8 nf4; do
+  timeout 30 "$bin/bench_step" --model llama_350m --vocab 32100 --seq 256 --batch 32 \
+    --steps 5 --device cuda --dtype bf16 --lora-rank 128 --frozen "$frozen" \
+    --peak-tflops "${PEAK_TFLOPS:-989}" 2>&1 | grep RESULT \
+    | sed "s/^RESULT/llama_350m frozen=$frozen/" >> "$OUT/throughput.txt"
+done
 cat "$OUT/throughput.txt" >> "$summary"
 cat "$summary"

@@ -1,13 +1,12 @@
 //! The projection layer of every block: full-rank, or frozen W plus a LoRA branch, or a pure
 //! low-rank factorisation. The model calls `forward` and never asks which.
 
-use crate::frozen::frozen_matmul;
+use crate::frozen::{compact_matmul, frozen_matmul, CompactWeight};
 use crate::fused::{self, Ops};
 use crate::precision::matmul;
 use crate::quant::{FrozenFormat, QuantWeight};
 use crate::rng::Rng;
 use candle_core::{Device, Result, Tensor, Var};
-use std::sync::Arc;
 
 /// How a low-rank layer is initialised (§2 of the method reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,7 +38,7 @@ pub struct Linear {
     pub weight_trainable: bool,
     /// A frozen W kept in a compact format ([`Linear::quantize_frozen`]); `weight` is then
     /// None.
-    pub quantized: Option<Arc<QuantWeight>>,
+    pub quantized: Option<CompactWeight>,
     pub lora: Option<Lora>,
 }
 
@@ -210,7 +209,7 @@ impl Linear {
                         _ => None,
                     };
                     let (a, b) = (param(&l.a).to_dtype(dt)?, param(&l.b).to_dtype(dt)?);
-                    let q = self.quantized.clone().expect("checked");
+                    let q = self.quantized.as_ref().expect("checked").host.clone();
                     return fused::lora::lora_linear_quantized(x, q, &a, &b, l.scale, mask);
                 }
                 // Factorised layers keep the reference composition.
@@ -224,10 +223,10 @@ impl Linear {
             Some(w) if self.weight_trainable => Some(matmul(&x2, &param(w).to_dtype(dt)?.t()?)?),
             // Detached: the frozen op never differentiates W, so the cast needs no graph.
             Some(w) => Some(frozen_matmul(&x2, &w.as_tensor().detach().to_dtype(dt)?)?),
-            // A compact W, dequantised whole for this pass (the composed path is for
-            // checking and for devices without the fused kernel).
+            // A compact W, dequantised whole inside the op (on a GPU by its kernel) and
+            // again in the backward pass: no dense copy lives between them.
             None => match &self.quantized {
-                Some(q) => Some(frozen_matmul(&x2, &self.dequantized(q, &x2)?)?),
+                Some(q) => Some(compact_matmul(&x2, q)?),
                 None => None,
             },
         };
@@ -251,6 +250,22 @@ impl Linear {
             .reshape(out_dims)
     }
 
+    /// Move every tensor of this layer to `dev`.
+    pub fn move_to(&mut self, dev: &Device) -> Result<()> {
+        let mv = |v: &Var| Var::from_tensor(&v.as_tensor().to_device(dev)?);
+        if let Some(w) = &self.weight {
+            self.weight = Some(mv(w)?);
+        }
+        if let Some(l) = &mut self.lora {
+            l.a = mv(&l.a)?;
+            l.b = mv(&l.b)?;
+        }
+        if let Some(q) = &self.quantized {
+            self.quantized = Some(q.on(dev)?);
+        }
+        Ok(())
+    }
+
     /// s·B·A, the low-rank update as a dense [out, in] matrix.
     pub fn lora_delta(&self) -> Result<Option<Tensor>> {
         match &self.lora {
@@ -263,23 +278,11 @@ impl Linear {
         }
     }
 
-    /// A compact W in f32 (on `like`'s device, in its dtype).
-    fn dequantized(&self, q: &QuantWeight, like: &Tensor) -> Result<Tensor> {
-        Tensor::from_vec(q.dequantize(), (q.rows, q.cols), like.device())?.to_dtype(like.dtype())
-    }
-
     /// The frozen W as a dense f32 tensor, whatever its format (None without one).
     pub fn frozen_weight(&self) -> Result<Option<Tensor>> {
         match (&self.weight, &self.quantized) {
             (Some(w), _) => Ok(Some(w.as_tensor().clone())),
-            (None, Some(q)) => {
-                let dev = self.device();
-                Ok(Some(Tensor::from_vec(
-                    q.dequantize(),
-                    (q.rows, q.cols),
-                    &dev,
-                )?))
-            }
+            (None, Some(q)) => Ok(Some(q.dense(candle_core::DType::F32, &self.device())?)),
             (None, None) => Ok(None),
         }
     }
@@ -302,7 +305,7 @@ impl Linear {
             .to_vec1::<f32>()?;
         let q = QuantWeight::quantize(&data, (self.out_dim, self.in_dim), format, block);
         let err = q.relative_error(&data);
-        self.quantized = Some(Arc::new(q));
+        self.quantized = Some(CompactWeight::new(q, &self.device())?);
         self.weight = None;
         Ok(err)
     }
@@ -329,11 +332,11 @@ impl Linear {
         match (&self.weight, self.quantized.clone()) {
             (Some(w), _) => w.set(&(w.as_tensor() + delta)?)?,
             (None, Some(q)) => {
-                let merged = (self.dequantized(&q, &delta)? + delta)?;
+                let merged = (q.dense(delta.dtype(), delta.device())? + delta)?;
                 let data = merged.flatten_all()?.to_vec1::<f32>()?;
                 let again = QuantWeight::quantize(&data, (q.rows, q.cols), q.format, q.block);
                 error = again.relative_error(&data);
-                self.quantized = Some(Arc::new(again));
+                self.quantized = Some(CompactWeight::new(again, &self.device())?);
             }
             (None, None) => candle_core::bail!("cannot merge into a factorised layer"),
         }

@@ -211,6 +211,33 @@ impl Llama {
         Llama::build(cfg, |name| t.remove(name))
     }
 
+    /// This model on `dev`, every parameter moved (a compact W as its codes: see
+    /// [`crate::frozen::CompactWeight`]). A model for a GPU is built and adapted on the host,
+    /// then moved, so the GPU never holds a dense copy of a W it keeps compact.
+    pub fn to_device(self, dev: &Device) -> Result<Llama> {
+        let mv = |v: &Var| Var::from_tensor(&v.as_tensor().to_device(dev)?);
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let mut proj = b.proj.clone();
+            for p in &mut proj {
+                p.move_to(dev)?;
+            }
+            blocks.push(Block {
+                attn_norm: mv(&b.attn_norm)?,
+                mlp_norm: mv(&b.mlp_norm)?,
+                proj,
+            });
+        }
+        Ok(Llama {
+            embed: mv(&self.embed)?,
+            blocks,
+            norm: mv(&self.norm)?,
+            lm_head: mv(&self.lm_head)?,
+            recomputed: Default::default(),
+            ..self
+        })
+    }
+
     fn build(cfg: LlamaConfig, mut take: impl FnMut(&str) -> Option<Tensor>) -> Result<Llama> {
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let x = take(name).ok_or_else(|| {
@@ -392,11 +419,16 @@ impl Llama {
                     q.format.name()
                 );
             }
-            p.quantized = Some(std::sync::Arc::new(crate::quant::QuantWeight {
+            let restored = crate::quant::QuantWeight {
                 codes,
                 scales,
-                ..(**q).clone()
-            }));
+                ..(*q.host).clone()
+            };
+            let dev = p
+                .lora
+                .as_ref()
+                .map_or(Device::Cpu, |l| l.a.device().clone());
+            p.quantized = Some(crate::frozen::CompactWeight::new(restored, &dev)?);
         }
         Ok(())
     }

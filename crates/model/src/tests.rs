@@ -662,3 +662,85 @@ fn checkpointed_activations_give_the_same_gradients_bit_for_bit() {
         assert!(plain.get(model.lm_head.as_tensor()).is_some());
     }
 }
+
+/// The composed path's compact matmul (the one a GPU runs, there with the kernel
+/// dequantising) against the dense frozen matmul on the dequantised W: the product and the
+/// input's gradient bit for bit, in f32 and in (emulated) bf16.
+#[test]
+fn compact_frozen_matmul_equals_the_dense_one_on_the_dequantised_w() {
+    use crate::frozen::{compact_matmul, frozen_matmul, CompactWeight};
+    use crate::quant::{FrozenFormat, QuantWeight};
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(23);
+    let (m, k, n) = (5, 48, 33);
+    let x = Tensor::from_vec(rng.normal_vec(m * k, 1.0), (m, k), &dev).unwrap();
+    let w: Vec<f32> = rng.normal_vec(n * k, 0.1);
+    let r = Tensor::from_vec(rng.normal_vec(m * n, 1.0), (m, n), &dev).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for format in [FrozenFormat::Bf16, FrozenFormat::Int8, FrozenFormat::Nf4] {
+        let cw = CompactWeight::new(QuantWeight::quantize(&w, (n, k), format, 16), &dev).unwrap();
+        for dt in [DType::F32, DType::BF16] {
+            let dense = cw.dense(dt, &dev).unwrap();
+            let out = |f: &dyn Fn(&Tensor) -> Tensor| {
+                let xv = candle_core::Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
+                let y = f(xv.as_tensor());
+                let loss = (y.to_dtype(DType::F32).unwrap() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                (bits(&y), bits(g.get(xv.as_tensor()).unwrap()))
+            };
+            let compact = out(&|x| compact_matmul(x, &cw).unwrap());
+            let reference = out(&|x| frozen_matmul(x, &dense).unwrap());
+            assert_eq!(compact.0, reference.0, "{format:?} {dt:?}: forward");
+            assert_eq!(compact.1, reference.1, "{format:?} {dt:?}: input gradient");
+        }
+    }
+}
+
+/// A model built on one device and moved (as a GPU stage's is, built on the host) is the
+/// same model: every state tensor, compact codes included, and the same logits.
+#[test]
+fn a_moved_model_is_the_same_model() {
+    use crate::quant::FrozenFormat;
+    let mut rng = Rng::new(5);
+    let mut model = Llama::random(TINY, &mut rng, &Device::Cpu).unwrap();
+    wrap(&mut model, 2, LoraInit::KaimingBoth, 0.0, &mut rng);
+    for (_, p) in model.projections_mut() {
+        p.quantize_frozen(FrozenFormat::Nf4, 4).unwrap();
+    }
+    let b = batch(&mut rng, TINY.vocab_size as u32, 2, 5);
+    let ids = Tensor::from_slice(&b.inputs, (b.batch_size, b.len), &Device::Cpu).unwrap();
+    let before = model.state_tensors().unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    let moved = model.to_device(&Device::Cpu).unwrap();
+    let after = moved.state_tensors().unwrap();
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &before {
+        let u = &after[name];
+        assert_eq!(
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            u.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(rel_err(&moved.forward(&ids, None).unwrap(), &logits), 0.0);
+}

@@ -316,6 +316,7 @@ pub fn train(
             // What `run` checks against the machine's memory (all ranks of a CPU stage
             // share one machine under mpirun).
             "memory_bytes": memory * p.ranks() as f64,
+            "memory_per_process_bytes": memory,
             "memory_device": if matches!(p.device, crate::device::DeviceParam::Cpu) { "cpu" } else { "gpu" },
             "seq_len": p.seq_len,
             // Evaluation runs the merged model.

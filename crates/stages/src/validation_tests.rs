@@ -135,7 +135,6 @@ const CASES: &[Case] = &[
     case(train!("full", "galore: {rank: 8} #<"), "galore", "stages.s.params.galore", "`galore:` is not used by method full; remove it, or pick a method that reads it (galore)"),
     case(train!("lora", "lora: {rank: 4, frozen: nf4, block: 0} #<"), "block", "stages.s.params.lora.block", "lora.block must be at least 1 (weights per NF4 scale)"),
     case(train!("lora", "lora: {rank: 4, base: none, frozen: int8} #<"), "frozen", "stages.s.params.lora.frozen", "lora.frozen: int8 stores the frozen W, and `base: none` has none"),
-    case(train!("lora", "device: cuda", "lora: {rank: 4, frozen: nf4} #<"), "frozen", "stages.s.params.lora.frozen", "lora.frozen: nf4 has a CPU kernel only so far"),
     case(train!("control", "lora: {rank: 4, frozen: int8} #<"), "frozen", "stages.s.params.lora.frozen", "Control trains a full-rank model with no frozen W"),
     case(train!("lora", "lora: {rank: 4, frozen: int4} #<"), "frozen", "stages.s.params.lora.frozen", "unknown variant `int4`"),
     case(train!("relora #<"), "method", "stages.s.params.method", "method `relora` needs a `relora:` section"),

@@ -9,6 +9,7 @@
 //!
 //! The launch shapes below are the ones `emulate/check_kernels.cpp` runs the kernels with.
 
+use crate::quant::{FrozenFormat, QuantWeight};
 use candle_core::backend::BackendStorage;
 pub use candle_core::cuda::cudarc::driver::CudaSlice;
 pub use candle_core::cuda::cudarc::driver::CudaView;
@@ -16,7 +17,9 @@ use candle_core::cuda::cudarc::driver::{CudaViewMut, LaunchConfig, PushKernelArg
 use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 pub use candle_core::CudaStorage;
-use candle_core::{bail, CpuStorage, CudaDevice, InplaceOp1, Layout, Result, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, DType, InplaceOp1, Layout, Result, Storage, Tensor,
+};
 use std::cell::RefCell;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_kernels.ptx"));
@@ -270,6 +273,67 @@ pub fn rms_norm_bwd(
         &hh
     );
     Ok(out)
+}
+
+/// A compact W ([`crate::quant`]; its codes and scales on the device) dequantised into a
+/// new `rows × cols` buffer for cuBLAS: f32, or bf16 for a bf16 matmul (rounded as a cast
+/// rounds). The same bits as the CPU's dequantisation, then cast.
+pub fn dequantize(
+    dev: &CudaDevice,
+    codes: &CudaView<'_, u8>,
+    scales: &CudaView<'_, f32>,
+    q: &QuantWeight,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let format: u32 = match q.format {
+        FrozenFormat::Bf16 => 1,
+        FrozenFormat::Int8 => 2,
+        FrozenFormat::Nf4 => 3,
+        FrozenFormat::F32 => bail!("dequantize: an f32 W is not compact"),
+    };
+    let n = q.rows * q.cols;
+    let (nn, cols, block) = (
+        n as u64,
+        u32_of(q.cols, "columns")?,
+        u32_of(q.block, "block")?,
+    );
+    let cfg = elems_config(n);
+    match dtype {
+        DType::F32 => {
+            let mut w = alloc(dev, n)?;
+            launch!(
+                dev,
+                "dequantize_f32",
+                cfg,
+                codes,
+                scales,
+                &mut w,
+                &nn,
+                &cols,
+                &block,
+                &format
+            );
+            Ok(storage(w, dev))
+        }
+        DType::BF16 => {
+            // SAFETY: the kernel writes all n elements.
+            let mut w = unsafe { dev.alloc::<half::bf16>(n.max(1)) }?;
+            launch!(
+                dev,
+                "dequantize_bf16",
+                cfg,
+                codes,
+                scales,
+                &mut w,
+                &nn,
+                &cols,
+                &block,
+                &format
+            );
+            Ok(CudaStorage::wrap_cuda_slice(w, dev.clone()))
+        }
+        other => bail!("dequantize: no kernel writes {other:?}"),
+    }
 }
 
 /// `silu(g) · u` over n elements.

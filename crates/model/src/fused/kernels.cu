@@ -369,3 +369,54 @@ extern "C" __global__ void attn_bwd_kv(const float* q, const float* k, const flo
         }
     }
 }
+
+// ---- A frozen W in a compact format (src/quant.rs), dequantised for cuBLAS ----
+// W is rows × cols, row-major, n = rows · cols weights. format 1: bf16 (2 bytes a weight,
+// little-endian); 2: int8 (a code a byte, one scale per row of `cols`); 3: NF4 (two level
+// indices a byte, the earlier weight in the low nibble, one scale per `block` weights of the
+// flattened W). Each weight is computed as quant.rs's dequantize_rows computes it: the same
+// f32 product, so the same bits as the CPU.
+
+__device__ __forceinline__ float nf4_level(unsigned i) {
+    // QLoRA's NormalFloat-4 levels (quant.rs NF4_LEVELS).
+    const float levels[16] = {-1.0f,          -0.6961928f,  -0.52507305f, -0.3949175f,
+                              -0.28444138f,   -0.18477343f, -0.091050036f, 0.0f,
+                              0.0795803f,     0.1609302f,   0.2461123f,   0.33791524f,
+                              0.44070983f,    0.562617f,    0.72295684f,  1.0f};
+    return levels[i];
+}
+
+__device__ __forceinline__ float compact_weight(const unsigned char* codes, const float* scales,
+                                                size_t i, unsigned cols, unsigned block,
+                                                unsigned format) {
+    if (format == 1) {
+        unsigned bits = (unsigned)codes[2 * i] | ((unsigned)codes[2 * i + 1] << 8);
+        return __uint_as_float(bits << 16);
+    }
+    if (format == 2) return (float)(signed char)codes[i] * scales[i / cols];
+    unsigned nibble = (codes[i >> 1] >> ((i & 1) * 4)) & 15u;
+    return nf4_level(nibble) * scales[i / block];
+}
+
+extern "C" __global__ void dequantize_f32(const unsigned char* codes, const float* scales,
+                                          float* w, size_t n, unsigned cols, unsigned block,
+                                          unsigned format) {
+    for (size_t i = thread_index(); i < n; i += thread_count())
+        w[i] = compact_weight(codes, scales, i, cols, block, format);
+}
+
+// The same, rounded to bf16 (to nearest, ties to even, as candle's casts round) for a bf16
+// matmul: the bits of the f32 weight's cast.
+extern "C" __global__ void dequantize_bf16(const unsigned char* codes, const float* scales,
+                                           unsigned short* w, size_t n, unsigned cols,
+                                           unsigned block, unsigned format) {
+    for (size_t i = thread_index(); i < n; i += thread_count()) {
+        float x = compact_weight(codes, scales, i, cols, block, format);
+        unsigned b = __float_as_uint(x);
+        if (x != x) {
+            w[i] = (unsigned short)((b >> 16) | 0x40u);
+        } else {
+            w[i] = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+        }
+    }
+}

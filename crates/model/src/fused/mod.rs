@@ -30,7 +30,7 @@ pub mod adamw;
 pub mod attention;
 pub mod compact;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod exp;
 pub mod gemm;
 pub mod grads;

@@ -401,7 +401,7 @@ fn cuda_kernels_match_plain_math_in_emulation() {
     let out = String::from_utf8_lossy(&ran.stdout);
     assert!(ran.status.success(), "{out}");
     // Every check ran (a kernel left out of main() would not show as a failure).
-    assert!(out.contains("KERNELS 23 checks, 0 failed"), "{out}");
+    assert!(out.contains("KERNELS 29 checks, 0 failed"), "{out}");
 }
 
 /// Every kernel `cuda.rs` launches exists in kernels.cu and gets as many arguments as it has
@@ -448,7 +448,7 @@ fn cuda_launches_match_the_kernels_signatures() {
         assert_eq!(args.len() - 3, *want, "arguments passed to {name}");
         launched.insert(name);
     }
-    assert_eq!(params.len(), 14, "kernels found in kernels.cu");
+    assert_eq!(params.len(), 16, "kernels found in kernels.cu");
     let all: BTreeSet<String> = params.keys().map(|k| k.to_string()).collect();
     assert_eq!(launched, all);
 }

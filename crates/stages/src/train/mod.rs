@@ -106,17 +106,24 @@ fn build_model(
     init_dir: Option<&Path>,
     device: &candle_core::Device,
 ) -> Result<Llama> {
+    // Built and adapted on the host, then moved: a GPU never holds the dense W of a layer
+    // whose method keeps it compact (lora.frozen), and the values are the same (every
+    // draw is the host's).
+    let host = candle_core::Device::Cpu;
     let mut rng = Rng::derive(p.seed, "init");
     let mut model = match (init_dir, p.init_mode) {
         (Some(dir), InitMode::Weights) => {
             let path = dir.join("model.safetensors");
-            Llama::from_owned_tensors(cfg, load_tensors(&path, device)?)
+            Llama::from_owned_tensors(cfg, load_tensors(&path, &host)?)
                 .with_context(|| format!("loading {}", path.display()))?
         }
-        _ => Llama::random(cfg, &mut rng, device)?,
+        _ => Llama::random(cfg, &mut rng, &host)?,
     };
     p.method
         .adapt_model(p, &mut model, init_dir.is_some(), &mut rng)?;
+    if !device.is_cpu() {
+        model = model.to_device(device)?;
+    }
     // Parameters and moments stay f32 whatever the compute dtype (relora_model::precision).
     model.compute = p.dtype.dtype();
     model.checkpoint_activations = p.checkpoint_activations;

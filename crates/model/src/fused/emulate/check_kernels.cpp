@@ -236,6 +236,84 @@ static void attention(unsigned b, unsigned t, unsigned h, unsigned d) {
     expect("attention dq, dk, dv" + shape, grads, rg, 1e-5);
 }
 
+// Exact checks: a dequantised weight is one f32 product, the same bits on every device.
+static void expect_bits(const std::string& what, const std::vector<unsigned>& got,
+                        const std::vector<unsigned>& want) {
+    size_t wrong = got.size() == want.size() ? 0 : 1;
+    for (size_t i = 0; i < got.size() && i < want.size(); i++) wrong += got[i] != want[i];
+    checks++;
+    failed += wrong != 0;
+    std::printf("%s %s: %zu of %zu values differ in their bits\n", wrong ? "FAIL" : "ok  ",
+                what.c_str(), wrong, want.size());
+}
+
+// The nearest bf16 to x (ties to the even one), by comparing the two candidates in double.
+static unsigned bf16_nearest(float x) {
+    unsigned b = std::bit_cast<unsigned>(x), lo = b & 0xffff0000u, hi = lo + 0x10000u;
+    double dl = std::fabs((double)std::bit_cast<float>(lo) - x);
+    double dh = std::fabs((double)std::bit_cast<float>(hi) - x);
+    if (dl < dh || (dl == dh && ((lo >> 16) & 1u) == 0)) return lo >> 16;
+    return hi >> 16;
+}
+
+// W of 7 × 37 (odd, so NF4's last byte holds one weight), NF4 blocks of 16 straddling rows.
+static void dequantize_check() {
+    const unsigned rows = 7, cols = 37, block = 16;
+    const size_t n = (size_t)rows * cols;
+    static const double levels[16] = {-1.0,         -0.6961928,  -0.52507305, -0.3949175,
+                                      -0.28444138,  -0.18477343, -0.091050036, 0.0,
+                                      0.0795803,    0.1609302,   0.2461123,   0.33791524,
+                                      0.44070983,   0.562617,    0.72295684,  1.0};
+    for (unsigned format = 1; format <= 3; format++) {
+        std::vector<unsigned char> codes;
+        Vec scales;
+        std::vector<double> want(n);
+        if (format == 1) {
+            Vec w = random(n, 3.f);
+            for (size_t i = 0; i < n; i++) {
+                unsigned h = bf16_nearest(w[i]);
+                codes.push_back(h & 0xff);
+                codes.push_back(h >> 8);
+                want[i] = std::bit_cast<float>(h << 16);
+            }
+        } else if (format == 2) {
+            scales = random(rows, 0.02f);
+            for (size_t i = 0; i < n; i++) {
+                int c = (int)std::lround(uniform() * 127);
+                codes.push_back((unsigned char)(signed char)c);
+                want[i] = c * (double)scales[i / cols];
+            }
+        } else {
+            scales = random((n + block - 1) / block, 0.05f);
+            codes.assign((n + 1) / 2, 0);
+            for (size_t i = 0; i < n; i++) {
+                unsigned idx = (unsigned)((uniform() + 1) * 8) & 15u;
+                codes[i / 2] |= (unsigned char)(idx << (4 * (i % 2)));
+                // The levels are f32 constants (quant.rs): rounded before the product.
+                want[i] = (double)(float)levels[idx] * scales[i / block];
+            }
+        }
+        if (scales.empty()) scales.push_back(0.f);
+        Vec w32(n);
+        std::vector<unsigned short> w16(n);
+        emu::launch(SMALL_GRID, ELEM_BLOCK, dequantize_f32, codes.data(), scales.data(),
+                    w32.data(), n, cols, block, format);
+        emu::launch(SMALL_GRID, ELEM_BLOCK, dequantize_bf16, codes.data(), scales.data(),
+                    w16.data(), n, cols, block, format);
+        std::vector<unsigned> got32(n), want32(n), got16(n), want16(n);
+        for (size_t i = 0; i < n; i++) {
+            float f = (float)want[i];  // one rounding of the exact product
+            got32[i] = std::bit_cast<unsigned>(w32[i]);
+            want32[i] = std::bit_cast<unsigned>(f);
+            got16[i] = w16[i];
+            want16[i] = bf16_nearest(f);
+        }
+        const char* name[] = {"", "bf16", "int8", "nf4"};
+        expect_bits(std::string("dequantize ") + name[format] + " to f32", got32, want32);
+        expect_bits(std::string("dequantize ") + name[format] + " to bf16", got16, want16);
+    }
+}
+
 int main() {
     rms_norm();
     swiglu();
@@ -245,6 +323,7 @@ int main() {
     attention(2, 7, 2, 40);   // lanes 8..31 hold one element, lanes 0..7 two
     attention(1, 9, 3, 16);   // head_dim below a warp
     attention(1, 5, 1, 128);  // the largest head_dim: four elements per lane
+    dequantize_check();
     std::printf("KERNELS %d checks, %d failed\n", checks, failed);
     return failed ? 1 : 0;
 }

@@ -6,6 +6,7 @@
 // takes) would deadlock here, as it would misbehave on a GPU.
 #pragma once
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
@@ -82,3 +83,6 @@ template <class K, class... A> void launch(dim3 grid, dim3 block, K kernel, A...
 template <class T> inline T __shfl_xor_sync(unsigned, T v, unsigned mask) {
     return emu::shfl_xor(v, mask);
 }
+
+__device__ __forceinline__ float __uint_as_float(unsigned b) { return std::bit_cast<float>(b); }
+__device__ __forceinline__ unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }

@@ -32,7 +32,7 @@ impl TrainMethod for Control {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(p, c);
+            l.check(c);
             c.require(
                 l.frozen == relora_model::quant::FrozenFormat::F32,
                 &["lora", "frozen"],

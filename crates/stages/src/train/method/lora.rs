@@ -5,7 +5,6 @@
 
 use super::{block_and_head, TrainMethod};
 use crate::check::Checks;
-use crate::device::DeviceParam;
 use crate::train::params::TrainParams;
 use anyhow::Result;
 use relora_model::quant::FrozenFormat;
@@ -83,8 +82,8 @@ pub fn relora_trainable(cfg: &LlamaConfig, r: usize) -> usize {
 }
 
 impl LoraParams {
-    /// The `lora:` section's checks, for any method that reads it; `p` for the device.
-    pub(super) fn check(&self, p: &TrainParams, c: &mut Checks) {
+    /// The `lora:` section's checks, for any method that reads it.
+    pub(super) fn check(&self, c: &mut Checks) {
         c.at_least(
             &["lora", "rank"],
             self.rank as u64,
@@ -108,14 +107,6 @@ impl LoraParams {
             &["lora", "frozen"],
             format!(
                 "lora.frozen: {} stores the frozen W, and `base: none` has none",
-                self.frozen.name()
-            ),
-        );
-        c.require(
-            !matches!(p.device, DeviceParam::Cuda | DeviceParam::CudaId(_)),
-            &["lora", "frozen"],
-            format!(
-                "lora.frozen: {} has a CPU kernel only so far; on a GPU keep `frozen: f32`",
                 self.frozen.name()
             ),
         );
@@ -198,7 +189,7 @@ impl TrainMethod for Lora {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(p, c);
+            l.check(c);
         }
     }
     fn adapt_model(

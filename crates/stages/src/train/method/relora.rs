@@ -107,7 +107,7 @@ impl TrainMethod for Relora {
     }
     fn check(&self, p: &TrainParams, c: &mut Checks) {
         if let Some(l) = &p.lora {
-            l.check(p, c);
+            l.check(c);
             c.require(
                 l.base != LoraBase::None,
                 &["lora", "base"],
