@@ -218,10 +218,24 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", causes(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, joined by ": ", leaving out a cause that its parent's message
+/// already quotes (a library's I/O error that prints its source, then the source again).
+fn causes(e: &anyhow::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.last().is_some_and(|prev| prev.contains(&text)) {
+            continue;
+        }
+        out.push(text);
+    }
+    out.join(": ")
 }
 
 fn real_main() -> Result<ExitCode> {
@@ -552,6 +566,17 @@ fn print_plan(
              (≈ {:.1} H100-hours at 40% of 989 TFLOP/s)",
             to_run / (0.4 * 989e12) / 3600.0
         );
+        let all = vec![true; plans.len()];
+        let disk = relora_exec::DiskNeed::new(dag, cache, &plans, &sizes, &all);
+        println!(
+            "disk: the stages that would run write up to {} into the cache; {} free there",
+            relora_exec::disk_size(disk.needed),
+            disk.free
+                .map_or("unknown".into(), |f| relora_exec::disk_size(f as f64))
+        );
+        if let Some(w) = disk.warning(cache) {
+            println!("{w}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,10 +17,14 @@ macro_rules! tiny_tokens_stage {
     };
 }
 
+#[path = "pipeline/disk.rs"]
+mod disk;
 #[path = "pipeline/parallel.rs"]
 mod parallel;
 #[path = "pipeline/slurm.rs"]
 mod slurm;
+#[path = "pipeline/storm.rs"]
+mod storm;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -1405,7 +1409,7 @@ fn latest_checkpoint(cache: &Path) -> u64 {
 }
 
 /// Poll until `done` holds, failing with `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) {
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !done() {
         assert!(t0.elapsed() < limit, "{what}");

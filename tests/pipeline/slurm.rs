@@ -469,6 +469,94 @@ fn scenario_a_data_parallel_stage_runs_as_one_job_of_two_tasks(c: &Cluster) {
     assert!(one == two, "the 2-task Slurm job trained other weights");
 }
 
+/// Any Slurm job now running a stage of `env`'s cache, from its attempts' staging folders.
+fn any_job(env: &Env) -> Option<String> {
+    std::fs::read_dir(env.path().join("cache/staging"))
+        .ok()?
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("slurm-job")).ok())
+        .map(|id| id.trim().to_string())
+}
+
+/// The kill storm under Slurm (issue #26): a few runs, each hit at a moment drawn from a
+/// fixed seed by `scancel` of the running job or a SIGKILL to its `slurmstepd`; then one
+/// run to the end gives a local run's keys and bytes, with no job or process left and
+/// nothing corrupt.
+fn scenario_a_kill_storm_under_slurm_loses_nothing(c: &Cluster) {
+    let data = repo().join("examples/data");
+    let yaml = PIPELINE.replace("DATA", data.to_str().unwrap());
+    let local = Env::new();
+    local.write("p.yaml", &yaml);
+    local.ok(&["run", "p.yaml", "--jobs", "2"]);
+    let env = Env::new();
+    env.write("p.yaml", &yaml);
+    let mut seed = 20261204u64;
+    for k in 0..4 {
+        let mut run = c
+            .cmd(
+                &env,
+                &["run", "p.yaml", "--executor", "slurm", "--jobs", "2"],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(500 + (seed >> 33) % 4000);
+        std::thread::sleep(delay);
+        wait_until("no Slurm job started", Duration::from_secs(60), || {
+            any_job(&env).is_some() || run.try_wait().unwrap().is_some()
+        });
+        if let Some(job) = any_job(&env) {
+            let ok = if k % 2 == 0 {
+                Command::new("scancel")
+                    .arg(&job)
+                    .env("SLURM_CONF", &c.conf)
+                    .status()
+                    .unwrap()
+                    .success()
+            } else {
+                // The job's step daemon dies as a node's would: the job fails.
+                Command::new("pkill")
+                    .args(["-9", "-f", &format!("slurmstepd: \\[{job}\\.")])
+                    .status()
+                    .unwrap()
+                    .code()
+                    .is_some_and(|c| c <= 1)
+            };
+            assert!(ok, "could not hit job {job}");
+        }
+        // Each run ends: it resubmits the job or fails the stage, never hangs.
+        wait_until(
+            "a run under the storm never ended",
+            Duration::from_secs(180),
+            || run.try_wait().unwrap().is_some(),
+        );
+    }
+    c.ok(
+        &env,
+        &["run", "p.yaml", "--executor", "slurm", "--jobs", "2"],
+    );
+    assert_eq!(
+        keys_and_outputs(&env, "p.yaml"),
+        keys_and_outputs(&local, "p.yaml")
+    );
+    let verify = env.ok(&["verify"]);
+    assert!(verify.contains(" 0 corrupt"), "{verify}");
+    let queue = Command::new("squeue")
+        .args(["--noheader", "--format=%i %j"])
+        .env("SLURM_CONF", &c.conf)
+        .output()
+        .unwrap();
+    let queue = String::from_utf8_lossy(&queue.stdout);
+    assert!(
+        !queue.contains("relora:"),
+        "jobs left in the queue: {queue}"
+    );
+}
+
 #[test]
 fn the_slurm_executor_runs_pipelines_on_a_real_cluster() {
     let Some(cluster) = Cluster::start() else {
@@ -484,4 +572,5 @@ fn the_slurm_executor_runs_pipelines_on_a_real_cluster() {
     #[cfg(feature = "mpi")]
     scenario_a_data_parallel_stage_runs_as_one_job_of_two_tasks(&cluster);
     scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(&cluster);
+    scenario_a_kill_storm_under_slurm_loses_nothing(&cluster);
 }

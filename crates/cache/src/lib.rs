@@ -257,6 +257,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Bytes free on the filesystem holding `path` (for an unprivileged writer).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct it is given and reads a NUL-terminated
+    // path that lives across the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Whether an error's text says a filesystem was full (ENOSPC, or a quota's EDQUOT): the
+/// words of Rust's and the C library's messages, since a stage's error reaches the
+/// executor as text from its log.
+pub fn says_disk_full(text: &str) -> bool {
+    [
+        "No space left on device",
+        "os error 28",
+        "Disk quota exceeded",
+        "os error 122",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
+
 /// blake3 of a file's bytes, as hex.
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).io("opening", path)?;
@@ -333,6 +362,12 @@ impl Cache {
             fs::create_dir_all(&d).io("cannot create cache folder", &d)?;
         }
         Ok(Cache { root })
+    }
+
+    /// Bytes free for this cache on its filesystem (statvfs's blocks available to an
+    /// unprivileged writer), if the system says.
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.root)
     }
 
     /// Checks that this process can write the cache, by creating and removing a file in

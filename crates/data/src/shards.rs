@@ -117,10 +117,19 @@ impl ShardWriter {
             self.close_shard()?;
         } else if self.tokens_in_group >= ROW_GROUP_TOKENS {
             self.write_batch()?;
-            self.writer_mut()?.flush()?;
+            let path = self.shard_path();
+            self.writer_mut()?
+                .flush()
+                .with_context(|| format!("writing {}", path.display()))?;
             self.tokens_in_group = 0;
         }
         Ok(())
+    }
+
+    /// The open shard's file (for errors: a full disk names the file it could not write).
+    fn shard_path(&self) -> std::path::PathBuf {
+        self.dir
+            .join(self.current.as_ref().map_or("", |c| c.file.as_str()))
     }
 
     fn writer_mut(&mut self) -> Result<&mut ArrowWriter<File>> {
@@ -135,7 +144,10 @@ impl ShardWriter {
         }
         let list = std::mem::replace(&mut self.builder, new_builder()).finish();
         let batch = RecordBatch::try_new(schema(), vec![Arc::new(list)])?;
-        self.writer_mut()?.write(&batch)?;
+        let path = self.shard_path();
+        self.writer_mut()?
+            .write(&batch)
+            .with_context(|| format!("writing {}", path.display()))?;
         self.pending_rows = 0;
         Ok(())
     }
@@ -143,7 +155,9 @@ impl ShardWriter {
     fn close_shard(&mut self) -> Result<()> {
         self.write_batch()?;
         if let Some(w) = self.writer.take() {
-            w.close()?;
+            let path = self.shard_path();
+            w.close()
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(info) = self.current.take() {
             self.shards.push(info);

@@ -47,7 +47,10 @@ pub(crate) fn run_child(
         .arg(job)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log.try_clone()?)
+        // Through us, not straight into the log: on a full disk the log cannot be written,
+        // and the stage's last words (which name what it could not write) must still
+        // reach the user.
+        .stderr(Stdio::piped())
         // Its own process group: a terminal's Ctrl-C reaches the orchestrator alone, and the
         // child can take down everything it started (a command stage's shell) in one kill.
         .process_group(0);
@@ -92,19 +95,43 @@ pub(crate) fn run_child(
         }
     });
     let stdout = child.stdout.take().context("child stdout")?;
-    let mut log = std::io::BufWriter::new(log);
+    let stderr = child.stderr.take().context("child stderr")?;
+    let log = std::sync::Mutex::new(LogSink::new(log));
     let mut on_event = |e: LaunchEvent| {
         if let LaunchEvent::Progress(p) = e {
             on_progress(p)
         }
     };
-    for line in BufReader::new(stdout).lines() {
-        route_line(&line?, &mut log, &mut on_event)?;
-    }
-    log.flush()?;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log.lock().expect("log lock").line(&line);
+            }
+        });
+        // Read to the end whatever happens to the log, so the child never blocks on a
+        // full pipe and is always waited for.
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut sink = log.lock().expect("log lock");
+            let mut buf = Vec::new();
+            let _ = route_line(&line, &mut buf, &mut on_event);
+            if !buf.is_empty() {
+                sink.line(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
+            }
+        }
+    });
+    let sink = log.into_inner().expect("log lock");
     let status = child.wait()?;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let unwritten = sink.finish(log_path);
     if !status.success() {
+        if let Some(note) = unwritten {
+            bail!(
+                "the stage failed (exit code {}), and {note}",
+                status.code().unwrap_or(-1)
+            );
+        }
         use std::os::unix::process::ExitStatusExt;
         if ranks > 1 {
             if let Some(rank) = failed_rank(log_path) {
@@ -124,6 +151,53 @@ pub(crate) fn run_child(
         }
     }
     Ok(())
+}
+
+/// A stage's log file, with its last lines kept in memory: when the file cannot be written
+/// (a full disk), the failure's message carries them instead.
+struct LogSink {
+    file: std::io::BufWriter<std::fs::File>,
+    tail: std::collections::VecDeque<String>,
+    error: Option<std::io::Error>,
+}
+
+impl LogSink {
+    const TAIL: usize = 25;
+
+    fn new(file: std::fs::File) -> LogSink {
+        LogSink {
+            file: std::io::BufWriter::new(file),
+            tail: Default::default(),
+            error: None,
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        if self.tail.len() == Self::TAIL {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+        if self.error.is_none() {
+            if let Err(e) = writeln!(self.file, "{line}") {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    /// Flush; None when every line reached the file, else what to tell the user.
+    fn finish(mut self, path: &Path) -> Option<String> {
+        if self.error.is_none() {
+            if let Err(e) = self.file.flush() {
+                self.error = Some(e);
+            }
+        }
+        let e = self.error?;
+        Some(format!(
+            "its log {} could not be written ({e}); its last lines:\n{}",
+            path.display(),
+            Vec::from(self.tail).join("\n")
+        ))
+    }
 }
 
 /// A command that runs each single-process local stage, the stage's own command line after
@@ -194,7 +268,9 @@ fn watch_for_abandonment(job: &Path) {
         } else {
             continue;
         };
-        eprintln!("{why}; stopping this stage");
+        // Not eprintln!: with the orchestrator gone our stderr is a broken pipe, and a
+        // panic here would leave the process group running.
+        let _ = writeln!(std::io::stderr(), "{why}; stopping this stage");
         // SAFETY: kill(2) with pid 0 signals our own process group (set up by run_child,
         // or the batch job's); it touches no memory.
         unsafe {

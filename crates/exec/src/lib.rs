@@ -16,6 +16,7 @@
 //! (that process, and its end).
 
 mod child;
+mod disk;
 mod environment;
 mod graph;
 mod interrupt;
@@ -29,6 +30,7 @@ mod run;
 mod slurm;
 
 pub use child::child_main;
+pub use disk::{full_disk_advice, size as disk_size, DiskNeed};
 pub use environment::environment;
 pub use graph::Dag;
 pub use kind::{

@@ -1,10 +1,11 @@
 //! The scheduler, and one stage's way through the cache: look up, lock, compute in a child
 //! process (or adopt an entry the user vouched for), commit.
 
+use crate::disk::{full_disk_advice, DiskNeed};
 use crate::environment::{environment, stage_environment, threads_per_stage};
 use crate::launch::{Launch, LaunchEvent, Launcher};
 use crate::placement::{check_executor_kinds, resources, Launchers};
-use crate::plan::{components, components_without_code, explain_change};
+use crate::plan::{components, components_without_code, estimates, explain_change, plan};
 use crate::progress::Display;
 use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
 use anyhow::{bail, Context, Result};
@@ -94,6 +95,12 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
     let launchers = Launchers::new(&opts.executor);
     let launchers = &launchers;
     let selected = select(dag, registry, opts, launchers)?;
+    let plans = plan(dag, registry, cache)?;
+    let sizes = estimates(dag, registry, cache, &plans)?;
+    let disk = DiskNeed::new(dag, cache, &plans, &sizes, &selected);
+    if let Some(w) = disk.warning(cache) {
+        eprintln!("{w}");
+    }
     let env = environment(opts.jobs);
     let env = &env;
     if !launchers.main.assigns_gpus() {
@@ -117,6 +124,8 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
         interrupted: false,
         display: Display::new(),
         verified: Default::default(),
+        cache,
+        disk_need: disk.per_stage,
     };
     let (tx, rx) = mpsc::channel::<Event>();
     std::thread::scope(|scope| -> Result<()> {
@@ -288,6 +297,10 @@ struct Scheduler<'a> {
     display: Display,
     /// Input entries re-hashed so far (each once per run).
     verified: Arc<Mutex<HashSet<String>>>,
+    cache: &'a Cache,
+    /// What each stage writes into the cache at most (its estimate's `disk_bytes`), for
+    /// the message of a stage that fails on a full disk.
+    disk_need: Vec<Option<f64>>,
 }
 
 impl Scheduler<'_> {
@@ -399,7 +412,12 @@ impl Scheduler<'_> {
                         self.keys.insert(i, f.key);
                         self.outcome[i] = Some(f.outcome);
                     }
-                    Err(message) => {
+                    Err(mut message) => {
+                        if let Some(advice) =
+                            full_disk_advice(&message, &stage, self.disk_need[i], self.cache)
+                        {
+                            message = format!("{message}\n{advice}");
+                        }
                         self.display.failed(&stage, &message);
                         self.outcome[i] = Some(Outcome::Failed { message });
                         if !self.opts.keep_going {
@@ -586,7 +604,28 @@ fn compute(
         environment: stage_environment(env, &job.gpus, launcher.name()),
         adopted_from: None,
     };
+    pause_point("commit", &s.name);
     Ok(cache.commit(staging, info, job.force)?)
+}
+
+/// A hook for fault tests, to act at an exact moment (fill the disk before a commit): with
+/// `RELORA_PAUSE_AT=<point>:<stage>:<file>`, reaching `point` for `stage` creates `file`
+/// and waits until it is removed (10 minutes at most). Unset, it costs one lookup.
+fn pause_point(point: &str, stage: &str) {
+    let Ok(spec) = std::env::var("RELORA_PAUSE_AT") else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(p), Some(st), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    if p != point || st != stage || std::fs::write(file, b"").is_err() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while Path::new(file).exists() && start.elapsed().as_secs() < 600 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `--accept-code-change`: commit, under the new key, the outputs of an entry whose key

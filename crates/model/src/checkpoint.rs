@@ -31,18 +31,29 @@ pub struct TrainState {
 
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()));
+    if written.is_err() {
+        // A full disk: leave no partial file taking the space a retry needs.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
 pub fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(map, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = candle_core::safetensors::save(map, &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
+        .with_context(|| format!("writing {}", tmp.display()));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
@@ -71,15 +82,23 @@ fn optimizer_tensors(opt: &AdamW) -> HashMap<String, Tensor> {
 /// Write a full checkpoint (model, optimizer, state) as `dir/ckpt-<step>` and point
 /// `dir/latest` at it; older checkpoints are removed after.
 pub fn save(dir: &Path, model: &Llama, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("ckpt-{:08}", state.step);
     let target = dir.join(&name);
     let tmp = dir.join(format!("{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp)?;
-    write_folder(&tmp, model, opt, state)?;
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    if let Err(e) = write_folder(&tmp, model, opt, state) {
+        // On a full disk the partial folder would hold the space the next attempt needs;
+        // the previous checkpoint, which `latest` still names, is untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "saving the checkpoint at step {} (the previous one is kept)",
+            state.step
+        )));
+    }
     if target.exists() {
         std::fs::remove_dir_all(&target)?;
     }

@@ -154,11 +154,15 @@ pub fn tokenize(
     facts["train_tokens"] = json!(train_tokens.round() as u64);
     facts["valid_tokens"] = json!(valid_tokens.round() as u64);
     facts["exact"] = json!(false);
+    facts["disk_bytes"] = json!((train_tokens + valid_tokens) * SHARD_BYTES_PER_TOKEN);
     Ok(Estimate { lines, facts })
 }
 
+/// A token's bytes in a shard, at most: a u32 id (parquet's encoding only shrinks it).
+const SHARD_BYTES_PER_TOKEN: f64 = 4.0;
+
 fn dataset_estimate(m: &DatasetManifest) -> Estimate {
-    let bytes_per_token = 4.0;
+    let bytes_per_token = SHARD_BYTES_PER_TOKEN;
     Estimate {
         lines: vec![format!(
             "made {} training tokens in {} shard(s) and {} validation tokens (vocabulary {}; \
@@ -174,6 +178,7 @@ fn dataset_estimate(m: &DatasetManifest) -> Estimate {
             "train_tokens": m.train.tokens,
             "valid_tokens": m.valid.tokens,
             "exact": true,
+            "disk_bytes": (m.train.tokens + m.valid.tokens) as f64 * bytes_per_token,
         }),
     }
 }
@@ -303,10 +308,30 @@ pub fn train(
         )),
         None => lines.push("the training split's size is known once the data stage runs".into()),
     }
+    // On disk: the merged model and the low-rank update (f32) in the outputs, and the
+    // checkpoint twice (the outputs' copy, and the scratch folder's while it is replaced).
+    let model_bytes = 4.0 * cfg.param_count() as f64;
+    let update_bytes = 4.0 * frozen;
+    let checkpoint_bytes = trainable_bytes + frozen_bytes + optimizer * 4.0;
+    let disk = model_bytes + update_bytes + 2.0 * checkpoint_bytes;
+    lines.push(format!(
+        "writes ≈ {:.1} MB to the cache: the merged model {:.1} MB{}, and a checkpoint of \
+         {:.1} MB twice (in the outputs, and in the scratch folder while it is replaced)",
+        disk / 1e6,
+        model_bytes / 1e6,
+        if update_bytes > 0.0 {
+            format!(", the low-rank update {:.1} MB", update_bytes / 1e6)
+        } else {
+            String::new()
+        },
+        checkpoint_bytes / 1e6
+    ));
     let (blocks, head) = block_and_head(&cfg);
     Ok(Estimate {
         lines,
         facts: json!({
+            "disk_bytes": disk,
+            "model_bytes": model_bytes,
             "flops": flops,
             "tokens": tokens,
             "optimizer_bytes": optimizer * 4.0,

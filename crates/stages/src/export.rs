@@ -153,6 +153,27 @@ impl StageKind for Export {
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>> {
         parse_params::<ExportParams>(stage).map(|_| ())
     }
+    fn estimate(
+        &self,
+        _stage: &StageSpec,
+        inputs: &std::collections::BTreeMap<String, relora_exec::InputEstimate>,
+        _cached: Option<&Path>,
+    ) -> Result<relora_exec::Estimate> {
+        let model = inputs
+            .get("model")
+            .and_then(|m| m.facts.get("model_bytes"))
+            .and_then(|v| v.as_f64());
+        Ok(match model {
+            Some(bytes) => relora_exec::Estimate {
+                lines: vec![format!(
+                    "writes ≈ {:.1} MB: the weights in f32, the tokenizer and a card",
+                    bytes / 1e6
+                )],
+                facts: serde_json::json!({ "disk_bytes": bytes }),
+            },
+            None => relora_exec::Estimate::default(),
+        })
+    }
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: ExportParams = serde_json::from_value(ctx.params.clone())?;
         export_entry(

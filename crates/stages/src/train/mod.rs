@@ -467,7 +467,8 @@ fn write_outputs(out: &Path, trainer: &Trainer, metrics: &Path, info: &TrainInfo
     if !lora_update.is_empty() {
         save_tensors(&lora_update, &out.join("lora_update.safetensors"))?;
     }
-    std::fs::create_dir_all(out.join("checkpoint"))?;
+    std::fs::create_dir_all(out.join("checkpoint"))
+        .with_context(|| format!("creating {}", out.join("checkpoint").display()))?;
     checkpoint::write_folder(
         &out.join("checkpoint"),
         &trainer.model,
