@@ -109,6 +109,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stages side by side: the parameters (and inputs) that differ, and each one's final
+    /// metrics (a stage name, or a matrix template for all its expansions).
+    #[command(
+        after_help = "Example:\n  relora-pipe compare pipelines/quickstart.yaml train-full train-control train-lora train-relora\n  relora-pipe compare pipelines/quickstart.yaml eval --json"
+    )]
+    Compare {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(required = true)]
+        stages: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// A stage's entry: paths, metrics and manifest, and any table it produced.
     #[command(after_help = "Example:\n  relora-pipe show pipelines/quickstart.yaml report")]
     Show {
@@ -342,6 +355,7 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Show { p, stage, json } => show(&load(&p, &reg)?, &reg, &cache, &stage, json),
+        Cmd::Compare { p, stages, json } => compare(&load(&p, &reg)?, &reg, &cache, &stages, json),
         Cmd::Export { p, stage, to } => export(&p, &load(&p, &reg)?, &reg, &cache, &stage, &to),
         Cmd::Tensorboard { p } => tensorboard(&load(&p, &reg)?, &reg, &cache),
         Cmd::Gc {
@@ -411,6 +425,61 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Stage { .. } => unreachable!("handled above"),
     }
+}
+
+/// `compare`: the named stages (a template name stands for its expansions), side by side.
+fn compare(
+    dag: &Dag,
+    reg: &Registry,
+    cache: &relora_cache::Cache,
+    names: &[String],
+    json: bool,
+) -> Result<ExitCode> {
+    let plans = plan(dag, reg, cache)?;
+    let mut picked = Vec::new();
+    for n in names {
+        let found: Vec<usize> = match dag.index_of(n) {
+            Some(i) => vec![i],
+            None => (0..dag.pipeline.stages.len())
+                .filter(|&i| &dag.pipeline.stages[i].template == n)
+                .collect(),
+        };
+        if found.is_empty() {
+            bail!(
+                "this pipeline has no stage or matrix template `{n}`{}",
+                relora_spec::did_you_mean(n, plans.iter().map(|p| p.name.as_str()))
+            );
+        }
+        picked.extend(found);
+    }
+    let dirs: Vec<Option<std::path::PathBuf>> = picked
+        .iter()
+        .map(|&i| match (&plans[i].state, &plans[i].key) {
+            (State::Cached, Some(k)) => Some(cache.entry_dir(k).join("outputs")),
+            _ => None,
+        })
+        .collect();
+    let runs: Vec<relora_stages::compare::Run> = picked
+        .iter()
+        .zip(&dirs)
+        .map(|(&i, d)| {
+            let s = &dag.pipeline.stages[i];
+            relora_stages::compare::Run {
+                name: &s.name,
+                kind: &s.kind,
+                params: &s.params,
+                inputs: &s.inputs,
+                outputs: d.as_deref(),
+            }
+        })
+        .collect();
+    let c = relora_stages::compare::compare(&runs);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", c.table());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn show(

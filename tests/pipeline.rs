@@ -420,6 +420,37 @@ fn tiny_relora_pipeline_trains_merges_evaluates_and_reports() {
     }
     // Timings belong to the log and the manifest, not to outputs.
     assert!(m[0].get("tokens_per_s").is_none(), "{}", m[0]);
+    // `compare`: what differs between the ReLoRA and LoRA stages, and their final metrics
+    // as their outputs hold them.
+    let c: Value =
+        serde_json::from_str(&env.ok(&["compare", "tiny.yaml", "relora", "lora", "--json"]))
+            .unwrap();
+    let differs: std::collections::BTreeMap<String, Value> = c["differs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d[0].as_str().unwrap().to_string(), d[1].clone()))
+        .collect();
+    assert_eq!(differs["method"], serde_json::json!(["relora", "lora"]));
+    assert_eq!(differs["inputs.init"], serde_json::json!(["warm", null]));
+    assert!(
+        !differs.contains_key("lora.rank"),
+        "the same rank: {differs:?}"
+    );
+    let final_loss = c["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[0] == "final train loss")
+        .unwrap()[1][0]
+        .as_f64()
+        .unwrap();
+    assert_eq!(final_loss, m.last().unwrap()["loss"].as_f64().unwrap());
+    let table = env.ok(&["compare", "tiny.yaml", "eval"]);
+    assert!(
+        table.contains("inputs.model") && table.contains("perplexity"),
+        "{table}"
+    );
     // TensorBoard events beside the outputs: a version record, then one per step.
     let o = env.run(&["tensorboard", "tiny.yaml"]);
     assert!(o.status.success());

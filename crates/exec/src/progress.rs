@@ -29,6 +29,56 @@ pub(crate) fn eta(elapsed: Duration, done: u64, left: u64) -> Option<String> {
     })
 }
 
+/// The whole run's time left: the estimated FLOPs its stages have still to do (their
+/// estimates' `flops`, less each running stage's progress) at the FLOP rate this run has
+/// made so far. Stages without a FLOP estimate (tokenize, command) do not count.
+pub(crate) struct RunEta {
+    start: Instant,
+    /// Each stage's FLOPs, for the stages this run computes (0 for the others).
+    flops: Vec<f64>,
+    /// Fraction done of each stage: when this run first saw it, and now.
+    first: HashMap<usize, f64>,
+    now: HashMap<usize, f64>,
+    last_plain: Option<Instant>,
+}
+
+impl RunEta {
+    pub(crate) fn new(flops: Vec<f64>) -> RunEta {
+        RunEta {
+            start: Instant::now(),
+            flops,
+            first: HashMap::new(),
+            now: HashMap::new(),
+            last_plain: None,
+        }
+    }
+
+    /// Stage `i` is `done` of its way (0 to 1).
+    pub(crate) fn update(&mut self, i: usize, done: f64) {
+        self.first.entry(i).or_insert(done);
+        self.now.insert(i, done);
+    }
+
+    pub(crate) fn left(&self) -> Option<String> {
+        let frac = |i: usize| self.now.get(&i).copied().unwrap_or(0.0);
+        let made: f64 = (0..self.flops.len())
+            .map(|i| self.flops[i] * (frac(i) - self.first.get(&i).copied().unwrap_or(0.0)))
+            .sum();
+        let left: f64 = (0..self.flops.len())
+            .map(|i| self.flops[i] * (1.0 - frac(i)))
+            .sum();
+        if made <= 0.0 || left <= 0.0 {
+            return None;
+        }
+        // In FLOPs as "steps": eta() only needs the ratio.
+        eta(
+            self.start.elapsed(),
+            made.round() as u64,
+            left.round() as u64,
+        )
+    }
+}
+
 fn describe(p: &Progress) -> String {
     let mut s = String::new();
     if let Some(l) = p.loss {
@@ -125,6 +175,32 @@ impl Display {
         }
     }
 
+    /// The whole run's ETA: a bar's message on a terminal, else a line every 30 s.
+    pub(crate) fn run_eta(&mut self, run: &mut RunEta, stages_left: usize) {
+        let Some(left) = run.left() else { return };
+        let text = format!("[run] {stages_left} stage(s) to finish, ETA {left}");
+        match &self.multi {
+            Some(m) => {
+                let bar = self.bars.entry("\0run".into()).or_insert_with(|| {
+                    let b = m.insert(0, ProgressBar::new_spinner());
+                    b.set_style(ProgressStyle::with_template("{msg}").expect("static template"));
+                    b
+                });
+                bar.set_message(text);
+            }
+            None => {
+                let now = Instant::now();
+                if run
+                    .last_plain
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30))
+                {
+                    run.last_plain = Some(now);
+                    eprintln!("{text}");
+                }
+            }
+        }
+    }
+
     fn line(&self, text: &str) {
         match &self.multi {
             Some(m) => {
@@ -166,7 +242,7 @@ impl Display {
 
 #[cfg(test)]
 mod tests {
-    use super::eta;
+    use super::{eta, RunEta};
     use std::time::Duration;
 
     #[test]
@@ -177,5 +253,17 @@ mod tests {
         assert_eq!(eta(Duration::from_secs(3600), 1, 2).unwrap(), "2h00m");
         assert_eq!(eta(Duration::from_secs(5), 0, 10), None, "no rate yet");
         assert_eq!(eta(Duration::from_secs(5), 10, 0), None, "finished");
+    }
+
+    #[test]
+    fn the_runs_eta_counts_flops_made_in_this_run_only() {
+        // Stage 0 (100 FLOPs) resumed at half way and now at three quarters: 25 made;
+        // 25 left of it and 300 of stage 1: 325 left, 13 times what was made.
+        let mut r = RunEta::new(vec![100.0, 300.0, 0.0]);
+        r.update(0, 0.5);
+        assert_eq!(r.left(), None, "nothing made yet");
+        r.update(0, 0.75);
+        r.start -= Duration::from_secs(10);
+        assert_eq!(r.left().unwrap(), "2m10s");
     }
 }

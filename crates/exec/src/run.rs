@@ -5,8 +5,9 @@ use crate::disk::{full_disk_advice, DiskNeed};
 use crate::environment::{environment, stage_environment, threads_per_stage};
 use crate::launch::{Launch, LaunchEvent, Launcher};
 use crate::placement::{check_executor_kinds, resources, Launchers};
+use crate::plan::State;
 use crate::plan::{components, components_without_code, estimates, explain_change, plan};
-use crate::progress::Display;
+use crate::progress::{Display, RunEta};
 use crate::{Dag, Progress, Registry, StageContext, TOOL_VERSION};
 use anyhow::{bail, Context, Result};
 use relora_cache::{now_unix, Adoption, Cache, CommitInfo, KeyComponents, LockHolder, Manifest};
@@ -126,6 +127,19 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
         verified: Default::default(),
         cache,
         disk_need: disk.per_stage,
+        eta: RunEta::new(
+            (0..dag.pipeline.stages.len())
+                .map(|i| {
+                    let runs = selected[i] && matches!(plans[i].state, State::Run | State::Stale);
+                    let flops = sizes[i].facts.get("flops").and_then(|f| f.as_f64());
+                    if runs {
+                        flops.unwrap_or(0.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        ),
     };
     let (tx, rx) = mpsc::channel::<Event>();
     std::thread::scope(|scope| -> Result<()> {
@@ -301,6 +315,8 @@ struct Scheduler<'a> {
     /// What each stage writes into the cache at most (its estimate's `disk_bytes`), for
     /// the message of a stage that fails on a full disk.
     disk_need: Vec<Option<f64>>,
+    /// The whole run's time left, from the stages' estimated FLOPs.
+    eta: RunEta,
 }
 
 impl Scheduler<'_> {
@@ -399,7 +415,14 @@ impl Scheduler<'_> {
             Event::Started(i) => self.display.started(name(i)),
             Event::Waiting(i, holder) => self.display.waiting(name(i), holder),
             Event::StaleLock(i, holder) => self.display.stale_lock(name(i), &holder),
-            Event::Progress(i, p) => self.display.progress(name(i), &p),
+            Event::Progress(i, p) => {
+                self.display.progress(name(i), &p);
+                if p.total > 0 {
+                    self.eta.update(i, p.step as f64 / p.total as f64);
+                    let left = self.outcome.iter().filter(|o| o.is_none()).count();
+                    self.display.run_eta(&mut self.eta, left);
+                }
+            }
             Event::Launch(i, state) => self.display.note(&format!("[{}] {state}", name(i))),
             Event::Done(i, r) => {
                 let gpus = self.running.remove(&i).unwrap_or_default();
@@ -407,6 +430,7 @@ impl Scheduler<'_> {
                 let stage = self.dag.pipeline.stages[i].name.clone();
                 match r {
                     Ok(f) => {
+                        self.eta.update(i, 1.0);
                         self.display.finished(&stage, &f.outcome);
                         self.output_hash.insert(i, f.output_hash);
                         self.keys.insert(i, f.key);

@@ -5,7 +5,8 @@
 //! YAML, input folders from the cache) and the ML world (relora-data, relora-model,
 //! relora-analysis), which stay ignorant of each other's concerns.
 //!
-//! Beside the kinds: `check` (range checks that report at the YAML key), `device` (what
+//! Beside the kinds: `compare` (`relora-pipe compare`: the parameters that differ between
+//! stages and their final metrics), `check` (range checks that report at the YAML key), `device` (what
 //! `device:` holds and opens), `record` (`train.json`, read by eval and continued train
 //! stages), `estimate` (what `plan --estimate` says of a stage's size; in no kind's
 //! fingerprint, as it never reaches outputs) and `code` (each kind's code fingerprint, from
@@ -26,6 +27,7 @@
 mod check;
 pub mod code;
 mod command;
+pub mod compare;
 pub mod device;
 mod download;
 mod estimate;
