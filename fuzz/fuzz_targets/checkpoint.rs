@@ -5,6 +5,7 @@ use libfuzzer_sys::fuzz_target;
 use relora_model::{AdamConfig, AdamW, Llama, LlamaConfig, LoraInit, Rng};
 
 fuzz_target!(|data: &[u8]| {
+    relora_fuzz::report_caught_panics();
     let p = relora_fuzz::parts(data, 3);
     let dir = relora_fuzz::scratch().join("ckpt");
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,7 @@ use relora_data::corpus::{detect_format, for_each_doc};
 use relora_data::OnBadRecord;
 
 fuzz_target!(|data: &[u8]| {
+    relora_fuzz::report_caught_panics();
     let Some((&pick, body)) = data.split_first() else {
         return;
     };

@@ -4,6 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    relora_fuzz::report_caught_panics();
     let p = relora_fuzz::parts(data, 3);
     let dir = relora_fuzz::scratch().join("hf");
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,6 +5,7 @@ use libfuzzer_sys::fuzz_target;
 const PIPELINE: &str = "pipeline: f\nstages:\n  tokens:\n    kind: tokenize\n    params:\n      train_files: c.jsonl\n      valid_docs: 1\n      tokenizer: {type: bpe, vocab_size: 300}\n  train:\n    kind: train\n    inputs: {data: tokens}\n    params: {method: relora, model: llama_9m, steps: 10, lr: 1.0e-3, lora: {rank: 4}, relora: {merge_every: 5}}\n";
 
 fuzz_target!(|data: &[u8]| {
+    relora_fuzz::report_caught_panics();
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

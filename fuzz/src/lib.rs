@@ -2,7 +2,15 @@
 //! exists), since every reader under test takes a path.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
+
+/// libfuzzer-sys aborts on any panic, even one our code catches (the readers turn a
+/// dependency's panic on corrupt data into an error). This hook only prints; a panic that
+/// escapes the target still ends in libfuzzer-sys's abort, and is reported as a crash.
+pub fn report_caught_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|info| eprintln!("(caught?) {info}"))));
+}
 
 /// This process's scratch folder, made once.
 pub fn scratch() -> &'static Path {

@@ -6,7 +6,7 @@
 # worth keeping goes to fuzz/corpus (not in git), crashes to fuzz/artifacts.
 #
 #   bash scripts/faults/fuzz.sh                 # every target, 600 s each, two at a time
-#   SECONDS_PER_TARGET=60 bash scripts/faults/fuzz.sh corpus shards
+#   SECONDS_PER_TARGET=60 PARALLEL=4 bash scripts/faults/fuzz.sh corpus shards
 #
 # Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly flags to rustc; this machine
 # has one stable toolchain, so RUSTC_BOOTSTRAP=1 lets it accept them (for the fuzz build
@@ -25,6 +25,7 @@ mkdir -p logs
 run() {
   local t=$1
   mkdir -p "corpus/$t" "artifacts/$t"
+  local t0=$SECONDS
   cargo fuzz run -s none --release "$t" "corpus/$t" "seeds/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=2048 \
     -max_len=65536 -print_final_stats=1 -artifact_prefix="artifacts/$t/" \
@@ -36,11 +37,13 @@ run() {
   ft=$(grep -o 'ft: [0-9]*' "logs/$t.log" | tail -1)
   local crashes
   crashes=$(ls "artifacts/$t" 2>/dev/null | wc -l)
-  echo "FUZZ $t: ${secs} s, ${execs:-?} executions, $cov, $ft, exit $code, $crashes artifact(s)"
+  echo "FUZZ $t: $((SECONDS - t0)) s of ${secs}, ${execs:-?} executions, $cov, $ft, exit $code, $crashes artifact(s)"
 }
-# Two at a time (this machine has 2 cores).
-for ((i = 0; i < ${#targets[@]}; i += 2)); do
-  run "${targets[i]}" &
-  [ $((i + 1)) -lt ${#targets[@]} ] && run "${targets[i + 1]}" &
+# PARALLEL at a time (default 2: this machine's cores).
+par=${PARALLEL:-2}
+for ((i = 0; i < ${#targets[@]}; i += par)); do
+  for ((j = i; j < i + par && j < ${#targets[@]}; j++)); do
+    run "${targets[j]}" &
+  done
   wait
 done

@@ -174,13 +174,17 @@ fn read_parquet(
     stats: &mut ReadStats,
     f: &mut dyn FnMut(Doc) -> Result<bool>,
 ) -> Result<()> {
+    use crate::shards::parquet_call;
     use arrow::array::{Array, LargeStringArray, StringArray};
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{}: not a parquet file", path.display()))?;
-    let reader = builder.build()?;
+    let mut reader = parquet_call(path, || {
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .with_context(|| format!("{}: not a parquet file", path.display()))?
+            .build()
+            .with_context(|| format!("{}: not a readable parquet file", path.display()))
+    })?;
     let mut row = 0usize;
-    for batch in reader {
+    while let Some(batch) = parquet_call(path, || Ok(reader.next()))? {
         let batch = batch.with_context(|| format!("{}: reading row group", path.display()))?;
         let col = batch
             .column_by_name(text_field)

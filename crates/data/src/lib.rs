@@ -10,6 +10,8 @@
 //! models.
 
 pub mod corpus;
+#[cfg(test)]
+mod fuzz_regressions;
 pub mod loader;
 pub mod shards;
 pub mod stream;

@@ -206,6 +206,28 @@ impl DocRun {
     }
 }
 
+/// A call into the parquet reader, with a panic turned into an error naming `path`.
+///
+/// The parquet crate panics on some malformed pages (fuzzing found a run-length header
+/// longer than its 10-byte limit: "Num of bytes exceed MAX_VLQ_BYTE_LEN"). A corrupt shard
+/// or corpus file must be an error that names the file, not a crash of the stage.
+pub(crate) fn parquet_call<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            bail!(
+                "{}: corrupt parquet data (the reader stopped: {msg})",
+                path.display()
+            )
+        }
+    }
+}
+
 /// A shard's footer, read once: its row groups, for reading it a piece at a time from any row.
 #[derive(Debug, Clone)]
 pub struct ShardLayout {
@@ -221,11 +243,13 @@ impl ShardLayout {
     pub fn open(path: &Path) -> Result<ShardLayout> {
         let f =
             File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
-        let metadata = ArrowReaderMetadata::load(&f, Default::default()).with_context(|| {
-            format!(
-                "{}: not a readable parquet shard (truncated or overwritten?)",
-                path.display()
-            )
+        let metadata = parquet_call(path, || {
+            ArrowReaderMetadata::load(&f, Default::default()).with_context(|| {
+                format!(
+                    "{}: not a readable parquet shard (truncated or overwritten?)",
+                    path.display()
+                )
+            })
         })?;
         let mut starts = vec![0];
         for g in metadata.metadata().row_groups() {
@@ -270,18 +294,20 @@ impl ShardLayout {
         };
         let f = File::open(&self.path)
             .with_context(|| format!("cannot open shard {}", self.path.display()))?;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.metadata.clone())
-            .with_row_groups(vec![group])
-            .with_offset((from - group_start) as usize)
-            .with_batch_size(WRITE_BATCH_ROWS)
-            .build()
-            .with_context(what)?;
+        let mut reader = parquet_call(&self.path, || {
+            ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.metadata.clone())
+                .with_row_groups(vec![group])
+                .with_offset((from - group_start) as usize)
+                .with_batch_size(WRITE_BATCH_ROWS)
+                .build()
+                .with_context(what)
+        })?;
         let mut run = DocRun {
             first_row: from,
             tokens: Vec::new(),
             offsets: vec![0],
         };
-        for batch in reader {
+        while let Some(batch) = parquet_call(&self.path, || Ok(reader.next()))? {
             let batch = batch.with_context(|| format!("{}: cannot decode", what()))?;
             let row = from + run.len() as u64;
             let (values, offs) =
