@@ -178,10 +178,12 @@ fn read_parquet(
     use arrow::array::{Array, LargeStringArray, StringArray};
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = parquet_call(path, || {
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .with_context(|| format!("{}: not a parquet file", path.display()))?
-            .build()
-            .with_context(|| format!("{}: not a readable parquet file", path.display()))
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            crate::shards::StrictFile(file),
+        )
+        .with_context(|| format!("{}: not a parquet file", path.display()))?
+        .build()
+        .with_context(|| format!("{}: not a readable parquet file", path.display()))
     })?;
     let mut row = 0usize;
     while let Some(batch) = parquet_call(path, || Ok(reader.next()))? {

@@ -1,6 +1,7 @@
-//! Inputs the fuzzers (fuzz/, scripts/faults/fuzz.sh) found to crash a reader, kept in
-//! `fuzz/regressions/<target>/` and replayed here as their targets feed them: each must now
-//! be an error that names the file, not a panic. A new finding is a new file there.
+//! Inputs the fuzzers (fuzz/, scripts/faults/fuzz.sh) found to crash or hang a reader
+//! (`crash-*`, `timeout-*`), kept in `fuzz/regressions/<target>/` and replayed here as
+//! their targets feed them: each must now be an error that names the file, in well under
+//! the fuzzers' 10 s limit. A new finding is a new file there.
 
 use crate::corpus::{detect_format, for_each_doc};
 use crate::OnBadRecord;
@@ -37,7 +38,9 @@ fn corpus_files_the_fuzzer_broke_are_errors_naming_the_file() {
         } else {
             OnBadRecord::Skip
         };
+        let t0 = std::time::Instant::now();
         let r = for_each_doc(&path, detect_format(&path), "text", on_bad, |_| Ok(true));
+        assert!(t0.elapsed().as_secs() < 5, "{name} took {:?}", t0.elapsed());
         let e = format!("{:#}", r.expect_err(&name));
         assert!(e.contains(&path.display().to_string()), "{name}: {e}");
     }
@@ -50,7 +53,10 @@ fn shards_the_fuzzer_broke_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000-00000.parquet");
         std::fs::write(&path, data).unwrap();
-        let e = format!("{:#}", crate::read_split(dir.path()).expect_err(&name));
+        let t0 = std::time::Instant::now();
+        let r = crate::read_split(dir.path());
+        assert!(t0.elapsed().as_secs() < 5, "{name} took {:?}", t0.elapsed());
+        let e = format!("{:#}", r.expect_err(&name));
         assert!(e.contains(&path.display().to_string()), "{name}: {e}");
     }
 }

@@ -228,6 +228,48 @@ pub(crate) fn parquet_call<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Res
     }
 }
 
+/// A parquet file whose reads fail at its end instead of returning nothing.
+///
+/// A page reader that meets the end of the file has met a corrupt (truncated or
+/// overwritten) file. The parquet crate's reader, given a page header that declares a huge
+/// list of fields, skips them one by one, each skip reading zero bytes at the end of the
+/// file: billions of reads, a hang (fuzzing found it). Failing those reads makes it an
+/// error.
+pub(crate) struct StrictFile(pub File);
+
+pub(crate) struct StrictRead<R>(R);
+
+impl<R: std::io::Read> std::io::Read for StrictRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file ends inside a page (truncated or corrupt)",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+impl parquet::file::reader::Length for StrictFile {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+impl parquet::file::reader::ChunkReader for StrictFile {
+    type T = StrictRead<<File as parquet::file::reader::ChunkReader>::T>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(StrictRead(self.0.get_read(start)?))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.0.get_bytes(start, length)
+    }
+}
+
 /// A shard's footer, read once: its row groups, for reading it a piece at a time from any row.
 #[derive(Debug, Clone)]
 pub struct ShardLayout {
@@ -244,7 +286,7 @@ impl ShardLayout {
         let f =
             File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
         let metadata = parquet_call(path, || {
-            ArrowReaderMetadata::load(&f, Default::default()).with_context(|| {
+            ArrowReaderMetadata::load(&StrictFile(f), Default::default()).with_context(|| {
                 format!(
                     "{}: not a readable parquet shard (truncated or overwritten?)",
                     path.display()
@@ -295,7 +337,7 @@ impl ShardLayout {
         let f = File::open(&self.path)
             .with_context(|| format!("cannot open shard {}", self.path.display()))?;
         let mut reader = parquet_call(&self.path, || {
-            ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.metadata.clone())
+            ParquetRecordBatchReaderBuilder::new_with_metadata(StrictFile(f), self.metadata.clone())
                 .with_row_groups(vec![group])
                 .with_offset((from - group_start) as usize)
                 .with_batch_size(WRITE_BATCH_ROWS)
