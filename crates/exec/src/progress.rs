@@ -31,9 +31,10 @@ pub(crate) fn eta(elapsed: Duration, done: u64, left: u64) -> Option<String> {
 
 /// The whole run's time left: the estimated FLOPs its stages have still to do (their
 /// estimates' `flops`, less each running stage's progress) at the FLOP rate this run has
-/// made so far. Stages without a FLOP estimate (tokenize, command) do not count.
+/// made so far, since the first such stage reported. Stages without a FLOP estimate
+/// (tokenize, command) do not count, nor does the time before them.
 pub(crate) struct RunEta {
-    start: Instant,
+    start: Option<Instant>,
     /// Each stage's FLOPs, for the stages this run computes (0 for the others).
     flops: Vec<f64>,
     /// Fraction done of each stage: when this run first saw it, and now.
@@ -45,7 +46,7 @@ pub(crate) struct RunEta {
 impl RunEta {
     pub(crate) fn new(flops: Vec<f64>) -> RunEta {
         RunEta {
-            start: Instant::now(),
+            start: None,
             flops,
             first: HashMap::new(),
             now: HashMap::new(),
@@ -55,6 +56,9 @@ impl RunEta {
 
     /// Stage `i` is `done` of its way (0 to 1).
     pub(crate) fn update(&mut self, i: usize, done: f64) {
+        if self.flops.get(i).is_some_and(|&f| f > 0.0) && self.start.is_none() {
+            self.start = Some(Instant::now());
+        }
         self.first.entry(i).or_insert(done);
         self.now.insert(i, done);
     }
@@ -72,7 +76,7 @@ impl RunEta {
         }
         // In FLOPs as "steps": eta() only needs the ratio.
         eta(
-            self.start.elapsed(),
+            self.start?.elapsed(),
             made.round() as u64,
             left.round() as u64,
         )
@@ -260,10 +264,12 @@ mod tests {
         // Stage 0 (100 FLOPs) resumed at half way and now at three quarters: 25 made;
         // 25 left of it and 300 of stage 1: 325 left, 13 times what was made.
         let mut r = RunEta::new(vec![100.0, 300.0, 0.0]);
+        r.update(2, 0.5);
+        assert!(r.start.is_none(), "a stage without FLOPs starts no clock");
         r.update(0, 0.5);
         assert_eq!(r.left(), None, "nothing made yet");
         r.update(0, 0.75);
-        r.start -= Duration::from_secs(10);
+        r.start = r.start.map(|t| t - Duration::from_secs(10));
         assert_eq!(r.left().unwrap(), "2m10s");
     }
 }
