@@ -209,11 +209,30 @@ pub fn storm(kills: usize, seed: u64) -> StormReport {
         !out.contains("waiting:"),
         "a stale lock held the run up: {out}"
     );
-    assert_eq!(
-        all_outputs(&env),
-        want,
-        "outputs differ from an uninterrupted run's"
-    );
+    let got = all_outputs(&env);
+    let mut differ = Vec::new();
+    for (stage, files) in &want {
+        let theirs = got.get(stage).cloned().unwrap_or_default();
+        for (file, bytes) in files {
+            if theirs.get(file) != Some(bytes) {
+                differ.push(format!("{stage}/{file}"));
+            }
+        }
+        for file in theirs.keys().filter(|f| !files.contains_key(*f)) {
+            differ.push(format!("{stage}/{file} (extra)"));
+        }
+    }
+    if !differ.is_empty() {
+        // Keep both caches for a look.
+        let (a, b) = (reference.dir.keep(), env.dir.keep());
+        panic!(
+            "outputs differ from an uninterrupted run's: {differ:?} (kills so far: {:?}; \
+             reference {}, storm {})",
+            report.kills,
+            a.display(),
+            b.display()
+        );
+    }
     let verify = env.ok(&["verify"]);
     assert!(verify.contains(" 0 corrupt"), "{verify}");
     // Stages stop within half a second of their orchestrator's end.

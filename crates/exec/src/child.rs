@@ -285,6 +285,41 @@ pub(crate) fn hostname() -> String {
     relora_cache::hostname().unwrap_or_else(|| "?".into())
 }
 
+/// One attempt at a time in a stage's scratch folder (its checkpoints, its metrics so far).
+///
+/// The key's lock is the orchestrator's: when an orchestrator dies, the next run may take
+/// the key while the dead one's stage process still runs for up to half a second (until
+/// it sees its orchestrator gone). Resuming then, the new attempt would truncate the
+/// metrics to its checkpoint while the old one appended a line after it; the kill storm
+/// caught exactly that. So the stage process itself holds an flock on the scratch folder,
+/// and a new attempt waits for the old process to exit. Rank 0 alone takes it: the other
+/// ranks of a data-parallel stage write nothing there.
+fn lock_scratch(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(".attempt.lock");
+    // Opened close-on-exec (Rust's default): a command stage's shell does not inherit it.
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor this function owns; no memory is involved.
+    let got = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !got {
+        let _ = writeln!(
+            std::io::stderr(),
+            "waiting for a previous attempt's process to leave {}",
+            dir.display()
+        );
+        // SAFETY: as above.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(f)
+}
+
 /// The child-process side: run one stage from its job file, write its metrics beside it.
 pub fn child_main(registry: &Registry, job: &Path) -> Result<()> {
     let bytes = std::fs::read(job).with_context(|| {
@@ -301,6 +336,12 @@ pub fn child_main(registry: &Registry, job: &Path) -> Result<()> {
         .get(&ctx.kind)
         .with_context(|| format!("this binary has no stage kind `{}`", ctx.kind))?;
     let rank = launch_rank();
+    // Held until this process exits (the kernel drops it then, however it dies).
+    let _scratch = if rank.is_none_or(|(r, _)| r == 0) {
+        Some(lock_scratch(&ctx.scratch_dir)?)
+    } else {
+        None
+    };
     kind.run(&mut ctx).with_context(|| match rank {
         Some((r, w)) => format!("rank {r} of {w} on {}", hostname()),
         None => format!("stage `{}`", ctx.stage),
