@@ -275,29 +275,6 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let dag = load(&p, &reg)?;
             let executor = executor(&dag, &reg, &e)?;
-            if !force_memory {
-                let over =
-                    relora_exec::over_memory(&dag, &reg, &cache, &executor, until.as_deref())?;
-                if !over.is_empty() {
-                    for o in &over {
-                        eprintln!(
-                            "stage `{}` is predicted to need {:.1} GB, more than {}, {:.1} GB\n  \
-                             {}",
-                            o.stage,
-                            o.predicted_bytes / 1e9,
-                            o.limit,
-                            o.limit_bytes / 1e9,
-                            o.detail
-                        );
-                    }
-                    anyhow::bail!(
-                        "nothing was run: lower micro_batch, set checkpoint_activations: true, \
-                         keep the frozen weights in fewer bits (`lora.frozen`), raise the \
-                         stage's `resources.memory` (Slurm), or pass --force-memory to try \
-                         anyway"
-                    );
-                }
-            }
             let opts = RunOptions {
                 executor,
                 jobs,
@@ -305,6 +282,7 @@ fn real_main() -> Result<ExitCode> {
                 until,
                 keep_going,
                 accept_code_change,
+                force_memory,
                 gpus: relora_exec::visible_gpus(),
                 exe: std::env::current_exe().context("locating this binary")?,
             };

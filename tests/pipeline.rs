@@ -790,6 +790,24 @@ fn a_gpu_stage_over_its_gpus_memory_is_refused_before_anything_runs() {
     assert_eq!(entries, 0, "{err}");
 }
 
+/// `verify` finds nothing corrupt in `env`'s cache.
+fn assert_verified(env: &Env) {
+    let v = env.ok(&["verify"]);
+    assert!(v.contains(" 0 corrupt"), "{v}");
+}
+
+/// After `gc --keep FILE`, nothing of a stage's attempts is left: no staging or scratch
+/// folder.
+fn assert_gc_leaves_no_attempts(env: &Env, file: &str) {
+    env.ok(&["gc", "--keep", file]);
+    for dir in ["staging", "scratch"] {
+        let left: Vec<_> = std::fs::read_dir(env.path().join("cache").join(dir))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{dir} still holds {left:?}");
+    }
+}
+
 /// Every file under `dir` (relative path → bytes).
 fn files_below(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();

@@ -4,7 +4,7 @@
 //! intact (`verify`), and that after space is freed the next run finishes: a train stage
 //! from its last checkpoint, to the same bytes as an uninterrupted run.
 
-use super::{files_below, repo, Env};
+use super::{assert_gc_leaves_no_attempts, assert_verified, files_below, repo, Env};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,11 +113,6 @@ fn assert_advice(err: &str, stage: &str) {
     );
 }
 
-fn assert_verified(env: &Env) {
-    let v = env.ok(&["verify"]);
-    assert!(v.contains(" 0 corrupt"), "{v}");
-}
-
 /// The four moments of the issue, one cache: a shard, a checkpoint, a commit, an export.
 #[test]
 fn a_full_disk_fails_clearly_keeps_what_was_done_and_the_next_run_resumes() {
@@ -215,13 +210,7 @@ fn a_full_disk_fails_clearly_keeps_what_was_done_and_the_next_run_resumes() {
     assert_verified(&env);
 
     // Nothing of the failed attempts is left once gc has run.
-    env.ok(&["gc", "--keep", "disk.yaml"]);
-    for dir in ["staging", "scratch"] {
-        let left: Vec<_> = std::fs::read_dir(env.path().join("cache").join(dir))
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "{dir} still holds {left:?}");
-    }
+    assert_gc_leaves_no_attempts(&env, "disk.yaml");
 }
 
 /// `plan --estimate` warns when the cache's filesystem has less free space than the stages

@@ -193,15 +193,20 @@ fn job_of(env: &Env, stage: &str) -> Option<String> {
     None
 }
 
-fn scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(c: &Cluster) {
+/// A fresh environment holding PIPELINE as p.yaml.
+fn pipeline_env() -> Env {
     let data = repo().join("examples/data");
-    let yaml = PIPELINE.replace("DATA", data.to_str().unwrap());
-    let local = Env::new();
-    local.write("p.yaml", &yaml);
+    let env = Env::new();
+    env.write("p.yaml", &PIPELINE.replace("DATA", data.to_str().unwrap()));
+    env
+}
+
+/// Returns the local run's environment, which later scenarios compare with.
+fn scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(c: &Cluster) -> Env {
+    let local = pipeline_env();
     local.ok(&["run", "p.yaml", "--jobs", "2"]);
 
-    let env = Env::new();
-    env.write("p.yaml", &yaml);
+    let env = pipeline_env();
     let plan = c.ok(&env, &["plan", "p.yaml", "--executor", "slurm"]);
     assert!(plan.contains("@ slurm"), "{plan}");
     let run = c
@@ -281,6 +286,7 @@ fn scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(c:
     assert!(log.contains("s from submission to start"), "{log}");
     let again = c.ok(&env, &["run", "p.yaml", "--executor", "slurm"]);
     assert!(again.contains("0 stage(s) ran"), "{again}");
+    local
 }
 
 fn scenario_a_failing_stage_shows_its_exit_code_and_log(c: &Cluster) {
@@ -482,14 +488,8 @@ fn any_job(env: &Env) -> Option<String> {
 /// fixed seed by `scancel` of the running job or a SIGKILL to its `slurmstepd`; then one
 /// run to the end gives a local run's keys and bytes, with no job or process left and
 /// nothing corrupt.
-fn scenario_a_kill_storm_under_slurm_loses_nothing(c: &Cluster) {
-    let data = repo().join("examples/data");
-    let yaml = PIPELINE.replace("DATA", data.to_str().unwrap());
-    let local = Env::new();
-    local.write("p.yaml", &yaml);
-    local.ok(&["run", "p.yaml", "--jobs", "2"]);
-    let env = Env::new();
-    env.write("p.yaml", &yaml);
+fn scenario_a_kill_storm_under_slurm_loses_nothing(c: &Cluster, local: &Env) {
+    let env = pipeline_env();
     let mut seed = 20261204u64;
     for k in 0..4 {
         let mut run = c
@@ -541,10 +541,9 @@ fn scenario_a_kill_storm_under_slurm_loses_nothing(c: &Cluster) {
     );
     assert_eq!(
         keys_and_outputs(&env, "p.yaml"),
-        keys_and_outputs(&local, "p.yaml")
+        keys_and_outputs(local, "p.yaml")
     );
-    let verify = env.ok(&["verify"]);
-    assert!(verify.contains(" 0 corrupt"), "{verify}");
+    super::assert_verified(&env);
     let queue = Command::new("squeue")
         .args(["--noheader", "--format=%i %j"])
         .env("SLURM_CONF", &c.conf)
@@ -571,6 +570,7 @@ fn the_slurm_executor_runs_pipelines_on_a_real_cluster() {
     scenario_a_node_that_cannot_see_the_cache_is_named(&cluster);
     #[cfg(feature = "mpi")]
     scenario_a_data_parallel_stage_runs_as_one_job_of_two_tasks(&cluster);
-    scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(&cluster);
-    scenario_a_kill_storm_under_slurm_loses_nothing(&cluster);
+    let local =
+        scenario_a_pipeline_gives_a_local_runs_keys_and_bytes_and_survives_scancel(&cluster);
+    scenario_a_kill_storm_under_slurm_loses_nothing(&cluster, &local);
 }

@@ -11,9 +11,9 @@
 //! `scripts/kill-storm.sh` makes 100 (RELORA_STORM_KILLS, RELORA_STORM_SEED) and prints
 //! what happened.
 
-use super::{files_below, repo, Env, TINY_ML};
+use super::{assert_gc_leaves_no_attempts, assert_verified, files_below, repo, Env, TINY_ML};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -233,8 +233,7 @@ pub fn storm(kills: usize, seed: u64) -> StormReport {
             b.display()
         );
     }
-    let verify = env.ok(&["verify"]);
-    assert!(verify.contains(" 0 corrupt"), "{verify}");
+    assert_verified(&env);
     // Stages stop within half a second of their orchestrator's end.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -248,13 +247,7 @@ pub fn storm(kills: usize, seed: u64) -> StormReport {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    env.ok(&["gc", "--keep", "storm.yaml"]);
-    for dir in ["staging", "scratch"] {
-        let left: Vec<PathBuf> = std::fs::read_dir(env.path().join("cache").join(dir))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "{dir} still holds {left:?}");
-    }
+    assert_gc_leaves_no_attempts(&env, "storm.yaml");
     report.seconds = t0.elapsed().as_secs_f64();
     report
 }

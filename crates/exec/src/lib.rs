@@ -37,7 +37,7 @@ pub use kind::{
     parse_params, Estimate, InputEstimate, Progress, StageContext, StageKind, PROGRESS_PREFIX,
 };
 pub use launch::{Launch, LaunchEvent, Launcher, Local};
-pub use memory::{machine_memory, over_memory, OverMemory};
+pub use memory::{machine_memory, over_memory, refusal, OverMemory};
 pub use placement::{check_executor_block, placements};
 pub use plan::{
     code_salt_note, components, estimates, explain_change, key_params, plan, StagePlan, State,

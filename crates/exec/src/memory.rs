@@ -18,10 +18,9 @@
 
 use crate::graph::Dag;
 use crate::placement::{placements, resources};
-use crate::plan::{estimates, plan, State};
-use crate::Registry;
+use crate::plan::{StagePlan, State};
+use crate::{Estimate, Registry};
 use anyhow::Result;
-use relora_cache::Cache;
 use relora_spec::ExecutorSpec;
 
 /// A stage predicted not to fit.
@@ -75,25 +74,20 @@ pub fn gpu_memory() -> Option<f64> {
         .reduce(f64::min)
 }
 
-/// The stages that would run (selected by `until`, not cached) whose predicted peak
-/// exceeds the memory of where they would run.
+/// The stages that would run (`selected`, and run or stale in `plans`) whose predicted
+/// peak (their `sizes`) exceeds the memory of where they would run.
 pub fn over_memory(
     dag: &Dag,
     registry: &Registry,
-    cache: &Cache,
     executor: &ExecutorSpec,
-    until: Option<&str>,
+    plans: &[StagePlan],
+    sizes: &[Estimate],
+    selected: &[bool],
 ) -> Result<Vec<OverMemory>> {
     let machine = machine_memory();
     // Asked of nvidia-smi once, and only when a GPU stage would run here.
     let mut gpu: Option<Option<f64>> = None;
-    let plans = plan(dag, registry, cache)?;
-    let sizes = estimates(dag, registry, cache, &plans)?;
     let placed = placements(dag, registry, executor)?;
-    let selected = match until.and_then(|u| dag.index_of(u)) {
-        Some(i) => dag.ancestors(i),
-        None => vec![true; dag.pipeline.stages.len()],
-    };
     let mut out = Vec::new();
     for (i, s) in dag.pipeline.stages.iter().enumerate() {
         let runs = matches!(plans[i].state, State::Run | State::Stale);
@@ -145,6 +139,27 @@ pub fn over_memory(
         }
     }
     Ok(out)
+}
+
+/// What `run` says when it refuses: each stage's numbers, then what to do.
+pub fn refusal(over: &[OverMemory]) -> String {
+    let mut text = String::new();
+    for o in over {
+        text.push_str(&format!(
+            "stage `{}` is predicted to need {:.1} GB, more than {}, {:.1} GB\n  {}\n",
+            o.stage,
+            o.predicted_bytes / 1e9,
+            o.limit,
+            o.limit_bytes / 1e9,
+            o.detail
+        ));
+    }
+    text.push_str(
+        "nothing was run: lower micro_batch, set checkpoint_activations: true, keep the \
+         frozen weights in fewer bits (`lora.frozen`), raise the stage's `resources.memory` \
+         (Slurm), or pass --force-memory to try anyway",
+    );
+    text
 }
 
 #[cfg(test)]

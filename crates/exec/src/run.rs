@@ -4,6 +4,7 @@
 use crate::disk::{full_disk_advice, DiskNeed};
 use crate::environment::{environment, stage_environment, threads_per_stage};
 use crate::launch::{Launch, LaunchEvent, Launcher};
+use crate::memory::{over_memory, refusal};
 use crate::placement::{check_executor_kinds, resources, Launchers};
 use crate::plan::State;
 use crate::plan::{components, components_without_code, estimates, explain_change, plan};
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub accept_code_change: Vec<String>,
     /// Where stages run (`executor:`, after the config file and `--executor`).
     pub executor: ExecutorSpec,
+    /// Run even stages predicted to need more memory than where they would run has.
+    pub force_memory: bool,
 }
 
 /// How one stage ended.
@@ -96,8 +99,17 @@ pub fn run(dag: &Dag, registry: &Registry, cache: &Cache, opts: &RunOptions) -> 
     let launchers = Launchers::new(&opts.executor);
     let launchers = &launchers;
     let selected = select(dag, registry, opts, launchers)?;
+    // One plan and one estimate of every stage, before anything runs: what may not fit in
+    // memory is refused, what may not fit on disk is warned of, and the run's ETA is
+    // reckoned from the stages' FLOPs.
     let plans = plan(dag, registry, cache)?;
     let sizes = estimates(dag, registry, cache, &plans)?;
+    if !opts.force_memory {
+        let over = over_memory(dag, registry, &opts.executor, &plans, &sizes, &selected)?;
+        if !over.is_empty() {
+            bail!("{}", refusal(&over));
+        }
+    }
     let disk = DiskNeed::new(dag, cache, &plans, &sizes, &selected);
     if let Some(w) = disk.warning(cache) {
         eprintln!("{w}");

@@ -167,32 +167,14 @@ struct CompactMatmul {
     w: CompactWeight,
 }
 
-impl CompactMatmul {
-    fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize)> {
-        let (m, k) = layout.shape().dims2()?;
-        if k != self.w.cols {
-            candle_core::bail!(
-                "frozen matmul: input has {k} features, weight expects {}",
-                self.w.cols
-            );
-        }
-        Ok((m, self.w.rows, k))
-    }
-}
-
 impl CustomOp1 for CompactMatmul {
     fn name(&self) -> &'static str {
         "compact-frozen-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = self.dims(layout)?;
         let w = self.w.dense(storage.dtype(), &Device::Cpu)?;
-        let (w_storage, w_layout) = w.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            unreachable!("dequantised on the CPU")
-        };
-        cpu_matmul(storage, layout, w, w_layout, dims)
+        FrozenMatmul { w }.cpu_fwd(storage, layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -201,19 +183,9 @@ impl CustomOp1 for CompactMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, n, k) = self.dims(layout)?;
-        let Some((codes, scales)) = &self.w.on_gpu else {
-            candle_core::bail!("frozen matmul: a compact W on the host met an input on a GPU");
-        };
-        let dev = storage.device();
-        let w = crate::fused::cuda::with_view::<u8, _>(codes, "dequantize", |_, c| {
-            crate::fused::cuda::with_view::<f32, _>(scales, "dequantize", |_, s| {
-                crate::fused::cuda::dequantize(dev, &c, &s, &self.w.host, storage.dtype())
-            })
-        })?;
-        let wt = Layout::contiguous((n, k)).transpose(0, 1)?;
-        let out = storage.matmul(&w, (1, m, n, k), layout, &wt)?;
-        Ok((out, Shape::from((m, n))))
+        let dev = Device::Cuda(storage.device().clone());
+        let w = self.w.dense(storage.dtype(), &dev)?;
+        FrozenMatmul { w }.cuda_fwd(storage, layout)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
