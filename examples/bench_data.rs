@@ -116,6 +116,7 @@ fn synthetic(dir: &Path, tokens: u64) -> Result<()> {
     let m = DatasetManifest {
         train,
         valid,
+        test: None,
         vocab_size: VOCAB as usize,
         eos_id: 1,
         pad_id: 0,
@@ -149,6 +150,8 @@ fn tokenize_config(threads: usize) -> TokenizeConfig {
         train_files: vec![data.join("c4-train.00000-of-01024.first1000.json.gz")],
         valid_files: vec![],
         valid_docs: 100,
+        test_files: vec![],
+        test_docs: 0,
         limit_docs: None,
         format: None,
         text_field: "text".into(),

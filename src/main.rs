@@ -482,7 +482,7 @@ fn show(
     if json {
         let v = serde_json::json!({
             "name": p.name, "kind": p.kind, "key": p.key, "state": p.state,
-            "reasons": p.reasons, "path": dir, "manifest": manifest,
+            "reasons": p.reasons, "choices": p.choices, "path": dir, "manifest": manifest,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -491,6 +491,9 @@ fn show(
     println!("state:  {}", state_word(p.state));
     for r in &p.reasons {
         println!("        - {r}");
+    }
+    for c in &p.choices {
+        println!("        > {c}");
     }
     let Some(m) = manifest else {
         return Ok(ExitCode::SUCCESS);
@@ -584,6 +587,9 @@ fn print_plan(
         );
         for r in &s.reasons {
             println!("          - {r}");
+        }
+        for c in &s.choices {
+            println!("          > {c}");
         }
         // Where it runs, when that is not simply a local child process.
         if executor.executor_type() != ExecutorType::Local || placed[i] != "local" {

@@ -21,6 +21,8 @@ macro_rules! tiny_tokens_stage {
 mod disk;
 #[path = "pipeline/parallel.rs"]
 mod parallel;
+#[path = "pipeline/select.rs"]
+mod select;
 #[path = "pipeline/slurm.rs"]
 mod slurm;
 #[path = "pipeline/storm.rs"]

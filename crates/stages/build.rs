@@ -75,6 +75,11 @@ const KINDS: &[(&str, &[&str], &[&str])] = &[
         &["plotters", "ab_glyph"],
     ),
     (
+        "select",
+        &["crates/analysis", "crates/stages/src/select.rs"],
+        &[],
+    ),
+    (
         "export",
         &[
             "crates/hf",

@@ -15,18 +15,12 @@ pub struct Cell {
     /// Which replicate (a seed) this is, when a cell has several; they are shown as
     /// mean ± standard deviation.
     pub replicate: Option<String>,
+    /// The split scored: `valid` or `test` (None: valid, for evals from before the test
+    /// split existed).
+    pub split: Option<String>,
 }
 
-/// Mean and sample standard deviation (n − 1) of `xs`; the deviation is 0 for one value.
-pub fn mean_std(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    if xs.len() < 2 {
-        return (mean, 0.0);
-    }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, var.sqrt())
-}
+pub use crate::stats::mean_std;
 
 /// One table cell's text: a value, or mean ± std over its replicates, with the trainable
 /// parameter count and the optimizer state in brackets when known.
@@ -122,7 +116,7 @@ fn known_rows(paper: &str) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-fn label_of(row: &str, labels: &BTreeMap<String, String>, paper: &str) -> String {
+pub(crate) fn label_of(row: &str, labels: &BTreeMap<String, String>, paper: &str) -> String {
     if let Some(l) = labels.get(row) {
         return l.clone();
     }
@@ -133,7 +127,7 @@ fn label_of(row: &str, labels: &BTreeMap<String, String>, paper: &str) -> String
         .unwrap_or_else(|| row.to_string())
 }
 
-fn order(ids: impl Iterator<Item = String>, paper: &str) -> Vec<String> {
+pub(crate) fn order(ids: impl Iterator<Item = String>, paper: &str) -> Vec<String> {
     let known: Vec<&str> = known_rows(paper).into_iter().map(|r| r.0).collect();
     let mut v: Vec<String> = Vec::new();
     for id in ids {
@@ -165,12 +159,19 @@ pub fn markdown(
     } else {
         "(trainable parameters)"
     };
+    let splits: std::collections::BTreeSet<&str> = cells
+        .iter()
+        .map(|c| c.split.as_deref().unwrap_or("valid"))
+        .collect();
+    let measure = match splits.into_iter().collect::<Vec<_>>().as_slice() {
+        ["test"] => "Test perplexity (a held-out split no choice was made on)",
+        ["valid"] | [] => "Validation perplexity",
+        _ => "Perplexity (validation and test splits mixed)",
+    };
     let what = if replicated {
-        format!(
-            "Validation perplexity, mean ± sample standard deviation over n replicates {brackets}."
-        )
+        format!("{measure}, mean ± sample standard deviation over n replicates {brackets}.")
     } else {
-        format!("Validation perplexity {brackets}.")
+        format!("{measure} {brackets}.")
     };
     let mut s = format!("## {title}\n\n{what}\n\n| |");
     for c in &cols {
@@ -286,6 +287,7 @@ mod tests {
             trainable_params: Some(n),
             optimizer_bytes: None,
             replicate: None,
+            split: None,
         };
         let cells = vec![
             cell("relora", "9M", 210.456, 1_200_000),
@@ -335,6 +337,7 @@ mod tests {
             trainable_params: Some(603_800),
             optimizer_bytes: None,
             replicate: Some(seed.into()),
+            split: None,
         };
         assert_eq!(mean_std(&[2.0, 4.0, 6.0]), (4.0, 2.0));
         assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
@@ -357,6 +360,7 @@ mod tests {
             trainable_params: None,
             optimizer_bytes: None,
             replicate: None,
+            split: None,
         };
         let cells = vec![cell("relora", 1.0), cell("jagged", 2.0), cell("lora", 3.0)];
         let md = markdown("T3", &cells, &BTreeMap::new(), "table3");

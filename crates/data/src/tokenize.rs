@@ -57,6 +57,11 @@ pub struct TokenizeConfig {
     pub valid_files: Vec<PathBuf>,
     /// With no valid files: hold out this many documents from the end of the training ones.
     pub valid_docs: usize,
+    /// Files of a test split, read by no training or selection (none: no test files).
+    pub test_files: Vec<PathBuf>,
+    /// With no test files: hold out this many documents from the very end of the training
+    /// ones, after the validation documents (0: no test split).
+    pub test_docs: usize,
     pub limit_docs: Option<usize>,
     pub format: Option<Format>,
     pub text_field: String,
@@ -85,6 +90,10 @@ pub struct SourceFile {
 pub struct DatasetManifest {
     pub train: SplitInfo,
     pub valid: SplitInfo,
+    /// Absent when the stage holds out no test split, so that a manifest written before the
+    /// split existed keeps its bytes (and every key downstream of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<SplitInfo>,
     pub vocab_size: usize,
     pub eos_id: u32,
     pub pad_id: u32,
@@ -209,46 +218,68 @@ fn first_texts(cfg: &TokenizeConfig, files: &[PathBuf], n: usize) -> Result<Vec<
 }
 
 /// What to do with one file's documents: `[0, train)` go to the training split,
-/// `[train, keep)` to the validation split, the rest are not read.
+/// `[train, valid)` to the validation split, `[valid, keep)` to the test split, the rest are
+/// not read.
 #[derive(Debug, Clone, Copy)]
 struct FilePlan {
     train: u64,
+    valid: u64,
     keep: u64,
 }
 
-/// Split the training files' documents: the first `limit` of them, the last `valid_docs` of
-/// those held out when there are no validation files. Counts the documents only when needed.
+impl FilePlan {
+    const ALL_TRAIN: FilePlan = FilePlan {
+        train: u64::MAX,
+        valid: u64::MAX,
+        keep: u64::MAX,
+    };
+    const ALL_VALID: FilePlan = FilePlan {
+        train: 0,
+        valid: u64::MAX,
+        keep: u64::MAX,
+    };
+    const ALL_TEST: FilePlan = FilePlan {
+        train: 0,
+        valid: 0,
+        keep: u64::MAX,
+    };
+}
+
+/// Split the training files' documents: the first `limit` of them, of which the last
+/// `valid_docs` then the last `test_docs` are held out when the split has no files of its
+/// own. Counts the documents only when needed.
 fn plan_train_files(cfg: &TokenizeConfig) -> Result<Vec<FilePlan>> {
-    let hold_out = cfg.valid_files.is_empty();
-    if !hold_out && cfg.limit_docs.is_none() {
-        return Ok(vec![
-            FilePlan {
-                train: u64::MAX,
-                keep: u64::MAX
-            };
-            cfg.train_files.len()
-        ]);
+    let hold_valid = if cfg.valid_files.is_empty() {
+        cfg.valid_docs as u64
+    } else {
+        0
+    };
+    let hold_test = if cfg.test_files.is_empty() {
+        cfg.test_docs as u64
+    } else {
+        0
+    };
+    if hold_valid + hold_test == 0 && cfg.limit_docs.is_none() {
+        return Ok(vec![FilePlan::ALL_TRAIN; cfg.train_files.len()]);
     }
     let counts = count_docs(cfg, &cfg.train_files)?;
     let total: u64 = counts.iter().sum();
     let kept = cfg.limit_docs.map_or(total, |l| total.min(l as u64));
-    let n_train = if hold_out {
-        if cfg.valid_docs as u64 >= kept {
-            bail!(
-                "valid_docs = {} but the training files hold only {kept} documents",
-                cfg.valid_docs
-            );
-        }
-        kept - cfg.valid_docs as u64
-    } else {
-        kept
-    };
+    if hold_valid + hold_test >= kept {
+        bail!(
+            "valid_docs = {hold_valid} and test_docs = {hold_test} held out, but the training \
+             files hold only {kept} documents"
+        );
+    }
+    let n_train = kept - hold_valid - hold_test;
+    let n_valid_end = n_train + hold_valid;
     let mut before = 0u64;
     Ok(counts
         .iter()
         .map(|&c| {
             let plan = FilePlan {
                 train: n_train.saturating_sub(before).min(c),
+                valid: n_valid_end.saturating_sub(before).min(c),
                 keep: kept.saturating_sub(before).min(c),
             };
             before += c;
@@ -261,13 +292,14 @@ fn plan_train_files(cfg: &TokenizeConfig) -> Result<Vec<FilePlan>> {
 struct FileOutput {
     train: Vec<ShardInfo>,
     valid: Vec<ShardInfo>,
+    test: Vec<ShardInfo>,
     skipped: u64,
 }
 
 /// Documents encoded per parallel batch within a file.
 const ENCODE_BATCH: usize = 256;
 
-/// Tokenize one file into its own shards under `out/train` and `out/valid`.
+/// Tokenize one file into its own shards under `out/train`, `out/valid` and `out/test`.
 fn tokenize_file(
     cfg: &TokenizeConfig,
     tok: &Tokenizer,
@@ -280,6 +312,7 @@ fn tokenize_file(
     let prefix = format!("{index:05}");
     let mut train = ShardWriter::with_prefix(&out.join("train"), &prefix, cfg.shard_tokens)?;
     let mut valid = ShardWriter::with_prefix(&out.join("valid"), &prefix, cfg.shard_tokens)?;
+    let mut test = ShardWriter::with_prefix(&out.join("test"), &prefix, cfg.shard_tokens)?;
     let mut texts = Vec::with_capacity(ENCODE_BATCH);
     let mut next = 0u64;
     let mut flush = |texts: &mut Vec<String>, next: &mut u64| -> Result<()> {
@@ -291,8 +324,10 @@ fn tokenize_file(
         for d in &ids {
             if *next < plan.train {
                 train.push(d)?;
-            } else {
+            } else if *next < plan.valid {
                 valid.push(d)?;
+            } else {
+                test.push(d)?;
             }
             *next += 1;
         }
@@ -333,6 +368,7 @@ fn tokenize_file(
     Ok(FileOutput {
         train: rel("train", train.finish()?),
         valid: rel("valid", valid.finish()?),
+        test: rel("test", test.finish()?),
         skipped: stats.skipped,
     })
 }
@@ -385,21 +421,18 @@ fn tokenize_in_pool(
     tok.save(&tok_path, false)
         .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
 
-    // Training files, then validation files (all of whose documents are validation ones).
-    let valid_only = FilePlan {
-        train: 0,
-        keep: u64::MAX,
-    };
+    // Training files, then validation files, then test files (each wholly of its split).
     let jobs: Vec<(usize, &Path, FilePlan)> = cfg
         .train_files
         .iter()
         .zip(plans)
-        .chain(cfg.valid_files.iter().map(|f| (f, valid_only)))
+        .chain(cfg.valid_files.iter().map(|f| (f, FilePlan::ALL_VALID)))
+        .chain(cfg.test_files.iter().map(|f| (f, FilePlan::ALL_TEST)))
         .enumerate()
         .map(|(i, (f, p))| (i, f.as_path(), p))
         .collect();
     let done = AtomicU64::new(0);
-    let known = cfg.valid_files.is_empty() && jobs.iter().all(|j| j.2.keep < u64::MAX);
+    let known = jobs.iter().all(|j| j.2.keep < u64::MAX);
     let total = if known {
         jobs.iter().map(|j| j.2.keep).sum()
     } else {
@@ -411,20 +444,31 @@ fn tokenize_in_pool(
         .collect::<Result<_>>()?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
+    let mut test = Vec::new();
     let mut skipped = 0;
     for o in outputs {
         train.extend(o.train);
         valid.extend(o.valid);
+        test.extend(o.test);
         skipped += o.skipped;
     }
-    let (train, valid) = (split_info(train), split_info(valid));
+    let (train, valid, test) = (split_info(train), split_info(valid), split_info(test));
+    if test.shards.is_empty() {
+        // Every file made its writer's folder; an unused split leaves none behind.
+        let _ = std::fs::remove_dir(out.join("test"));
+    }
     if valid.documents == 0 {
         bail!("the validation split is empty: set `valid_docs` or `valid_files`");
+    }
+    let wants_test = !cfg.test_files.is_empty() || cfg.test_docs > 0;
+    if wants_test && test.documents == 0 {
+        bail!("the test split is empty: its `test_files` hold no documents");
     }
     let sources = cfg
         .train_files
         .iter()
         .chain(&cfg.valid_files)
+        .chain(&cfg.test_files)
         .map(|f| {
             Ok(SourceFile {
                 path: f
@@ -439,6 +483,7 @@ fn tokenize_in_pool(
     let manifest = DatasetManifest {
         train,
         valid,
+        test: wants_test.then_some(test),
         vocab_size,
         eos_id: eos,
         pad_id: pad,
@@ -477,6 +522,8 @@ mod tests {
             train_files: train,
             valid_files: vec![],
             valid_docs: 100,
+            test_files: vec![],
+            test_docs: 0,
             limit_docs: None,
             format: None,
             text_field: "text".into(),

@@ -4,7 +4,7 @@ use crate::Registry;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use relora_spec::{did_you_mean, Pipeline, SpecError, SpecErrors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 /// A validated pipeline with its dependency graph (edges point from input to consumer).
@@ -69,6 +69,14 @@ impl Dag {
             if let Err(mut e) = kind.validate(s) {
                 errors.append(&mut e);
             }
+            let upstream: BTreeMap<String, &relora_spec::StageSpec> = s
+                .inputs
+                .iter()
+                .filter_map(|(name, target)| Some((name.clone(), pipeline.stage(target)?)))
+                .collect();
+            if let Err(mut e) = kind.validate_inputs(s, &upstream) {
+                errors.append(&mut e);
+            }
         }
         let mut graph = DiGraph::new();
         let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
@@ -84,6 +92,14 @@ impl Dag {
             for (input, target) in &s.inputs {
                 if let Some(&j) = index.get(target.as_str()) {
                     graph.add_edge(nodes[j], nodes[i], input.clone());
+                }
+            }
+            // A chosen input waits for every stage its decider could pick.
+            for (input, c) in &s.choices {
+                for name in &c.candidates {
+                    if let Some(&j) = index.get(name.as_str()) {
+                        graph.add_edge(nodes[j], nodes[i], format!("{input} (candidate)"));
+                    }
                 }
             }
         }

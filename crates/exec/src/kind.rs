@@ -23,6 +23,15 @@ pub trait StageKind: Send + Sync {
     fn inputs(&self) -> Option<&'static [(&'static str, bool)]>;
     /// Check parameters before anything runs (unknown keys, types, ranges).
     fn validate(&self, stage: &StageSpec) -> Result<(), Vec<SpecError>>;
+    /// Checks that need the stages this one reads (their kinds, matrix values, params),
+    /// by input name; called after `validate`, before anything runs.
+    fn validate_inputs(
+        &self,
+        _stage: &StageSpec,
+        _upstream: &BTreeMap<String, &StageSpec>,
+    ) -> Result<(), Vec<SpecError>> {
+        Ok(())
+    }
     /// Parameters that do not change the outputs (log frequency, progress display).
     fn cosmetic_params(&self) -> &'static [&'static str] {
         &[]

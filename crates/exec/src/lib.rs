@@ -16,6 +16,7 @@
 //! (that process, and its end).
 
 mod child;
+mod choice;
 mod disk;
 mod environment;
 mod graph;
@@ -30,6 +31,7 @@ mod run;
 mod slurm;
 
 pub use child::child_main;
+pub use choice::{resolve_inputs, ChoiceFile, ChosenGroup, Resolved, CHOICE_FILE};
 pub use disk::{full_disk_advice, size as disk_size, DiskNeed};
 pub use environment::environment;
 pub use graph::Dag;

@@ -1,5 +1,6 @@
 //! Keys and plans: what each stage's key is made of, and why a stage must run.
 
+use crate::choice::resolve_inputs;
 use crate::kind::{Estimate, InputEstimate};
 use crate::{Dag, Registry};
 use anyhow::{Context, Result};
@@ -7,6 +8,7 @@ use relora_cache::{Cache, KeyComponents};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// What the executor would do with a stage now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -28,6 +30,9 @@ pub struct StagePlan {
     pub key: Option<String>,
     pub state: State,
     pub reasons: Vec<String>,
+    /// Inputs another stage chooses: what was chosen, or who will choose.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
 }
 
 /// Parameters with cosmetic keys removed, as canonical JSON (serde_json sorts map keys).
@@ -41,12 +46,14 @@ pub fn key_params(params: &Value, cosmetic: &[&str]) -> String {
     p.to_string()
 }
 
-/// The key components of stage `i`, given its upstream stages' output hashes.
+/// The key components of stage `i`, given its upstream stages' output hashes, and
+/// `outputs_of(j)`, the outputs folder of a finished stage (to read what a decider chose).
 pub fn components(
     dag: &Dag,
     registry: &Registry,
     i: usize,
     output_hash: &BTreeMap<usize, String>,
+    outputs_of: &dyn Fn(usize) -> Option<PathBuf>,
 ) -> Result<Option<KeyComponents>> {
     let s = &dag.pipeline.stages[i];
     let kind = registry
@@ -65,14 +72,18 @@ pub fn components(
         };
         c.insert(format!("{CODE_PREFIX}{part}"), value);
     }
-    for (input, target) in &s.inputs {
-        let j = dag
-            .index_of(target)
-            .context("input names a missing stage")?;
-        let Some(h) = output_hash.get(&j) else {
+    let Some(resolved) = resolve_inputs(dag, i, outputs_of)? else {
+        return Ok(None);
+    };
+    for (input, r) in &resolved {
+        let Some(h) = output_hash.get(&r.stage) else {
             return Ok(None);
         };
         c.insert(format!("input.{input}"), h.clone());
+        // The chosen stage's identity, besides its outputs: a new winner is named as such.
+        if let Some(chosen) = &r.chosen {
+            c.insert(format!("choice.{input}"), chosen.clone());
+        }
     }
     for (label, path) in kind.external_files(s)? {
         let h = relora_cache::hash_file(&path).with_context(|| {
@@ -172,6 +183,10 @@ pub fn explain_change(old: &KeyComponents, new: &KeyComponents) -> Vec<String> {
             Some(v) if v == value => {}
             Some(v) if name == "params" => reasons.extend(param_changes(v, value)),
             Some(v) if name == "kind" => reasons.push(format!("kind changed: {v} -> {value}")),
+            Some(v) if name.starts_with("choice.") => reasons.push(format!(
+                "input `{}` chosen anew: {v} -> {value}",
+                &name["choice.".len()..]
+            )),
             Some(_) if name.starts_with("input.") => reasons.push(format!(
                 "{} changed (upstream output differs)",
                 name.replace("input.", "input `") + "`"
@@ -213,6 +228,7 @@ fn param_changes(old: &str, new: &str) -> Vec<String> {
 /// What would run now, and why, without running anything.
 pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePlan>> {
     let mut output_hash: BTreeMap<usize, String> = BTreeMap::new();
+    let mut cached_keys: BTreeMap<usize, String> = BTreeMap::new();
     let mut plans: BTreeMap<usize, StagePlan> = BTreeMap::new();
     for &i in &dag.order {
         let s = &dag.pipeline.stages[i];
@@ -222,7 +238,13 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
             .filter(|j| !output_hash.contains_key(j))
             .map(|j| dag.pipeline.stages[j].name.clone())
             .collect();
-        let comps = components(dag, registry, i, &output_hash)?;
+        let outputs_of = |j: usize| {
+            cached_keys
+                .get(&j)
+                .map(|k| cache.entry_dir(k).join("outputs"))
+        };
+        let comps = components(dag, registry, i, &output_hash, &outputs_of)?;
+        let choices = choice_notes(dag, i, &outputs_of)?;
         let recorded = cache.read_ref(&dag.pipeline.name, &s.name);
         let plan = match comps {
             None => StagePlan {
@@ -238,12 +260,14 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                     .iter()
                     .map(|w| format!("upstream `{w}` must run first"))
                     .collect(),
+                choices,
             },
             Some(c) => {
                 let key = c.key();
                 let (state, reasons) = match cache.lookup(&key)? {
                     Some(m) => {
                         output_hash.insert(i, m.output_hash);
+                        cached_keys.insert(i, key.clone());
                         (State::Cached, Vec::new())
                     }
                     None => match &recorded {
@@ -273,6 +297,7 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
                     key: Some(key),
                     state,
                     reasons,
+                    choices,
                 }
             }
         };
@@ -281,6 +306,61 @@ pub fn plan(dag: &Dag, registry: &Registry, cache: &Cache) -> Result<Vec<StagePl
     Ok((0..dag.pipeline.stages.len())
         .filter_map(|i| plans.remove(&i))
         .collect())
+}
+
+/// For `plan`: each chosen input of stage `i` (what was chosen, or who will choose among
+/// how many), and for a decider, the stages whose inputs it chooses.
+fn choice_notes(
+    dag: &Dag,
+    i: usize,
+    outputs_of: &dyn Fn(usize) -> Option<PathBuf>,
+) -> Result<Vec<String>> {
+    let s = &dag.pipeline.stages[i];
+    let mut notes = Vec::new();
+    if !s.choices.is_empty() {
+        let resolved = resolve_inputs(dag, i, outputs_of)?;
+        for (input, c) in &s.choices {
+            notes.push(match resolved.as_ref().and_then(|r| r.get(input)) {
+                Some(r) => format!(
+                    "input `{input}` is `{}`: `{}` chose {}",
+                    dag.pipeline.stages[r.stage].name,
+                    c.decider,
+                    r.chosen.as_deref().unwrap_or("?")
+                ),
+                None => format!(
+                    "input `{input}` is one of {} stages, chosen by `{}` when it has run",
+                    c.candidates.len(),
+                    c.decider
+                ),
+            });
+        }
+    }
+    let consumers: Vec<&str> = dag
+        .pipeline
+        .stages
+        .iter()
+        .filter(|x| x.choices.values().any(|c| c.decider == s.name))
+        .map(|x| x.name.as_str())
+        .collect();
+    if !consumers.is_empty() {
+        let shown = consumers
+            .iter()
+            .take(6)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = consumers.len().saturating_sub(6);
+        notes.push(format!(
+            "chooses inputs of {} stage(s): {shown}{}",
+            consumers.len(),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    Ok(notes)
 }
 
 /// Each stage's estimate (`plan --estimate`), in stage order: every stage sees its inputs'
@@ -303,9 +383,18 @@ pub fn estimates(
             .with_context(|| format!("unknown kind `{}`", s.kind))?;
         let mut inputs = BTreeMap::new();
         for (name, target) in &s.inputs {
-            let j = dag
+            let mut j = dag
                 .index_of(target)
                 .context("input names a missing stage")?;
+            // A chosen input: the stage chosen if known, else its first candidate (the
+            // candidates of a sweep differ in values such as a learning rate, not in size).
+            if let Some(c) = s.choices.get(name) {
+                let outputs_of = |k: usize| cached_outputs(k);
+                j = match resolve_inputs(dag, i, &outputs_of)? {
+                    Some(r) => r[name].stage,
+                    None => dag.index_of(&c.candidates[0]).context("a candidate")?,
+                };
+            }
             let facts = done.get(&j).map(|e| e.facts.clone()).unwrap_or_default();
             let outputs = cached_outputs(j);
             inputs.insert(name.clone(), InputEstimate { facts, outputs });

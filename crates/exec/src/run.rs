@@ -1,6 +1,7 @@
 //! The scheduler, and one stage's way through the cache: look up, lock, compute in a child
 //! process (or adopt an entry the user vouched for), commit.
 
+use crate::choice::resolve_inputs;
 use crate::disk::{full_disk_advice, DiskNeed};
 use crate::environment::{environment, stage_environment, threads_per_stage};
 use crate::launch::{Launch, LaunchEvent, Launcher};
@@ -395,14 +396,20 @@ impl Scheduler<'_> {
             };
             self.running.insert(i, held);
             let stage = &self.dag.pipeline.stages[i];
-            let comps = components(self.dag, self.registry, i, &self.output_hash)?
+            let outputs_of = |j: usize| {
+                self.keys
+                    .get(&j)
+                    .map(|k| self.cache.entry_dir(k).join("outputs"))
+            };
+            let comps = components(self.dag, self.registry, i, &self.output_hash, &outputs_of)?
                 .context("inputs are ready, so the key is known")?;
-            let sources = stage
-                .inputs
+            let resolved = resolve_inputs(self.dag, i, &outputs_of)?
+                .context("inputs are ready, so every choice is made")?;
+            let sources = resolved
                 .iter()
-                .map(|(name, target)| {
-                    let j = self.dag.index_of(target).expect("validated");
-                    (name.clone(), target.clone(), self.keys[&j].clone())
+                .map(|(name, r)| {
+                    let target = self.dag.pipeline.stages[r.stage].name.clone();
+                    (name.clone(), target, self.keys[&r.stage].clone())
                 })
                 .collect();
             let force = self.opts.force.contains(&stage.name);
@@ -578,10 +585,10 @@ fn compute(
         kind: s.kind.clone(),
         params: s.params.clone(),
         base_dir: std::fs::canonicalize(&s.base_dir).unwrap_or_else(|_| s.base_dir.clone()),
-        input_stages: s
-            .inputs
+        input_stages: job
+            .sources
             .iter()
-            .map(|(name, stage)| (name.clone(), stage.clone()))
+            .map(|(name, stage, _)| (name.clone(), stage.clone()))
             .collect(),
         inputs: job
             .sources

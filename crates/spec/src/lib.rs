@@ -7,11 +7,13 @@
 
 mod executor;
 mod locate;
+mod references;
 
 pub use executor::{
     config_path, load_config, ExecutorBlock, ExecutorSpec, ExecutorType, ResourceRequest,
 };
 pub use locate::{locate, locate_exact, Pos};
+pub use references::{expansion_input, parse_expansion_input, Choice};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -130,6 +132,9 @@ pub struct StageSpec {
     pub template: String,
     /// The matrix values that produced this stage (empty when not swept).
     pub matrix: BTreeMap<String, Value>,
+    /// Inputs whose stage another stage chooses when it has run; such an input's entry in
+    /// `inputs` names the decider until the executor resolves it.
+    pub choices: BTreeMap<String, Choice>,
 }
 
 impl StageSpec {
@@ -255,7 +260,7 @@ pub fn load(path: &Path, overrides: &[Override]) -> Result<Pipeline, SpecErrors>
     let mut visiting = Vec::new();
     let mut p = load_file(path, &mut visiting)?;
     apply_overrides(&mut p, overrides)?;
-    check_references(&p)?;
+    references::resolve(&mut p)?;
     Ok(p)
 }
 
@@ -528,7 +533,7 @@ fn select_with_dependencies(p: &Pipeline, names: &[String]) -> Result<HashSet<St
     while let Some(n) = todo.pop() {
         let Some(s) = p.stage(&n) else { return Err(n) };
         if out.insert(n) {
-            todo.extend(s.inputs.values().cloned());
+            todo.extend(references::targets(p, s));
         }
     }
     Ok(out)
@@ -543,7 +548,8 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-fn scalar_text(v: &Value) -> String {
+/// A matrix value as it appears in a derived stage name (`0.003`, `relora`).
+pub fn scalar_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -590,6 +596,22 @@ fn unknown_var(name: &str, vars: &BTreeMap<String, Value>) -> String {
 }
 
 fn interpolate_str(s: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+    fill_vars(s, vars, false)
+}
+
+/// As `interpolate_str`, but `${stage.var}` (a choice) is left as written.
+fn interpolate_str_keeping_choices(
+    s: &str,
+    vars: &BTreeMap<String, Value>,
+) -> Result<String, String> {
+    fill_vars(s, vars, true)
+}
+
+fn fill_vars(
+    s: &str,
+    vars: &BTreeMap<String, Value>,
+    keep_choices: bool,
+) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find("${") {
@@ -599,8 +621,12 @@ fn interpolate_str(s: &str, vars: &BTreeMap<String, Value>) -> Result<String, St
             .find('}')
             .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
         let name = &after[..j];
-        let v = vars.get(name).ok_or_else(|| unknown_var(name, vars))?;
-        out.push_str(&scalar_text(v));
+        if keep_choices && name.contains('.') && !vars.contains_key(name) {
+            out.push_str(&rest[i..i + 2 + j + 1]);
+        } else {
+            let v = vars.get(name).ok_or_else(|| unknown_var(name, vars))?;
+            out.push_str(&scalar_text(v));
+        }
         rest = &after[j + 1..];
     }
     out.push_str(rest);
@@ -726,10 +752,26 @@ fn expand_stage(
             }
         };
         let mut inputs = BTreeMap::new();
+        let mut choices = BTreeMap::new();
         for (k, v) in &raw.inputs {
-            match interpolate_str(v, &vars) {
-                Ok(target) => {
+            // `${DECIDER.VAR}` stays for the executor: it is filled in when DECIDER has run.
+            let target = interpolate_str_keeping_choices(v, &vars)
+                .and_then(|t| Ok((references::parse_choice(&t)?, t)));
+            match target {
+                Ok((None, target)) => {
                     inputs.insert(k.clone(), target);
+                }
+                Ok((Some((decider, variable)), pattern)) => {
+                    inputs.insert(k.clone(), decider.clone());
+                    choices.insert(
+                        k.clone(),
+                        Choice {
+                            decider,
+                            variable,
+                            pattern,
+                            candidates: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) => errors.push(at(&["inputs", k], e)),
             }
@@ -744,6 +786,7 @@ fn expand_stage(
             source: source.clone(),
             template: template.to_string(),
             matrix: vars,
+            choices,
         });
     }
     if errors.is_empty() {
@@ -756,6 +799,19 @@ fn expand_stage(
 fn apply_overrides(p: &mut Pipeline, overrides: &[Override]) -> Result<(), SpecErrors> {
     let mut errors = Vec::new();
     for o in overrides {
+        // A stage name may hold dots (`train-lr0.003`): the longest prefix that names a
+        // stage or template is the stage, the rest the parameter path.
+        let names = |n: &str| p.stages.iter().any(|s| s.name == n || s.template == n);
+        let o = &(1..o.key_path.len())
+            .rev()
+            .map(|k| (format!("{}.{}", o.stage, o.key_path[..k].join(".")), k))
+            .find(|(n, _)| names(n))
+            .map(|(stage, k)| Override {
+                stage,
+                key_path: o.key_path[k..].to_vec(),
+                value: o.value.clone(),
+            })
+            .unwrap_or_else(|| o.clone());
         let mut hit = false;
         for s in p
             .stages
@@ -787,29 +843,6 @@ fn apply_overrides(p: &mut Pipeline, overrides: &[Override]) -> Result<(), SpecE
                     did_you_mean(&o.stage, p.stages.iter().map(|s| s.name.as_str()))
                 ),
             });
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(SpecErrors(errors))
-    }
-}
-
-fn check_references(p: &Pipeline) -> Result<(), SpecErrors> {
-    let names: HashSet<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    let mut errors = Vec::new();
-    for s in &p.stages {
-        for (input, target) in &s.inputs {
-            if !names.contains(target.as_str()) {
-                errors.push(s.error(
-                    &["inputs", input],
-                    format!(
-                        "input `{input}` refers to stage `{target}`, which does not exist{}",
-                        did_you_mean(target, names.iter().copied())
-                    ),
-                ));
-            }
         }
     }
     if errors.is_empty() {

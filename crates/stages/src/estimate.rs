@@ -143,6 +143,14 @@ pub fn tokenize(
             held
         }
     };
+    let test_tokens = match &p.test_files {
+        Some(t) => tokens_in(&files(Some(t))).1,
+        None => {
+            let held = (p.test_docs as f64 * TOKENS_PER_DOC).min(train_tokens);
+            train_tokens -= held;
+            held
+        }
+    };
     lines.push(format!(
         "reads {} corpus file(s), {:.1} MB; ≈ {} training and {} validation tokens \
          (estimated at C4/T5's tokens per byte; exact once it runs)",
@@ -154,7 +162,8 @@ pub fn tokenize(
     facts["train_tokens"] = json!(train_tokens.round() as u64);
     facts["valid_tokens"] = json!(valid_tokens.round() as u64);
     facts["exact"] = json!(false);
-    facts["disk_bytes"] = json!((train_tokens + valid_tokens) * SHARD_BYTES_PER_TOKEN);
+    facts["disk_bytes"] =
+        json!((train_tokens + valid_tokens + test_tokens) * SHARD_BYTES_PER_TOKEN);
     Ok(Estimate { lines, facts })
 }
 

@@ -1,4 +1,5 @@
-//! `eval`: perplexity of a trained model on a fixed validation token budget.
+//! `eval`: perplexity of a trained model on a fixed token budget of the validation or the
+//! test split.
 
 use crate::device::DeviceParam;
 use crate::train::TrainInfo;
@@ -30,6 +31,27 @@ pub struct EvalParams {
     /// Compute dtype: f32 or bf16 (bf16 for speed on a GPU; weights are read as f32).
     #[serde(default)]
     pub dtype: Precision,
+    /// Which held-out split to score: `valid` (what choices are made on) or `test` (what a
+    /// chosen model is reported on; the tokenize stage must hold one out).
+    #[serde(default)]
+    pub split: EvalSplit,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSplit {
+    #[default]
+    Valid,
+    Test,
+}
+
+impl EvalSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Valid => "valid",
+            EvalSplit::Test => "test",
+        }
+    }
 }
 
 fn d_tokens() -> usize {
@@ -105,13 +127,25 @@ impl StageKind for Eval {
             .with_context(|| format!("loading {}", weights.display()))?;
         model.compute = p.dtype.dtype();
         let seq_len = p.seq_len.unwrap_or(info.seq_len);
-        let valid = Split::new(&data_dir, data.valid.shards.clone());
-        let available = valid.sequences(seq_len, info.packing);
+        let shards = match p.split {
+            EvalSplit::Valid => data.valid.shards.clone(),
+            EvalSplit::Test => match &data.test {
+                Some(t) => t.shards.clone(),
+                None => anyhow::bail!(
+                    "`split: test` asks for the test split, but {} holds none: give its \
+                     tokenize stage `test_docs` or `test_files`",
+                    ctx.describe_input("data")
+                ),
+            },
+        };
+        let split = Split::new(&data_dir, shards);
+        let available = split.sequences(seq_len, info.packing);
         let n = (p.tokens / seq_len).max(1);
         if available < n as u64 {
             println!(
-                "note: the validation split holds about {available} sequences of {seq_len}; \
-                 scoring all of them"
+                "note: the {} split holds about {available} sequences of {seq_len}; scoring \
+                 all of them",
+                p.split.name()
             );
         }
         let spec = PackSpec {
@@ -121,11 +155,12 @@ impl StageKind for Eval {
             vocab_size: Some(data.vocab_size as u32),
         };
         // Streamed: memory holds a few micro-batches, whatever `tokens` is.
-        let batches = SequenceReader::new(&valid, spec, 1)?.prefetch(n, p.micro_batch);
+        let batches = SequenceReader::new(&split, spec, 1)?.prefetch(n, p.micro_batch);
         let mut sequences = 0;
         let batches = batches.inspect(|b| sequences += b.as_ref().map_or(0, |b| b.batch_size));
         let (loss, tokens) = evaluate(&model, batches, &device)?;
         let result = json!({
+            "split": p.split.name(),
             "eval_loss": loss,
             "perplexity": loss.exp(),
             "tokens": tokens,
@@ -139,7 +174,8 @@ impl StageKind for Eval {
             "train_tokens": info.tokens,
         });
         println!(
-            "perplexity {:.3} (loss {loss:.4}) over {tokens} tokens",
+            "{} perplexity {:.3} (loss {loss:.4}) over {tokens} tokens",
+            p.split.name(),
             loss.exp()
         );
         std::fs::write(

@@ -18,7 +18,8 @@
 //! | `download` | – | http(s) files pinned by sha256, resumable |
 //! | `tokenize` | `corpus`?, `tokenizer`? | corpus → tokenizer → parquet shards |
 //! | `train` | `data`, `init`? | training by a method of `train/method/` (full, relora, lora, control, galore) |
-//! | `eval` | `model`, `data` | validation perplexity |
+//! | `eval` | `model`, `data` | perplexity on the validation or the test split |
+//! | `select` | a swept template of evals | the winner of each group by a declared rule |
 //! | `svd` | `final`, `base`? | singular values of the weight updates |
 //! | `report` | `ROW@COL`, `curve@X`, `svd@X` | tables and figures |
 //! | `export` | `model`, `tokenizer` | a Hugging Face transformers checkpoint directory |
@@ -36,6 +37,7 @@ pub mod export;
 mod import;
 mod record;
 mod report;
+mod select;
 mod svd;
 mod tensorboard;
 mod tokenize;
@@ -55,6 +57,7 @@ pub fn registry() -> Registry {
     r.register(Box::new(eval::Eval));
     r.register(Box::new(svd::Svd));
     r.register(Box::new(report::Report));
+    r.register(Box::new(select::Select));
     r.register(Box::new(export::Export));
     r.register(Box::new(import::Import));
     r

@@ -5,11 +5,15 @@
 //!   `lora`, `relora` and the Table 3 ids get the paper's labels; `ROW@COLUMN#REP` names
 //!   one replicate (a seed) of a cell, and a cell's replicates are shown as mean ± std;
 //! - `curve@LABEL`: a train stage, whose loss and learning rate are plotted;
-//! - `svd@LABEL`: an svd stage, whose spectrum joins the histogram and count figures.
+//! - `svd@LABEL`: an svd stage, whose spectrum joins the histogram and count figures;
+//! - `choice@LABEL`: a select stage, whose table of scores and winners is shown.
+//!
+//! With replicates, every pair of rows in a column gets a 95% interval of its difference
+//! (paired for the rows listed in `paired`, Welch's otherwise); see relora-analysis.
 
 use anyhow::{Context, Result};
 use relora_analysis::report::{csv, markdown, Cell};
-use relora_analysis::{plots, SpectrumReport};
+use relora_analysis::{differences, plots, SpectrumReport};
 use relora_exec::{parse_params, StageContext, StageKind};
 use relora_spec::{SpecError, StageSpec};
 use serde::Deserialize;
@@ -28,6 +32,10 @@ pub struct ReportParams {
     /// Row id → label, for rows the paper does not name.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Rows whose replicates of one seed are paired (they share a warm start): compared
+    /// seed by seed. Other pairs of rows are compared with Welch's interval.
+    #[serde(default)]
+    pub paired: Vec<String>,
 }
 
 fn d_title() -> String {
@@ -55,11 +63,24 @@ impl StageKind for Report {
         if !["table2", "table3", "none"].contains(&p.paper.as_str()) {
             e.push(stage.error(&["params", "paper"], "paper must be table2, table3 or none"));
         }
+        let rows: Vec<&str> = stage
+            .inputs
+            .keys()
+            .filter_map(|n| n.split_once('@').map(|(r, _)| r))
+            .collect();
+        for (i, r) in p.paired.iter().enumerate() {
+            if !rows.contains(&r.as_str()) {
+                e.push(stage.error(
+                    &["params", "paired", &i.to_string()],
+                    format!("`paired` names row `{r}`, which no input `{r}@COLUMN` gives"),
+                ));
+            }
+        }
         for name in stage.inputs.keys() {
             if !name.contains('@') {
                 e.push(stage.error(
                     &["inputs", name],
-                    format!("report inputs are named ROW@COLUMN (an eval), curve@LABEL (a train) or svd@LABEL (an svd), not `{name}`"),
+                    format!("report inputs are named ROW@COLUMN (an eval), curve@LABEL (a train), svd@LABEL (an svd) or choice@LABEL (a select), not `{name}`"),
                 ));
             }
         }
@@ -72,6 +93,7 @@ impl StageKind for Report {
         let mut loss = Vec::new();
         let mut lr = Vec::new();
         let mut spectra = Vec::new();
+        let mut choices = Vec::new();
         for (name, dir) in &ctx.inputs {
             let (row, col) = name.split_once('@').expect("validated");
             match row {
@@ -90,6 +112,13 @@ impl StageKind for Report {
                     }
                     loss.push((col.to_string(), l));
                     lr.push((col.to_string(), r));
+                }
+                "choice" => {
+                    let path = dir.join("table.md");
+                    let text = std::fs::read_to_string(&path).with_context(|| {
+                        format!("`{name}` must be a select stage: no {}", path.display())
+                    })?;
+                    choices.push((col.to_string(), text));
                 }
                 "svd" => {
                     let path = dir.join("spectrum.json");
@@ -118,11 +147,19 @@ impl StageKind for Report {
                         trainable_params: v["trainable_params"].as_u64(),
                         optimizer_bytes: v["optimizer_state_floats"].as_u64().map(|f| f * 4),
                         replicate,
+                        split: v["split"].as_str().map(str::to_string),
                     });
                 }
             }
         }
         let mut md = markdown(&p.title, &cells, &p.labels, &p.paper);
+        let diffs = differences::differences(&cells, &p.paired, &p.paper);
+        md.push_str(&differences::markdown(&cells, &diffs, &p.labels, &p.paper));
+        for (label, table) in &choices {
+            // The select's own heading, one level down, named by the report's label.
+            let body = table.split_once('\n').map_or("", |(_, rest)| rest);
+            md.push_str(&format!("\n### {label}{body}"));
+        }
         if !spectra.is_empty() {
             md.push_str("\n### Singular values of the weight updates\n\nCount below the threshold, per projection type (all layers).\n\n| |");
             let projs: Vec<String> = spectra[0].1.projections.keys().cloned().collect();
@@ -161,6 +198,9 @@ impl StageKind for Report {
         }
         std::fs::write(out.join("table.md"), &md)?;
         std::fs::write(out.join("table.csv"), csv(&cells, &p.labels, &p.paper))?;
+        if !diffs.is_empty() {
+            std::fs::write(out.join("differences.csv"), differences::csv(&diffs))?;
+        }
         println!("{md}");
         for c in &cells {
             let rep = c

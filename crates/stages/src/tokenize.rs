@@ -45,6 +45,12 @@ pub struct TokenizeParams {
     pub valid_files: Option<Files>,
     #[serde(default = "default_valid_docs")]
     pub valid_docs: usize,
+    /// Glob(s) of test files; without them `test_docs` are held out (after the validation
+    /// documents). The test split is read only by `eval` stages with `split: test`.
+    #[serde(default)]
+    pub test_files: Option<Files>,
+    #[serde(default)]
+    pub test_docs: usize,
     #[serde(default)]
     pub limit_docs: Option<usize>,
     #[serde(default = "default_format")]
@@ -82,13 +88,30 @@ fn default_shard_tokens() -> usize {
 
 pub struct Tokenize;
 
-fn files(p: &TokenizeParams, base: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+/// The corpus files of each split: train, valid, test.
+type SplitFiles = (Vec<PathBuf>, Vec<PathBuf>, Vec<PathBuf>);
+
+fn files(p: &TokenizeParams, base: &Path) -> Result<SplitFiles> {
     let train = expand_globs(&p.train_files.list(), base)?;
-    let valid = match &p.valid_files {
-        Some(v) => expand_globs(&v.list(), base)?,
-        None => Vec::new(),
+    let some = |f: &Option<Files>| match f {
+        Some(v) => expand_globs(&v.list(), base),
+        None => Ok(Vec::new()),
     };
-    Ok((train, valid))
+    Ok((train, some(&p.valid_files)?, some(&p.test_files)?))
+}
+
+/// A file named by two splits (after the globs), for the plan-time error.
+fn overlapping_file(split: &SplitFiles) -> Option<(PathBuf, &'static str, &'static str)> {
+    let named = [("train", &split.0), ("valid", &split.1), ("test", &split.2)];
+    let canon = |f: &PathBuf| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+    for (a, (na, fa)) in named.iter().enumerate() {
+        for (nb, fb) in &named[a + 1..] {
+            if let Some(f) = fa.iter().find(|f| fb.iter().any(|g| canon(g) == canon(f))) {
+                return Some((f.clone(), na, nb));
+            }
+        }
+    }
+    None
 }
 
 impl StageKind for Tokenize {
@@ -117,6 +140,20 @@ impl StageKind for Tokenize {
         if let Some(n) = p.limit_docs {
             c.at_least(&["limit_docs"], n as u64, 1, "documents to read");
         }
+        if p.test_files.is_some() && p.test_docs > 0 {
+            c.require(
+                false,
+                &["test_docs"],
+                "`test_docs` holds documents out of the training files, but `test_files` are \
+                 given: set one of them"
+                    .to_string(),
+            );
+        }
+        let held_test = if p.test_files.is_none() {
+            p.test_docs
+        } else {
+            0
+        };
         if p.valid_files.is_none() {
             c.at_least(
                 &["valid_docs"],
@@ -127,11 +164,11 @@ impl StageKind for Tokenize {
             );
             if let Some(n) = p.limit_docs {
                 c.require(
-                    n > p.valid_docs,
+                    n > p.valid_docs + held_test,
                     &["limit_docs"],
                     format!(
                         "limit_docs ({n}) leaves no training documents once valid_docs ({}) \
-                         are held out",
+                         and test_docs ({held_test}) are held out",
                         p.valid_docs
                     ),
                 );
@@ -167,6 +204,28 @@ impl StageKind for Tokenize {
                 1,
                 "documents to train the tokenizer on",
             );
+        }
+        // Files from a `corpus` input are not known until it has run.
+        if !stage.inputs.contains_key("corpus") {
+            if let Some((f, a, b)) = files(&p, &stage.base_dir)
+                .ok()
+                .and_then(|split| overlapping_file(&split))
+            {
+                let key = if b == "test" {
+                    "test_files"
+                } else {
+                    "valid_files"
+                };
+                c.require(
+                    false,
+                    &[key],
+                    format!(
+                        "{} is in both the {a} and the {b} split; a held-out split must share \
+                         no file with another",
+                        f.display()
+                    ),
+                );
+            }
         }
         let from_input = stage.inputs.contains_key("tokenizer");
         match (&p.tokenizer, from_input) {
@@ -216,7 +275,7 @@ impl StageKind for Tokenize {
         if stage.inputs.contains_key("corpus") {
             return Ok(out);
         }
-        let (train, valid) = files(&p, &stage.base_dir)?;
+        let (train, valid, test) = files(&p, &stage.base_dir)?;
         let label = |split: &str, f: &Path| {
             format!(
                 "{split}:{}",
@@ -225,6 +284,7 @@ impl StageKind for Tokenize {
         };
         out.extend(train.iter().map(|f| (label("train", f), f.clone())));
         out.extend(valid.iter().map(|f| (label("valid", f), f.clone())));
+        out.extend(test.iter().map(|f| (label("test", f), f.clone())));
         Ok(out)
     }
     fn estimate(
@@ -242,7 +302,7 @@ impl StageKind for Tokenize {
             Some(dir) => dir.clone(),
             None => ctx.base_dir.clone(),
         };
-        let (train_files, valid_files) = files(&p, &corpus_dir)?;
+        let (train_files, valid_files, test_files) = files(&p, &corpus_dir)?;
         let tokenizer = match p.tokenizer {
             Some(TokenizerSource::File { path }) => TokenizerSource::File {
                 path: ctx.resolve(&path.to_string_lossy()),
@@ -264,6 +324,8 @@ impl StageKind for Tokenize {
             train_files,
             valid_files,
             valid_docs: p.valid_docs,
+            test_files,
+            test_docs: p.test_docs,
             limit_docs: p.limit_docs,
             format: match p.format {
                 FormatParam::Auto => None,
@@ -295,7 +357,12 @@ impl StageKind for Tokenize {
         );
         ctx.metric("train_tokens", m.train.tokens);
         ctx.metric("valid_tokens", m.valid.tokens);
-        ctx.metric("documents", m.train.documents + m.valid.documents);
+        let test = m.test.as_ref().map_or((0, 0), |t| (t.documents, t.tokens));
+        if test.0 > 0 {
+            println!("held out {} test documents: {} tokens", test.0, test.1);
+            ctx.metric("test_tokens", test.1);
+        }
+        ctx.metric("documents", m.train.documents + m.valid.documents + test.0);
         ctx.metric("vocab_size", m.vocab_size);
         ctx.metric("skipped_records", m.skipped_records);
         ctx.metric("tokens_per_s", tokens_per_s);
