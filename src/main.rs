@@ -153,6 +153,21 @@ enum Cmd {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// A local, read-only web dashboard: the DAG coloured by state (live while a `run`
+    /// elsewhere makes progress), a page per stage, runs compared side by side.
+    #[command(
+        after_help = "Examples:\n  relora-pipe ui pipelines/paper-cpu.yaml            # http://127.0.0.1:8787/\n  relora-pipe ui pipelines/*.yaml --host 0.0.0.0    # prints a URL with a token"
+    )]
+    Ui {
+        /// Pipeline files to show (one at a time, chosen in the page).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value_t = 8787)]
+        port: u16,
+        /// Bind address; any other than a loopback one requires the printed token.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
     /// Remove cache entries that none of the given pipelines reference.
     #[command(
         after_help = "Examples:\n  relora-pipe gc --keep pipelines/paper.yaml --keep pipelines/ablation-130m.yaml\n  relora-pipe gc --quarantine"
@@ -336,6 +351,30 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Compare { p, stages, json } => compare(&load(&p, &reg)?, &reg, &cache, &stages, json),
         Cmd::Export { p, stage, to } => export(&p, &load(&p, &reg)?, &reg, &cache, &stage, &to),
         Cmd::Tensorboard { p } => tensorboard(&load(&p, &reg)?, &reg, &cache),
+        Cmd::Ui { files, port, host } => {
+            for f in &files {
+                // Refuse a file that does not load now; later edits show in the page.
+                relora_spec::load(f, &[])?;
+            }
+            let token = if relora_ui::is_loopback(&host) {
+                None
+            } else {
+                Some(relora_ui::random_token()?)
+            };
+            let board = relora_ui::Board {
+                files,
+                registry: relora_stages::registry(),
+                cache,
+                token,
+                rates: Default::default(),
+            };
+            relora_ui::serve(board, &host, port, |url| {
+                println!("relora-pipe ui: {url}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Gc {
             keep,
             all,

@@ -27,6 +27,8 @@ mod select;
 mod slurm;
 #[path = "pipeline/storm.rs"]
 mod storm;
+#[path = "pipeline/ui.rs"]
+mod ui;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -625,6 +625,11 @@ fn compute(
     if let Err(e) = result {
         let kept = scratch.join("last-failure.log");
         let _ = std::fs::copy(&log_path, &kept);
+        // How it ended (exit code, signal) goes last, for `ui` and whoever reads the log.
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&kept) {
+            use std::io::Write;
+            let _ = writeln!(f, "[relora-pipe] {e:#}");
+        }
         let tail = log_tail(&log_path, 25);
         cache.discard(staging);
         bail!(
