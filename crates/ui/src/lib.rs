@@ -135,8 +135,13 @@ impl Board {
             )),
             "/api/state" => match pipeline() {
                 Err(r) => return r,
-                Ok(f) => state::snapshot(f, &self.registry, &self.cache, &self.rates)
-                    .map(|v| Reply::json(200, &v)),
+                Ok(f) => {
+                    state::snapshot(f, &self.registry, &self.cache, &self.rates).map(|body| Reply {
+                        status: 200,
+                        content_type: "application/json",
+                        body,
+                    })
+                }
             },
             "/api/stage" => match (pipeline(), param(&q, "s")) {
                 (Err(r), _) => return r,

@@ -75,7 +75,7 @@ fn last_line(path: &Path) -> Option<Value> {
 }
 
 /// Every stage of the pipeline with its state, and the stages' templates.
-pub fn snapshot(file: &Path, registry: &Registry, cache: &Cache, rates: &Rates) -> Result<Value> {
+pub fn snapshot(file: &Path, registry: &Registry, cache: &Cache, rates: &Rates) -> Result<Vec<u8>> {
     let dag = load(file, registry)?;
     let plans = plan(&dag, registry, cache).context("planning")?;
     let mut live: Vec<Option<&'static str>> = vec![None; plans.len()];
@@ -110,7 +110,7 @@ pub fn snapshot(file: &Path, registry: &Registry, cache: &Cache, rates: &Rates) 
         }
     }
     let any_running = live.contains(&Some("running"));
-    let stages: Vec<Value> = plans
+    let stages: Vec<StageView> = plans
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -122,29 +122,51 @@ pub fn snapshot(file: &Path, registry: &Registry, cache: &Cache, rates: &Rates) 
                 (None, State::Stale) => "stale",
                 (None, State::Run) => "never run",
             };
-            let mut v = json!({
-                "name": s.name,
-                "kind": s.kind,
-                "template": s.template,
-                "state": state,
-                "key": p.key,
-                "reasons": p.reasons,
-                "choices": p.choices,
-                "inputs": dag.upstream(i).into_iter()
-                    .map(|j| dag.pipeline.stages[j].name.clone())
-                    .collect::<std::collections::BTreeSet<_>>(),
-            });
-            v.as_object_mut()
-                .expect("an object")
-                .extend(std::mem::take(&mut extra[i]));
-            v
+            StageView {
+                name: &s.name,
+                kind: &s.kind,
+                template: &s.template,
+                state,
+                key: p.key.as_deref(),
+                reasons: &p.reasons,
+                choices: &p.choices,
+                inputs: dag
+                    .upstream(i)
+                    .into_iter()
+                    .map(|j| dag.pipeline.stages[j].name.as_str())
+                    .collect(),
+                extra: std::mem::take(&mut extra[i]),
+            }
         })
         .collect();
-    Ok(json!({
-        "pipeline": dag.pipeline.name,
-        "file": file.display().to_string(),
-        "stages": stages,
-    }))
+    // Serialised from borrowed views: a 10,000-stage pipeline never becomes a JSON tree.
+    Ok(serde_json::to_vec(&Snapshot {
+        pipeline: &dag.pipeline.name,
+        file: file.display().to_string(),
+        stages,
+    })?)
+}
+
+#[derive(serde::Serialize)]
+struct Snapshot<'a> {
+    pipeline: &'a str,
+    file: String,
+    stages: Vec<StageView<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct StageView<'a> {
+    name: &'a str,
+    kind: &'a str,
+    template: &'a str,
+    state: &'static str,
+    key: Option<&'a str>,
+    reasons: &'a [String],
+    choices: &'a [String],
+    inputs: std::collections::BTreeSet<&'a str>,
+    /// progress, slurm, failure: only where there is one.
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 /// Where a stage's files are now: its entry when cached, else its newest attempt.
