@@ -162,7 +162,19 @@ impl Dag {
             let s = &self.pipeline.stages[i];
             let _ = writeln!(out, "{} ({})", s.name, s.kind);
             for (input, target) in &s.inputs {
-                let _ = writeln!(out, "  <- {input}: {target}");
+                match s.choices.get(input) {
+                    Some(c) => {
+                        let _ = writeln!(
+                            out,
+                            "  <- {input}: {} (one of {}, chosen by {target})",
+                            c.pattern,
+                            c.candidates.len()
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  <- {input}: {target}");
+                    }
+                }
             }
         }
         out
