@@ -469,28 +469,7 @@ fn compare(
         }
         picked.extend(found);
     }
-    let dirs: Vec<Option<std::path::PathBuf>> = picked
-        .iter()
-        .map(|&i| match (&plans[i].state, &plans[i].key) {
-            (State::Cached, Some(k)) => Some(cache.entry_dir(k).join("outputs")),
-            _ => None,
-        })
-        .collect();
-    let runs: Vec<relora_stages::compare::Run> = picked
-        .iter()
-        .zip(&dirs)
-        .map(|(&i, d)| {
-            let s = &dag.pipeline.stages[i];
-            relora_stages::compare::Run {
-                name: &s.name,
-                kind: &s.kind,
-                params: &s.params,
-                inputs: &s.inputs,
-                outputs: d.as_deref(),
-            }
-        })
-        .collect();
-    let c = relora_stages::compare::compare(&runs);
+    let (c, _) = relora_stages::compare::compare_planned(dag, &plans, cache, &picked);
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {

@@ -456,10 +456,14 @@ impl Cache {
 
     /// Scratch space that survives a failed attempt (checkpoints); removed at commit.
     pub fn scratch(&self, key: &str) -> Result<PathBuf> {
-        let key = Self::checked(key)?;
-        let dir = self.root.join("scratch").join(key);
+        let dir = self.scratch_path(Self::checked(key)?);
         fs::create_dir_all(&dir).io("creating", &dir)?;
         Ok(dir)
+    }
+
+    /// Where `key`'s scratch folder is, whether or not it exists (creates nothing).
+    pub fn scratch_path(&self, key: &str) -> PathBuf {
+        self.root.join("scratch").join(key)
     }
 
     /// Hash the staged outputs, write the manifest and move the entry into place. With

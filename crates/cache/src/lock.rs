@@ -122,6 +122,16 @@ impl Cache {
         })
     }
 
+    /// Who holds the key's lock now, read without taking it (nothing is written): the
+    /// holder named in the lock file, if that process is alive on this host.
+    pub fn live_holder(&self, key: &str) -> Option<LockHolder> {
+        let text = fs::read_to_string(self.lock_path(key)).ok()?;
+        let h = LockHolder::parse(&text)?;
+        let here = hostname().unwrap_or_default();
+        let alive = Path::new("/proc").join(h.pid.to_string()).exists();
+        ((h.host.is_empty() || h.host == here) && alive).then_some(h)
+    }
+
     pub(crate) fn lock_path(&self, key: &str) -> PathBuf {
         self.root.join("locks").join(format!("{key}.lock"))
     }

@@ -17,6 +17,38 @@ pub struct Run<'a> {
     pub outputs: Option<&'a Path>,
 }
 
+/// Stages `picked` of a planned pipeline side by side, reading the outputs of those cached;
+/// with each one's outputs folder (None when not cached), for callers that read more.
+pub fn compare_planned(
+    dag: &relora_exec::Dag,
+    plans: &[relora_exec::StagePlan],
+    cache: &relora_cache::Cache,
+    picked: &[usize],
+) -> (Comparison, Vec<Option<std::path::PathBuf>>) {
+    let dirs: Vec<Option<std::path::PathBuf>> = picked
+        .iter()
+        .map(|&i| match (&plans[i].state, &plans[i].key) {
+            (relora_exec::State::Cached, Some(k)) => Some(cache.entry_dir(k).join("outputs")),
+            _ => None,
+        })
+        .collect();
+    let runs: Vec<Run> = picked
+        .iter()
+        .zip(&dirs)
+        .map(|(&i, d)| {
+            let s = &dag.pipeline.stages[i];
+            Run {
+                name: &s.name,
+                kind: &s.kind,
+                params: &s.params,
+                inputs: &s.inputs,
+                outputs: d.as_deref(),
+            }
+        })
+        .collect();
+    (compare(&runs), dirs)
+}
+
 /// The comparison: a column per stage.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Comparison {

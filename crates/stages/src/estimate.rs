@@ -135,22 +135,17 @@ pub fn tokenize(
     if let Some(l) = p.limit_docs {
         train_tokens = train_tokens.min(l as f64 * TOKENS_PER_DOC);
     }
-    let valid_tokens = match &p.valid_files {
-        Some(v) => tokens_in(&files(Some(v))).1,
+    // A split's tokens: its own files', or documents held out of the training ones.
+    let mut split = |own: &Option<crate::tokenize::Files>, held_docs: usize| match own {
+        Some(f) => tokens_in(&files(Some(f))).1,
         None => {
-            let held = (p.valid_docs as f64 * TOKENS_PER_DOC).min(train_tokens);
+            let held = (held_docs as f64 * TOKENS_PER_DOC).min(train_tokens);
             train_tokens -= held;
             held
         }
     };
-    let test_tokens = match &p.test_files {
-        Some(t) => tokens_in(&files(Some(t))).1,
-        None => {
-            let held = (p.test_docs as f64 * TOKENS_PER_DOC).min(train_tokens);
-            train_tokens -= held;
-            held
-        }
-    };
+    let valid_tokens = split(&p.valid_files, p.valid_docs);
+    let test_tokens = split(&p.test_files, p.test_docs);
     lines.push(format!(
         "reads {} corpus file(s), {:.1} MB; ≈ {} training and {} validation tokens \
          (estimated at C4/T5's tokens per byte; exact once it runs)",

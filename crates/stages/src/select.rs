@@ -74,10 +74,9 @@ struct Candidate {
     vars: BTreeMap<String, String>,
 }
 
-fn candidates(stage: &StageSpec) -> Vec<Candidate> {
-    stage
-        .inputs
-        .keys()
+/// The inputs that are expansions of a template, with their matrix values.
+fn candidates<'a>(names: impl Iterator<Item = &'a String>) -> Vec<Candidate> {
+    names
         .filter_map(|name| {
             let (_, vars) = parse_expansion_input(name)?;
             Some(Candidate {
@@ -186,7 +185,7 @@ impl StageKind for Select {
                 format!("tolerance must be in [0, 1); got {}", p.tolerance),
             ));
         }
-        let cands = candidates(stage);
+        let cands = candidates(stage.inputs.keys());
         let plain: Vec<&String> = stage
             .inputs
             .keys()
@@ -339,17 +338,7 @@ impl StageKind for Select {
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: SelectParams = serde_json::from_value(ctx.params.clone())?;
         let (split, field) = metric(&p.by).context("validated")?;
-        let cands: Vec<Candidate> = ctx
-            .inputs
-            .keys()
-            .filter_map(|name| {
-                let (_, vars) = parse_expansion_input(name)?;
-                Some(Candidate {
-                    input: name.clone(),
-                    vars,
-                })
-            })
-            .collect();
+        let cands = candidates(ctx.inputs.keys());
         let all: BTreeSet<String> = cands
             .first()
             .context("no inputs")?

@@ -45,20 +45,6 @@ pub fn load(file: &Path, registry: &Registry) -> Result<Dag> {
     Dag::build(pipeline, registry).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// The live holder of a key's lock on this host, if any.
-fn running(cache: &Cache, key: &str) -> bool {
-    let path = cache.root().join("locks").join(format!("{key}.lock"));
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    let mut it = text.split_whitespace();
-    let (Some(pid), host) = (it.next(), it.next().unwrap_or_default()) else {
-        return false;
-    };
-    let here = relora_cache::hostname().unwrap_or_default();
-    (host.is_empty() || host == here) && Path::new("/proc").join(pid).exists()
-}
-
 /// The last `n` lines of a text file.
 pub fn tail(path: &Path, n: usize) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -85,8 +71,8 @@ pub fn snapshot(file: &Path, registry: &Registry, cache: &Cache, rates: &Rates) 
         if p.state == State::Cached {
             continue;
         }
-        let scratch = cache.root().join("scratch").join(key);
-        if running(cache, key) {
+        let scratch = cache.scratch_path(key);
+        if cache.live_holder(key).is_some() {
             live[i] = Some("running");
             let s = &dag.pipeline.stages[i];
             if let Some(m) = last_line(&scratch.join("metrics.jsonl")) {
@@ -171,7 +157,7 @@ struct StageView<'a> {
 
 /// Where a stage's files are now: its entry when cached, else its newest attempt.
 fn places(cache: &Cache, key: &str, cached: bool) -> (PathBuf, Option<PathBuf>) {
-    let scratch = cache.root().join("scratch").join(key);
+    let scratch = cache.scratch_path(key);
     if cached {
         (cache.entry_dir(key), Some(scratch))
     } else {
@@ -313,28 +299,7 @@ pub fn compare(file: &Path, names: &[String], registry: &Registry, cache: &Cache
             None => anyhow::bail!("no stage `{n}`"),
         }
     }
-    let outputs: Vec<Option<PathBuf>> = idx
-        .iter()
-        .map(|&i| match (&plans[i].key, plans[i].state) {
-            (Some(k), State::Cached) => Some(cache.entry_dir(k).join("outputs")),
-            _ => None,
-        })
-        .collect();
-    let runs: Vec<relora_stages::compare::Run> = idx
-        .iter()
-        .zip(&outputs)
-        .map(|(&i, out)| {
-            let s = &dag.pipeline.stages[i];
-            relora_stages::compare::Run {
-                name: &s.name,
-                kind: &s.kind,
-                params: &s.params,
-                inputs: &s.inputs,
-                outputs: out.as_deref(),
-            }
-        })
-        .collect();
-    let table = relora_stages::compare::compare(&runs);
+    let (table, outputs) = relora_stages::compare::compare_planned(&dag, &plans, cache, &idx);
     let curves: Vec<Value> = idx
         .iter()
         .zip(&outputs)
